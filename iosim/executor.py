@@ -1,0 +1,196 @@
+"""The numeric executor: runs a schedule's tile program on NumPy arrays, tile by tile.
+
+It walks exactly the steps the trace builder counts (:func:`iosim.schedule.walk`), so an output
+that matches reference attention proves the counted program computes attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import schedule as sch
+from .errors import IosimError
+from .schedules import build_schedule
+from .shape import AttentionShape
+
+_DTYPES = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32",
+           np.dtype(np.float64): "fp32"}
+
+
+@dataclass
+class ExecutionResult:
+    """What a run left behind: the output, every global tensor (shape (B·H, rows, cols)) and
+    the final value of captured on-chip buffers (for FlashAttention-2's m and l)."""
+
+    output: np.ndarray
+    tensors: dict
+    captured: dict = field(default_factory=dict)
+
+
+def _check_inputs(q, k, v):
+    arrays = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        x = np.asarray(x)
+        if x.dtype not in _DTYPES:
+            raise IosimError(f"{name} must be a float16, float32 or float64 array, got {x.dtype}")
+        if x.ndim not in (2, 4):
+            raise IosimError(f"{name} must have shape (N, d) or (B, H, N, d), got {x.shape}")
+        if 0 in x.shape:
+            raise IosimError(f"{name} has an empty dimension {x.shape}; all sizes must be >= 1")
+        if not np.all(np.isfinite(x)):
+            raise IosimError(f"{name} contains NaN or infinite values; inputs must be finite")
+        arrays.append(x)
+    q, k, v = arrays
+    if not (q.shape == k.shape == v.shape):
+        raise IosimError(f"q, k, v must have the same shape, got {q.shape}, {k.shape}, {v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise IosimError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return q, k, v
+
+
+def _safe_exp_diff(a, b):
+    """exp(a - b), with 0 where a is -inf (a row that has seen no unmasked score yet)."""
+    with np.errstate(invalid="ignore"):
+        out = np.exp(a - b)
+    return np.where(np.isneginf(a), 0.0, out)
+
+
+class _CTA:
+    """Numeric state of one CTA: its on-chip buffers, over the global tensors of one head."""
+
+    def __init__(self, kernel, head_tensors, compute_dtype, scale):
+        self.kernel = kernel
+        self.buffers = {}
+        self.tensors = head_tensors
+        self.compute_dtype = compute_dtype
+        self.scale = scale
+        self.specs = kernel.buffer_map()
+
+    def _slice(self, token, index, block_sizes):
+        if token in ("N", "d", "1"):
+            return slice(None)
+        start = index[token] * block_sizes[token]
+        return slice(start, start + block_sizes[token])
+
+    def _offset(self, token, index):
+        return 0 if token == "N" else index[token] * self.kernel.blocks[token]
+
+    def step(self, step: sch.Step):
+        op, index, dims = step.op, step.index, step.dims
+        buf, blocks = self.buffers, self.kernel.blocks
+        if isinstance(op, sch.Load):
+            tile = self.tensors[op.tensor][self._slice(op.rows, index, blocks),
+                                           self._slice(op.cols, index, blocks)]
+            buf[op.buffer] = tile.astype(self.compute_dtype)
+        elif isinstance(op, sch.Store):
+            target = self.tensors[op.tensor]
+            target[self._slice(op.rows, index, blocks),
+                   self._slice(op.cols, index, blocks)] = buf[op.buffer].astype(target.dtype)
+        elif isinstance(op, sch.Fill):
+            spec = self.specs[op.buffer]
+            buf[op.buffer] = np.full((dims[spec.rows], dims[spec.cols]), op.value,
+                                     dtype=self.compute_dtype)
+        elif isinstance(op, sch.MatMul):
+            b = buf[op.b].T if op.transpose_b else buf[op.b]
+            product = buf[op.a] @ b
+            if op.scaled:
+                product = product * self.scale
+            buf[op.out] = buf[op.out] + product if op.accumulate else product
+        elif isinstance(op, sch.Scale):
+            buf[op.buffer] = buf[op.buffer] * self.scale
+        elif isinstance(op, sch.CausalMask):
+            x = buf[op.buffer]
+            rows = self._offset(op.row_var, index) + np.arange(x.shape[0])[:, None]
+            cols = self._offset(op.col_var, index) + np.arange(x.shape[1])[None, :]
+            buf[op.buffer] = np.where(cols > rows, -np.inf, x)
+        elif isinstance(op, sch.Softmax):
+            x = buf[op.src]
+            e = np.exp(x - x.max(axis=1, keepdims=True))
+            buf[op.out] = e / e.sum(axis=1, keepdims=True)
+        elif isinstance(op, sch.OnlineSoftmax):
+            s, m, l = buf[op.scores], buf[op.row_max], buf[op.row_sum]
+            m_new = np.maximum(m, s.max(axis=1, keepdims=True))
+            p = _safe_exp_diff(s, m_new)
+            alpha = _safe_exp_diff(m, m_new)
+            buf[op.probs], buf[op.alpha] = p, alpha
+            buf[op.row_sum] = alpha * l + p.sum(axis=1, keepdims=True)
+            buf[op.row_max] = m_new
+        elif isinstance(op, sch.BlockSoftmax):
+            s = buf[op.scores]
+            m_blk = s.max(axis=1, keepdims=True)
+            p = _safe_exp_diff(s, m_blk)
+            buf[op.probs], buf[op.block_max] = p, m_blk
+            buf[op.block_sum] = p.sum(axis=1, keepdims=True)
+        elif isinstance(op, sch.Flash1Merge):
+            m, l, o = buf[op.row_max], buf[op.row_sum], buf[op.out]
+            m_blk, l_blk, pv = buf[op.block_max], buf[op.block_sum], buf[op.pv]
+            m_new = np.maximum(m, m_blk)
+            old, new = _safe_exp_diff(m, m_new), _safe_exp_diff(m_blk, m_new)
+            l_new = old * l + new * l_blk
+            with np.errstate(invalid="ignore", divide="ignore"):
+                merged = (l * old * o + new * pv) / l_new
+            buf[op.out] = np.where(l_new > 0, merged, o)
+            buf[op.row_max], buf[op.row_sum] = m_new, l_new
+        elif isinstance(op, sch.RowScale):
+            buf[op.buffer] = buf[op.buffer] * buf[op.factor]
+        elif isinstance(op, sch.RowDivide):
+            buf[op.buffer] = buf[op.buffer] / buf[op.divisor]
+        elif isinstance(op, sch.LogSumExp):
+            buf[op.out] = buf[op.row_max] + np.log(buf[op.row_sum])
+        else:  # pragma: no cover - a new op without numeric semantics
+            raise TypeError(f"the executor does not know op {type(op).__name__}")
+
+
+def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
+            capture: tuple = ()) -> ExecutionResult:
+    """Run ``schedule`` on q, k, v of shape (B·H, N, d) and return every tensor it wrote.
+
+    ``capture`` names on-chip buffers (rows indexed by the kernel's row variable) whose value at
+    the end of each CTA is kept, e.g. ("m", "l") for FlashAttention-2's running max and sum."""
+    shape = schedule.shape
+    bh, n, d = q.shape
+    exact = q.dtype == np.float64
+    compute_dtype = np.float64 if exact else np.float32
+    scale = shape.softmax_scale if scale is None else scale
+    tensors = {}
+    dims = {"N": n, "d": d, "1": 1}
+    for spec in schedule.tensors:
+        dtype = np.float64 if exact else (np.float32 if spec.float32 else q.dtype)
+        tensors[spec.name] = np.full((bh, dims[spec.rows], dims[spec.cols]), np.nan, dtype=dtype)
+    tensors["Q"][...], tensors["K"][...], tensors["V"][...] = q, k, v
+    captured = {name: np.full((bh, n), np.nan) for name in capture}
+    for kernel in schedule.kernels:
+        points = sch.grid_points(kernel, n)
+        for head in range(bh):
+            head_tensors = {name: t[head] for name, t in tensors.items()}
+            for point in points:
+                cta = _CTA(kernel, head_tensors, compute_dtype, scale)
+                for step in sch.walk(kernel, point, n, d, shape.causal):
+                    cta.step(step)
+                for name in capture:
+                    if name in cta.buffers and kernel.row_var in point:
+                        start = point[kernel.row_var] * kernel.blocks[kernel.row_var]
+                        values = cta.buffers[name][:, 0]
+                        captured[name][head, start:start + len(values)] = values
+    return ExecutionResult(output=tensors["O"], tensors=tensors, captured=captured)
+
+
+def run_attention(q, k, v, *, algorithm: str, block_rows=None, block_cols=None,
+                  causal: bool = False, scale: float | None = None):
+    """Attention computed by running ``algorithm``'s schedule tile by tile.
+
+    q, k, v: arrays of shape (N, d) or (B, H, N, d), float16, float32 or float64 (float64 in,
+    float64 out; lower precisions accumulate in float32 as a GPU kernel does). Returns O with the
+    input's shape and dtype."""
+    q, k, v = _check_inputs(q, k, v)
+    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale)
+                                  and scale > 0):
+        raise IosimError(f"scale must be a positive finite number, got {scale!r}")
+    four_d = q.ndim == 4
+    b, h = (q.shape[0], q.shape[1]) if four_d else (1, 1)
+    n, d = q.shape[-2:]
+    shape = AttentionShape(b, h, n, d, dtype=_DTYPES[q.dtype], causal=causal)
+    schedule = build_schedule(algorithm, shape, block_rows, block_cols)
+    flat = [x.reshape(b * h, n, d) for x in (q, k, v)]
+    out = execute(schedule, *flat, scale=scale).output
+    return out.astype(q.dtype).reshape(q.shape)

@@ -1,0 +1,191 @@
+"""Hardware specs: a frozen dataclass loaded from a TOML file (a shipped preset or the user's own).
+
+Each TOML file describes one GPU as a list of levels (HBM, L2, SRAM) plus its compute units, in
+the manner of kerncraft's machine files: every section gives its figures, where they came from
+(``source``), and the Nsight Compute metric that measures that level (``ncu_metric``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import SpecError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PRESET_DIR = "presets"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU's memory hierarchy and compute rates. All sizes in bytes, rates per second."""
+
+    name: str
+    description: str
+    # HBM (device memory)
+    hbm_bytes: int
+    hbm_bandwidth_bytes_per_s: float
+    # L2 cache between the SMs and HBM
+    l2_bytes: int
+    l2_line_bytes: int
+    l2_sector_bytes: int
+    l2_associativity: int
+    l2_bandwidth_bytes_per_s: float
+    # on-chip SRAM (shared memory)
+    sram_bytes_per_sm: int
+    sram_bytes_per_block: int
+    sram_bandwidth_bytes_per_s: float
+    # compute
+    sm_count: int
+    max_ctas_per_sm: int
+    tensor_flops_per_s: dict = field(default_factory=dict)  # dtype -> FLOP/s (dense matmul)
+    scalar_flops_per_s: float = 0.0  # CUDA-core fp32 FLOP/s
+    launch_overhead_s: float = 0.0
+    sources: dict = field(default_factory=dict)  # section -> where its figures came from
+    ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
+
+    @property
+    def l2_sets(self) -> int:
+        return self.l2_bytes // (self.l2_line_bytes * self.l2_associativity)
+
+    def tensor_rate(self, dtype: str) -> float:
+        """Dense tensor-core FLOP/s for matmuls with inputs of ``dtype``."""
+        try:
+            return self.tensor_flops_per_s[dtype]
+        except KeyError:
+            raise SpecError(f"hardware {self.name!r} gives no tensor_flops_per_s for dtype "
+                            f"{dtype!r}; it has: {', '.join(sorted(self.tensor_flops_per_s))}")
+
+    def ridge_point(self, dtype: str) -> float:
+        """Arithmetic intensity (FLOP per HBM byte) where the roofline turns from memory to compute."""
+        return self.tensor_rate(dtype) / self.hbm_bandwidth_bytes_per_s
+
+    def with_sram(self, sram_bytes_per_block: int) -> "Hardware":
+        """A copy whose usable SRAM per thread block is ``sram_bytes_per_block`` (the paper's M)."""
+        from dataclasses import replace
+
+        if isinstance(sram_bytes_per_block, bool) or not isinstance(sram_bytes_per_block, int) \
+                or sram_bytes_per_block < 1:
+            raise SpecError(f"sram_bytes must be a positive integer, got {sram_bytes_per_block!r}")
+        return replace(self, sram_bytes_per_block=sram_bytes_per_block,
+                       sram_bytes_per_sm=max(self.sram_bytes_per_sm, sram_bytes_per_block))
+
+
+# Each field: (section, key, type). "type" is int (a whole count of bytes) or float (a rate).
+_SCHEMA = {
+    "hbm_bytes": ("hbm", "capacity_bytes", int),
+    "hbm_bandwidth_bytes_per_s": ("hbm", "bandwidth_bytes_per_s", float),
+    "l2_bytes": ("l2", "capacity_bytes", int),
+    "l2_line_bytes": ("l2", "line_bytes", int),
+    "l2_sector_bytes": ("l2", "sector_bytes", int),
+    "l2_associativity": ("l2", "associativity", int),
+    "l2_bandwidth_bytes_per_s": ("l2", "bandwidth_bytes_per_s", float),
+    "sram_bytes_per_sm": ("sram", "bytes_per_sm", int),
+    "sram_bytes_per_block": ("sram", "bytes_per_block", int),
+    "sram_bandwidth_bytes_per_s": ("sram", "bandwidth_bytes_per_s", float),
+    "sm_count": ("compute", "sm_count", int),
+    "max_ctas_per_sm": ("compute", "max_ctas_per_sm", int),
+    "scalar_flops_per_s": ("compute", "scalar_flops_per_s", float),
+    "launch_overhead_s": ("launch", "overhead_s", float),
+}
+_SECTIONS = ("hbm", "l2", "sram", "compute", "launch")
+
+
+def _number(where: str, value, kind):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{where} must be a positive finite number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise SpecError(f"{where} must be a whole number of bytes/units, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def hardware_from_dict(data: dict, origin: str) -> Hardware:
+    """Validate a parsed TOML document and build a Hardware. ``origin`` names it in errors."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a TOML table")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key), str) or not data.get(key):
+            raise SpecError(f"{origin}: missing top-level string '{key}'")
+    sources, metrics = {}, {}
+    for section in _SECTIONS:
+        table = data.get(section)
+        if not isinstance(table, dict):
+            raise SpecError(f"{origin}: missing section [{section}]; a spec needs "
+                            f"[{'], ['.join(_SECTIONS)}]")
+        if not isinstance(table.get("source"), str) or not table["source"].strip():
+            raise SpecError(f"{origin}: [{section}] needs a 'source' string saying where its "
+                            "figures came from (datasheet or measurement)")
+        sources[section] = table["source"]
+        if "ncu_metric" in table:
+            metrics[section] = str(table["ncu_metric"])
+    values = {}
+    for field_name, (section, key, kind) in _SCHEMA.items():
+        if key not in data[section]:
+            raise SpecError(f"{origin}: [{section}] is missing '{key}'")
+        values[field_name] = _number(f"{origin}: [{section}] {key}", data[section][key], kind)
+    rates = data["compute"].get("tensor_flops_per_s")
+    if not isinstance(rates, dict) or not rates:
+        raise SpecError(f"{origin}: [compute] needs a table tensor_flops_per_s = "
+                        "{fp16 = ..., bf16 = ..., fp32 = ...}")
+    from .shape import DTYPE_BYTES
+
+    tensor = {}
+    for dtype, rate in rates.items():
+        if dtype not in DTYPE_BYTES:
+            raise SpecError(f"{origin}: [compute] tensor_flops_per_s has unknown dtype "
+                            f"{dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+        tensor[dtype] = _number(f"{origin}: [compute] tensor_flops_per_s.{dtype}", rate, float)
+    hw = Hardware(name=data["name"], description=data["description"], tensor_flops_per_s=tensor,
+                  sources=sources, ncu_metrics=metrics, **values)
+    _check_consistency(hw, origin)
+    return hw
+
+
+def _check_consistency(hw: Hardware, origin: str) -> None:
+    if hw.l2_line_bytes % hw.l2_sector_bytes or hw.l2_line_bytes // hw.l2_sector_bytes > 8:
+        raise SpecError(f"{origin}: l2 line_bytes ({hw.l2_line_bytes}) must be a multiple of "
+                        f"sector_bytes ({hw.l2_sector_bytes}), with at most 8 sectors per line")
+    if hw.l2_bytes % (hw.l2_line_bytes * hw.l2_associativity):
+        raise SpecError(f"{origin}: l2 capacity_bytes ({hw.l2_bytes}) must be a multiple of "
+                        f"line_bytes x associativity ({hw.l2_line_bytes * hw.l2_associativity})")
+    if hw.sram_bytes_per_block > hw.sram_bytes_per_sm:
+        raise SpecError(f"{origin}: sram bytes_per_block ({hw.sram_bytes_per_block}) exceeds "
+                        f"bytes_per_sm ({hw.sram_bytes_per_sm})")
+
+
+def list_presets() -> list[str]:
+    """Names of the hardware presets shipped with the package."""
+    folder = resources.files("iosim") / PRESET_DIR
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_hardware(preset_or_path) -> Hardware:
+    """Load a shipped preset by name (``"h100-measured"``) or a user's TOML file by path."""
+    if isinstance(preset_or_path, Hardware):
+        return preset_or_path
+    text_name = str(preset_or_path)
+    path = Path(text_name)
+    if text_name.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"hardware spec file {text_name!r} does not exist")
+        origin, raw = str(path), path.read_bytes()
+    else:
+        if text_name not in list_presets():
+            raise SpecError(f"unknown hardware preset {text_name!r}; presets: "
+                            f"{', '.join(list_presets())} (or a path to a .toml file)")
+        origin = f"preset {text_name}"
+        raw = (resources.files("iosim") / PRESET_DIR / f"{text_name}.toml").read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{origin}: not valid TOML ({exc})") from None
+    return hardware_from_dict(data, origin)

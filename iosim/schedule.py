@@ -1,0 +1,453 @@
+"""The schedule: an algorithm's per-thread-block (CTA) tile program, as data.
+
+A :class:`Schedule` is a list of :class:`Kernel` s run one after another. A kernel launches a grid
+of CTAs: one per (batch·head, grid index ...) point, in launch order (batch·head slowest). Each CTA
+runs the same program: a list of ops and nested :class:`Loop` s over blocks of rows (the *row*
+block variable, size ``Br``) or columns (the *column* block variable, size ``Bc``) of an N-long
+sequence. Ops name on-chip buffers; :class:`Load` and :class:`Store` move tiles of named global
+tensors between HBM and those buffers.
+
+Nothing here computes anything. Two walkers read the same objects: the numeric executor
+(:mod:`iosim.executor`) runs the ops on arrays, the trace builder (:mod:`iosim.trace`) turns loads,
+stores and FLOP counts into event arrays for the replay engine. See :func:`walk`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+from .errors import TilingError
+
+# Extents of tile dimensions are named by tokens:
+#   the name of a block variable ("i", "j")  -> rows/cols of the current block of that variable
+#   "d"                                      -> the head dimension
+#   "N"                                      -> the whole sequence
+#   "1"                                      -> a single column (row vectors such as m, l)
+Dim = str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A global tensor in HBM, laid out (batch·head, rows, cols) row-major."""
+
+    name: str
+    rows: Dim  # "N"
+    cols: Dim  # "N", "d" or "1"
+    elem_bytes: int
+    role: str  # "input", "output" or "intermediate"
+    float32: bool = False  # kept in float32 whatever the input dtype (running max/sum, scratch)
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """An on-chip tile. ``space`` is "smem" (shared memory, counts against SRAM) or "reg"."""
+
+    name: str
+    rows: Dim
+    cols: Dim
+    elem_bytes: int
+    space: str = "smem"
+
+
+# ---- ops -------------------------------------------------------------------------------------
+# Each op lists the buffers it reads and writes (for SRAM byte counts) and its FLOPs as a
+# function of the current tile extents (``dims``: token -> number of rows/cols).
+
+
+@dataclass(frozen=True)
+class Load:
+    """Copy the tile tensor[rows, cols] from HBM into ``buffer``."""
+
+    buffer: str
+    tensor: str
+    rows: Dim
+    cols: Dim
+
+
+@dataclass(frozen=True)
+class Store:
+    """Copy ``buffer`` back to the tile tensor[rows, cols] in HBM."""
+
+    buffer: str
+    tensor: str
+    rows: Dim
+    cols: Dim
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Set ``buffer`` to a constant: 0, or -inf for a running maximum."""
+
+    buffer: str
+    value: float
+
+    reads = ()
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, 0
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """out = [out +] [scale ·] a @ b (bᵀ when ``transpose_b``). Tensor-core FLOPs 2·m·n·k."""
+
+    out: str
+    a: str
+    b: str
+    transpose_b: bool = False
+    accumulate: bool = False
+    scaled: bool = False  # multiply by the softmax scale 1/sqrt(d) (free in a GEMM epilogue)
+
+    @property
+    def reads(self):
+        return (self.a, self.b) + ((self.out,) if self.accumulate else ())
+
+    @property
+    def writes(self):
+        return (self.out,)
+
+    def flops(self, dims, buffers):
+        m = dims[buffers[self.a].rows]
+        k = dims[buffers[self.a].cols]
+        n = dims[buffers[self.b].rows] if self.transpose_b else dims[buffers[self.b].cols]
+        scalar = m * n if self.accumulate else 0
+        return 2 * m * n * k, scalar
+
+
+def _size(buf: BufferSpec, dims) -> int:
+    return dims[buf.rows] * dims[buf.cols]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """buffer *= softmax scale (elementwise)."""
+
+    buffer: str
+
+    @property
+    def reads(self):
+        return (self.buffer,)
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, _size(buffers[self.buffer], dims)
+
+
+@dataclass(frozen=True)
+class CausalMask:
+    """Set buffer[r, c] = -inf where the column's sequence index exceeds the row's.
+
+    ``row_offset``/``col_offset`` name the block variables (or "N" for a whole-row tile) that
+    place the tile in the sequence."""
+
+    buffer: str
+    row_var: Dim
+    col_var: Dim
+
+    @property
+    def reads(self):
+        return (self.buffer,)
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, _size(buffers[self.buffer], dims)
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """out = softmax(src) along rows, the stable way (subtract the row max): whole rows in SRAM."""
+
+    out: str
+    src: str
+
+    @property
+    def reads(self):
+        return (self.src,)
+
+    @property
+    def writes(self):
+        return (self.out,)
+
+    def flops(self, dims, buffers):
+        # per element: max, subtract, exp, sum, divide
+        return 0, 5 * _size(buffers[self.src], dims)
+
+
+@dataclass(frozen=True)
+class OnlineSoftmax:
+    """FlashAttention-2 step on a score tile S with running row max m and row sum l:
+    m_new = max(m, rowmax S); P = exp(S - m_new); alpha = exp(m - m_new);
+    l = alpha·l + rowsum P; m = m_new."""
+
+    scores: str
+    probs: str
+    row_max: str
+    row_sum: str
+    alpha: str
+
+    @property
+    def reads(self):
+        return (self.scores, self.row_max, self.row_sum)
+
+    @property
+    def writes(self):
+        return (self.probs, self.row_max, self.row_sum, self.alpha)
+
+    def flops(self, dims, buffers):
+        tile = _size(buffers[self.scores], dims)
+        rows = dims[buffers[self.scores].rows]
+        # max, subtract, exp, sum per element; per row: max, subtract, exp, fma
+        return 0, 4 * tile + 4 * rows
+
+
+@dataclass(frozen=True)
+class BlockSoftmax:
+    """FlashAttention-1 block statistics: m_blk = rowmax S; P = exp(S - m_blk); l_blk = rowsum P."""
+
+    scores: str
+    probs: str
+    block_max: str
+    block_sum: str
+
+    @property
+    def reads(self):
+        return (self.scores,)
+
+    @property
+    def writes(self):
+        return (self.probs, self.block_max, self.block_sum)
+
+    def flops(self, dims, buffers):
+        return 0, 4 * _size(buffers[self.scores], dims)
+
+
+@dataclass(frozen=True)
+class Flash1Merge:
+    """FlashAttention-1 merge (Algorithm 1, lines 11-13): with m_new = max(m, m_blk) and
+    l_new = e^(m-m_new)·l + e^(m_blk-m_new)·l_blk,
+    O = (l·e^(m-m_new)·O + e^(m_blk-m_new)·PV) / l_new; then m = m_new, l = l_new."""
+
+    out: str
+    pv: str
+    row_max: str
+    row_sum: str
+    block_max: str
+    block_sum: str
+
+    @property
+    def reads(self):
+        return (self.out, self.pv, self.row_max, self.row_sum, self.block_max, self.block_sum)
+
+    @property
+    def writes(self):
+        return (self.out, self.row_max, self.row_sum)
+
+    def flops(self, dims, buffers):
+        out = _size(buffers[self.out], dims)
+        rows = dims[buffers[self.out].rows]
+        # per element: two scales, one add, one divide; per row: max, 2 exp, 2 fma
+        return 0, 4 * out + 6 * rows
+
+
+@dataclass(frozen=True)
+class RowScale:
+    """buffer[r, :] *= factor[r] (the online-softmax rescale of the output accumulator)."""
+
+    buffer: str
+    factor: str
+
+    @property
+    def reads(self):
+        return (self.buffer, self.factor)
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, _size(buffers[self.buffer], dims)
+
+
+@dataclass(frozen=True)
+class RowDivide:
+    """buffer[r, :] /= divisor[r] (the final normalisation by the row sum)."""
+
+    buffer: str
+    divisor: str
+
+    @property
+    def reads(self):
+        return (self.buffer, self.divisor)
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, _size(buffers[self.buffer], dims)
+
+
+@dataclass(frozen=True)
+class LogSumExp:
+    """out = m + log(l): the per-row log-sum-exp that FlashAttention-2 keeps for the backward pass."""
+
+    out: str
+    row_max: str
+    row_sum: str
+
+    @property
+    def reads(self):
+        return (self.row_max, self.row_sum)
+
+    @property
+    def writes(self):
+        return (self.out,)
+
+    def flops(self, dims, buffers):
+        return 0, 2 * dims[buffers[self.out].rows]
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Run ``body`` once per block of ``var`` (the kernel's row or column block variable).
+
+    With ``causal_skip`` the iterations whose (row block, column block) tile lies wholly above
+    the diagonal are skipped when the shape is causal."""
+
+    var: str
+    body: tuple
+    causal_skip: bool = False
+
+
+Op = Union[Load, Store, Fill, MatMul, Scale, CausalMask, Softmax, OnlineSoftmax, BlockSoftmax,
+           Flash1Merge, RowScale, RowDivide, LogSumExp]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel launch: grid variables (after the implicit batch·head index) and a CTA program.
+
+    ``blocks`` maps each block variable to its block size in rows; the row variable indexes
+    query rows, the column variable key/value rows (columns of S)."""
+
+    name: str
+    grid: tuple  # block variables that index CTAs, slowest first, after batch·head
+    body: tuple
+    buffers: tuple  # BufferSpec
+    blocks: dict  # var -> block size (rows)
+    row_var: str | None = None
+    col_var: str | None = None
+
+    def buffer_map(self) -> dict:
+        return {b.name: b for b in self.buffers}
+
+    def smem_bytes(self, head_dim: int, seq_len: int) -> int:
+        """Shared-memory bytes of the CTA's live tiles at full block size."""
+        dims = full_dims(self, head_dim, seq_len)
+        return sum(dims[b.rows] * dims[b.cols] * b.elem_bytes
+                   for b in self.buffers if b.space == "smem")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An algorithm's full forward pass for one shape and tiling."""
+
+    algorithm: str
+    shape: object  # AttentionShape
+    tensors: tuple  # TensorSpec
+    kernels: tuple  # Kernel
+    block_rows: int
+    block_cols: int
+    notes: str = ""
+
+    def tensor_map(self) -> dict:
+        return {t.name: t for t in self.tensors}
+
+    def check_fits(self, sram_bytes: int) -> None:
+        """Refuse a tiling whose live shared-memory tiles exceed ``sram_bytes`` per CTA."""
+        for kernel in self.kernels:
+            need = kernel.smem_bytes(self.shape.head_dim, self.shape.seq_len)
+            if need > sram_bytes:
+                raise TilingError(
+                    f"{self.algorithm} kernel {kernel.name!r} with block_rows={self.block_rows}, "
+                    f"block_cols={self.block_cols} needs {need} bytes of SRAM per thread block; "
+                    f"{sram_bytes} bytes are available (pick smaller blocks or raise --sram-bytes)")
+
+
+def n_blocks(extent: int, size: int) -> int:
+    return math.ceil(extent / size)
+
+
+def full_dims(kernel: Kernel, head_dim: int, seq_len: int) -> dict:
+    dims = {"d": head_dim, "N": seq_len, "1": 1}
+    dims.update({var: min(size, seq_len) for var, size in kernel.blocks.items()})
+    return dims
+
+
+@dataclass
+class Step:
+    """One op as a CTA runs it: the op, the current block index of each variable, tile extents."""
+
+    op: object
+    index: dict
+    dims: dict
+
+
+def block_above_diagonal(kernel: Kernel, index: dict) -> bool:
+    """True when the (row block, column block) tile lies wholly above the causal diagonal."""
+    r, c = kernel.row_var, kernel.col_var
+    first_col = index[c] * kernel.blocks[c]
+    last_row = (index[r] + 1) * kernel.blocks[r] - 1
+    return first_col > last_row
+
+
+def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
+         causal: bool) -> Iterator[Step]:
+    """Yield the steps one CTA of ``kernel`` runs, in program order.
+
+    ``grid_index`` gives the block index of each grid variable of this CTA. Both the numeric
+    executor and the trace builder consume this one sequence."""
+    index = dict(grid_index)
+    dims = {"d": head_dim, "N": seq_len, "1": 1}
+
+    def set_dim(var):
+        size = kernel.blocks[var]
+        dims[var] = min(size, seq_len - index[var] * size)
+
+    for var in grid_index:
+        set_dim(var)
+
+    def run(body):
+        for item in body:
+            if isinstance(item, Loop):
+                for block in range(n_blocks(seq_len, kernel.blocks[item.var])):
+                    index[item.var] = block
+                    if causal and item.causal_skip and block_above_diagonal(kernel, index):
+                        continue
+                    set_dim(item.var)
+                    yield from run(item.body)
+                index.pop(item.var, None)
+            else:
+                yield Step(item, index, dims)
+
+    yield from run(kernel.body)
+
+
+def grid_points(kernel: Kernel, seq_len: int) -> list[dict]:
+    """Every CTA's grid index (excluding batch·head), in launch order."""
+    points = [{}]
+    for var in kernel.grid:
+        count = n_blocks(seq_len, kernel.blocks[var])
+        points = [dict(p, **{var: b}) for p in points for b in range(count)]
+    return points

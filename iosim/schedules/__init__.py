@@ -1,0 +1,54 @@
+"""One module per attention algorithm; each builds a :class:`~iosim.schedule.Schedule`."""
+from __future__ import annotations
+
+from ..errors import IosimError
+from ..schedule import Schedule
+from . import flash1, flash2, hf, megatron, standard
+from .common import check_block
+
+ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
+              "flash1": flash1, "flash2": flash2}
+
+
+def algorithm_module(algorithm: str):
+    try:
+        return ALGORITHMS[algorithm]
+    except (KeyError, TypeError):
+        raise IosimError(f"unknown algorithm {algorithm!r}; allowed: "
+                         f"{', '.join(ALGORITHMS)}") from None
+
+
+def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
+                   sram_bytes: int | None = None) -> Schedule:
+    """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
+
+    Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
+    thread block (default: the h100-measured preset's). Given block sizes that do not fit are
+    refused with a :class:`~iosim.errors.TilingError` naming bytes needed and available."""
+    module = algorithm_module(algorithm)
+    if sram_bytes is None:
+        from ..hardware import load_hardware
+
+        sram_bytes = load_hardware("h100-measured").sram_bytes_per_block
+    n = shape.seq_len
+    if block_rows is not None:
+        block_rows = check_block("block_rows", block_rows, n)
+    if block_cols is not None:
+        block_cols = check_block("block_cols", block_cols, n)
+
+    def fits(br, bc):
+        br = block_rows if block_rows is not None else br
+        bc = block_cols if block_cols is not None else bc
+        schedule = module.build(shape, br, bc, sram_bytes)
+        return all(k.smem_bytes(shape.head_dim, n) <= sram_bytes for k in schedule.kernels)
+
+    if block_rows is None or block_cols is None:
+        default_rows, default_cols = module.default_blocks(shape, sram_bytes, fits)
+        block_rows = default_rows if block_rows is None else block_rows
+        block_cols = default_cols if block_cols is None else block_cols
+    schedule = module.build(shape, block_rows, block_cols, sram_bytes)
+    schedule.check_fits(sram_bytes)
+    return schedule
+
+
+__all__ = ["ALGORITHMS", "build_schedule", "algorithm_module"]

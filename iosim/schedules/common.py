@@ -1,0 +1,90 @@
+"""Pieces the attention schedules share: the global tensors, the GEMM kernels of the unfused
+pipelines, and the row-block kernels between them."""
+from __future__ import annotations
+
+from ..errors import TilingError
+from ..schedule import BufferSpec, Kernel, Load, Loop, MatMul, Fill, Store, TensorSpec
+from ..shape import check_positive_int
+
+#: Rows of S each row-wise (softmax, scale, mask) kernel's CTA handles, at most.
+ROWWISE_ROWS_PER_CTA = 4
+
+#: Default GEMM output tile of the unfused pipelines (cuBLAS-like 128 x 128).
+GEMM_TILE = 128
+
+F32 = 4
+
+
+def qkv_tensors(shape) -> list[TensorSpec]:
+    e = shape.elem_bytes
+    return [TensorSpec("Q", "N", "d", e, "input"), TensorSpec("K", "N", "d", e, "input"),
+            TensorSpec("V", "N", "d", e, "input")]
+
+
+def score_tensor(name: str, shape) -> TensorSpec:
+    return TensorSpec(name, "N", "N", shape.elem_bytes, "intermediate")
+
+
+def check_block(name: str, value, seq_len: int) -> int:
+    """A block size: a positive integer; larger than N is clipped to N."""
+    value = check_positive_int(name, value, "a positive integer (rows per block)")
+    return min(value, seq_len)
+
+
+def gemm_default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
+    """A cuBLAS-like 128 x 128 output tile, halved until the operand tiles ``fits``."""
+    block = min(GEMM_TILE, shape.seq_len)
+    while block > 1 and not fits(block, block):
+        block //= 2
+    return block, block
+
+
+def qk_gemm(shape, block_rows: int, block_cols: int, scaled: bool) -> Kernel:
+    """S = [scale·] Q Kᵀ as a tiled GEMM: one CTA per (Br x Bc) output tile of S."""
+    e = shape.elem_bytes
+    body = (Load("Qi", "Q", "i", "d"), Load("Kj", "K", "j", "d"),
+            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=scaled),
+            Store("S", "S", "i", "j"))
+    buffers = (BufferSpec("Qi", "i", "d", e), BufferSpec("Kj", "j", "d", e),
+               BufferSpec("S", "i", "j", F32, "reg"))
+    return Kernel("qk_gemm", grid=("i", "j"), body=body, buffers=buffers,
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+
+
+def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
+    """O = P V as a tiled GEMM: one CTA per Br rows of O, streaming P and V blocks of Bc."""
+    e = shape.elem_bytes
+    body = (Fill("O", 0.0),
+            Loop("j", (Load("Pij", "P", "i", "j"), Load("Vj", "V", "j", "d"),
+                       MatMul("O", "Pij", "Vj", accumulate=True))),
+            Store("O", "O", "i", "d"))
+    buffers = (BufferSpec("Pij", "i", "j", e), BufferSpec("Vj", "j", "d", e),
+               BufferSpec("O", "i", "d", F32, "reg"))
+    return Kernel("pv_gemm", grid=("i",), body=body, buffers=buffers,
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+
+
+def rowwise_rows(shape, sram_bytes: int, row_tiles: int = 1) -> int:
+    """Rows per CTA of a row-wise kernel: up to ROWWISE_ROWS_PER_CTA whole rows of S in SRAM."""
+    row_bytes = shape.seq_len * shape.elem_bytes * row_tiles
+    rows = min(ROWWISE_ROWS_PER_CTA, sram_bytes // row_bytes, shape.seq_len)
+    if rows < 1:
+        raise TilingError(
+            f"a row of S ({row_bytes} bytes at N={shape.seq_len}) does not fit the "
+            f"{sram_bytes} bytes of SRAM per thread block that the unfused softmax needs; "
+            "use a shorter sequence or more SRAM")
+    return rows
+
+
+def rowwise_kernel(name: str, shape, rows: int, src: str, dst: str, ops: tuple) -> Kernel:
+    """A kernel that reads whole rows of ``src``, applies ``ops`` on buffer "X" (in place)
+    and writes them to ``dst``: one CTA per ``rows`` rows."""
+    e = shape.elem_bytes
+    body = (Load("X", src, "i", "N"),) + tuple(ops) + (Store("X", dst, "i", "N"),)
+    return Kernel(name, grid=("i",), body=body, buffers=(BufferSpec("X", "i", "N", e),),
+                  blocks={"i": rows}, row_var="i", col_var="N")
+
+
+def output_tensor(shape, float32: bool = False) -> TensorSpec:
+    return TensorSpec("O", "N", "d", F32 if float32 else shape.elem_bytes, "output",
+                      float32=float32)

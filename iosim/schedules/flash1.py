@@ -1,0 +1,59 @@
+"""FlashAttention (Dao et al., 2022), Algorithm 1 order: one CTA per (batch, head); the outer
+loop streams K/V blocks of Bc rows, the inner loop visits every Q block of Br rows and reads and
+writes back its O, l, m in HBM. O, l and m are kept in float32 between steps.
+
+A first kernel initialises O = 0, l = 0, m = -inf in HBM (Algorithm 1, line 2)."""
+from __future__ import annotations
+
+from ..schedule import (BlockSoftmax, BufferSpec, CausalMask, Fill, Flash1Merge, Kernel, Load,
+                        Loop, MatMul, Schedule, Store, TensorSpec)
+from . import common
+
+F32 = common.F32
+
+
+def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
+    """The paper's choice Bc = M/(4d), Br = min(Bc, d) with M in elements (here
+    floor(sram_bytes / (4·d·elem_bytes))), Bc lowered until the live tiles ``fits``."""
+    d, n = shape.head_dim, shape.seq_len
+    block_cols = max(1, sram_bytes // (4 * d * shape.elem_bytes))
+    while block_cols > 1 and not fits(min(block_cols, d, n), min(block_cols, n)):
+        block_cols -= 1
+    return min(block_cols, d, n), min(block_cols, n)
+
+
+def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
+    e = shape.elem_bytes
+    init = Kernel(
+        "flash1_init", grid=("i",),
+        body=(Fill("Oi", 0.0), Fill("li", 0.0), Fill("mi", float("-inf")),
+              Store("Oi", "O", "i", "d"), Store("li", "l", "i", "1"), Store("mi", "m", "i", "1")),
+        buffers=(BufferSpec("Oi", "i", "d", F32, "reg"), BufferSpec("li", "i", "1", F32, "reg"),
+                 BufferSpec("mi", "i", "1", F32, "reg")),
+        blocks={"i": block_rows}, row_var="i")
+    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
+    inner = (Load("Qi", "Q", "i", "d"), Load("Oi", "O", "i", "d"), Load("li", "l", "i", "1"),
+             Load("mi", "m", "i", "1"),
+             MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
+             BlockSoftmax("S", "P", "m_blk", "l_blk"),
+             MatMul("PV", "P", "Vj"),
+             Flash1Merge("Oi", "PV", "mi", "li", "m_blk", "l_blk"),
+             Store("Oi", "O", "i", "d"), Store("li", "l", "i", "1"), Store("mi", "m", "i", "1"))
+    fwd = Kernel(
+        "flash1_fwd", grid=(),
+        body=(Loop("j", (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
+                         Loop("i", inner, causal_skip=True))),),
+        buffers=(BufferSpec("Kj", "j", "d", e), BufferSpec("Vj", "j", "d", e),
+                 BufferSpec("Qi", "i", "d", e), BufferSpec("Oi", "i", "d", F32),
+                 BufferSpec("li", "i", "1", F32), BufferSpec("mi", "i", "1", F32),
+                 BufferSpec("S", "i", "j", F32, "reg"), BufferSpec("P", "i", "j", F32, "reg"),
+                 BufferSpec("PV", "i", "d", F32, "reg"),
+                 BufferSpec("m_blk", "i", "1", F32, "reg"),
+                 BufferSpec("l_blk", "i", "1", F32, "reg")),
+        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+    tensors = tuple(common.qkv_tensors(shape)) + (
+        common.output_tensor(shape, float32=True),
+        TensorSpec("l", "N", "1", F32, "intermediate", float32=True),
+        TensorSpec("m", "N", "1", F32, "intermediate", float32=True))
+    return Schedule("flash1", shape, tensors, (init, fwd), block_rows, block_cols,
+                    notes="Algorithm 1 loop order; O, l, m round-trip HBM in float32")
