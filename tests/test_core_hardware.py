@@ -1,0 +1,288 @@
+"""Hardware specs: the shipped presets, a user's own TOML file, and the refusal of bad ones."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+import iosim
+from iosim import Hardware, IosimError, SpecError, list_presets, load_hardware
+
+SECTIONS = ("hbm", "l2", "sram", "compute", "launch")
+REQUIRED_PRESETS = {"a100-40gb", "h100-sxm", "h100-measured", "h200"}
+
+
+def preset_text(name: str = "h100-measured") -> str:
+    return (resources.files("iosim") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
+
+
+def edit(text: str, section: str, key: str, value: str | None) -> str:
+    """Set ``key = value`` in ``[section]`` (``value`` None deletes the line). The key must exist."""
+    out, current, done = [], None, False
+    for line in text.splitlines():
+        header = re.match(r"\s*\[([^\]]+)\]\s*$", line)
+        if header:
+            current = header.group(1).strip()
+        elif current == section and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            done = True
+            if value is None:
+                continue
+            line = f"{key} = {value}"
+        out.append(line)
+    assert done, f"[{section}] {key} not found in the preset text"
+    return "\n".join(out) + "\n"
+
+
+def drop_section(text: str, section: str) -> str:
+    out, current = [], None
+    for line in text.splitlines():
+        header = re.match(r"\s*\[([^\]]+)\]\s*$", line)
+        if header:
+            current = header.group(1).strip()
+        if current != section:
+            out.append(line)
+    assert len(out) < len(text.splitlines())
+    return "\n".join(out) + "\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "gpu.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- presets ------------------------------------------------------------------------------------
+
+def test_required_presets_are_listed():
+    names = list_presets()
+    assert REQUIRED_PRESETS <= set(names)
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_loads_frozen_with_sources(name):
+    hw = load_hardware(name)
+    assert isinstance(hw, Hardware)
+    assert hw.name == name and hw.description
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hw.hbm_bandwidth_bytes_per_s = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hw.name = "other"
+    assert set(hw.sources) == set(SECTIONS)
+    for section, source in hw.sources.items():
+        assert isinstance(source, str) and source.strip(), section
+    # sanity of the figures, from the physics rather than the file
+    assert 1e11 < hw.hbm_bandwidth_bytes_per_s < hw.l2_bandwidth_bytes_per_s \
+        < hw.sram_bandwidth_bytes_per_s
+    assert hw.sram_bytes_per_block <= hw.sram_bytes_per_sm < hw.l2_bytes < hw.hbm_bytes
+    assert hw.l2_line_bytes % hw.l2_sector_bytes == 0
+    assert hw.l2_sets * hw.l2_line_bytes * hw.l2_associativity == hw.l2_bytes
+    assert {"fp16", "bf16", "fp32"} <= set(hw.tensor_flops_per_s)
+    assert hw.launch_overhead_s > 0 and hw.sm_count > 0
+
+
+def test_h100_measured_figures():
+    hw = load_hardware("h100-measured")
+    assert hw.hbm_bandwidth_bytes_per_s == 2.97e12
+    assert hw.tensor_flops_per_s["fp16"] == 791e12
+    assert hw.tensor_rate("fp16") == 791e12
+    assert hw.ridge_point("fp16") == pytest.approx(791e12 / 2.97e12, rel=1e-15)
+    assert hw.ridge_point("fp16") == pytest.approx(266.33, abs=0.01)
+    assert "measured" in hw.sources["hbm"]
+
+
+def test_ridge_point_orders_the_gpus():
+    # H100 SXM has more FLOP/s per HBM byte than A100; H200 (same FLOP/s, more bandwidth) less.
+    a100, h100, h200 = (load_hardware(n) for n in ("a100-40gb", "h100-sxm", "h200"))
+    assert h200.ridge_point("fp16") < h100.ridge_point("fp16")
+    assert a100.ridge_point("fp16") < h100.ridge_point("fp16")
+
+
+def test_tensor_rate_of_unknown_dtype_is_refused():
+    hw = load_hardware("h100-measured")
+    with pytest.raises(SpecError, match=r"no tensor_flops_per_s for dtype 'int8'.*fp16"):
+        hw.ridge_point("int8")
+
+
+def test_load_hardware_passes_a_hardware_through():
+    hw = load_hardware("a100-40gb")
+    assert load_hardware(hw) is hw
+
+
+def test_unknown_preset_is_refused_naming_the_presets():
+    with pytest.raises(SpecError, match=r"unknown hardware preset 'b200'; presets: ") as info:
+        load_hardware("b200")
+    for name in REQUIRED_PRESETS:
+        assert name in str(info.value)
+    assert isinstance(info.value, IosimError) and isinstance(info.value, ValueError)
+
+
+# ---- with_sram ----------------------------------------------------------------------------------
+
+def test_with_sram_is_a_modified_copy():
+    hw = load_hardware("h100-measured")
+    smaller = hw.with_sram(100_000)
+    assert smaller.sram_bytes_per_block == 100_000
+    assert smaller.sram_bytes_per_sm == hw.sram_bytes_per_sm
+    assert hw.sram_bytes_per_block == 232_448  # the original is untouched
+    bigger = hw.with_sram(10**6)
+    assert bigger.sram_bytes_per_block == bigger.sram_bytes_per_sm == 10**6
+    assert bigger.hbm_bandwidth_bytes_per_s == hw.hbm_bandwidth_bytes_per_s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bigger.sram_bytes_per_block = 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 1024.0, True, "1024", None])
+def test_with_sram_refuses_bad_sizes(bad):
+    with pytest.raises(SpecError, match=r"sram_bytes must be a positive integer"):
+        load_hardware("h100-measured").with_sram(bad)
+
+
+# ---- a user's own file -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_PRESETS))
+def test_copied_preset_loads_by_path(tmp_path, name):
+    path = write(tmp_path, preset_text(name), "mine.toml")
+    for spec in (path, str(path)):
+        assert load_hardware(spec) == load_hardware(name)
+
+
+def test_user_file_without_toml_suffix_loads_by_path(tmp_path):
+    path = write(tmp_path, preset_text("h200"), "my-gpu.spec")
+    assert load_hardware(path).name == "h200"
+
+
+def test_user_edits_take_effect(tmp_path):
+    text = edit(preset_text(), "hbm", "bandwidth_bytes_per_s", "1.0e12")
+    text = edit(text, "compute", "sm_count", "7")
+    hw = load_hardware(write(tmp_path, text))
+    assert hw.hbm_bandwidth_bytes_per_s == 1.0e12 and hw.sm_count == 7
+    assert hw.ridge_point("fp16") == pytest.approx(791.0)
+
+
+@given(st.integers(1, 10**6))
+def test_any_positive_sm_count_loads(tmp_path_factory, count):
+    path = tmp_path_factory.mktemp("hw") / "gpu.toml"
+    path.write_text(edit(preset_text(), "compute", "sm_count", str(count)), encoding="utf-8")
+    assert load_hardware(path).sm_count == count
+
+
+def test_nonexistent_path_is_refused(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(SpecError, match=r"hardware spec file .*nope\.toml.* does not exist"):
+        load_hardware(missing)
+
+
+def _refused(tmp_path, text, pattern):
+    with pytest.raises(SpecError, match=pattern) as info:
+        load_hardware(write(tmp_path, text))
+    assert "gpu.toml" in str(info.value)  # the message names the file
+
+
+def test_invalid_toml_syntax_is_refused(tmp_path):
+    _refused(tmp_path, preset_text() + "\nthis is = = not toml\n", r"not valid TOML")
+    _refused(tmp_path, "[hbm\ncapacity_bytes = 1\n", r"not valid TOML")
+
+
+def test_non_utf8_file_is_refused(tmp_path):
+    path = tmp_path / "gpu.toml"
+    path.write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(SpecError, match=r"not valid TOML"):
+        load_hardware(path)
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_missing_section_is_refused(tmp_path, section):
+    _refused(tmp_path, drop_section(preset_text(), section),
+             rf"missing section \[{section}\]; a spec needs \[hbm\], \[l2\]")
+
+
+@pytest.mark.parametrize("section, key", [
+    ("hbm", "capacity_bytes"), ("hbm", "bandwidth_bytes_per_s"), ("l2", "line_bytes"),
+    ("l2", "sector_bytes"), ("l2", "associativity"), ("sram", "bytes_per_block"),
+    ("compute", "sm_count"), ("compute", "scalar_flops_per_s"), ("launch", "overhead_s"),
+])
+def test_missing_key_is_refused(tmp_path, section, key):
+    _refused(tmp_path, edit(preset_text(), section, key, None),
+             rf"\[{section}\] is missing '{key}'")
+
+
+def test_missing_tensor_rates_are_refused(tmp_path):
+    _refused(tmp_path, edit(preset_text(), "compute", "tensor_flops_per_s", None),
+             r"\[compute\] needs a table tensor_flops_per_s")
+    _refused(tmp_path, edit(preset_text(), "compute", "tensor_flops_per_s", "{}"),
+             r"\[compute\] needs a table tensor_flops_per_s")
+
+
+@pytest.mark.parametrize("key", ["name", "description"])
+def test_missing_top_level_string_is_refused(tmp_path, key):
+    text = "\n".join(line for line in preset_text().splitlines()
+                     if not line.startswith(f"{key} ="))
+    _refused(tmp_path, text, rf"missing top-level string '{key}'")
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_missing_source_is_refused(tmp_path, section):
+    _refused(tmp_path, edit(preset_text(), section, "source", None),
+             rf"\[{section}\] needs a 'source' string")
+
+
+def test_blank_source_is_refused(tmp_path):
+    _refused(tmp_path, edit(preset_text(), "hbm", "source", '"   "'),
+             r"\[hbm\] needs a 'source' string")
+
+
+@pytest.mark.parametrize("section, key", [
+    ("hbm", "bandwidth_bytes_per_s"), ("l2", "capacity_bytes"), ("compute", "sm_count"),
+    ("launch", "overhead_s"), ("sram", "bytes_per_block"),
+])
+@pytest.mark.parametrize("value", ["0", "-1", "-2.97e12", "0.0", "nan", "inf", "-inf"])
+def test_non_positive_or_non_finite_values_are_refused(tmp_path, section, key, value):
+    _refused(tmp_path, edit(preset_text(), section, key, value),
+             rf"\[{section}\] {key} must be a positive finite number")
+
+
+@pytest.mark.parametrize("value", ['"fast"', '"2.97e12"', "true", "[1, 2]", "{ a = 1 }"])
+def test_non_number_is_refused(tmp_path, value):
+    _refused(tmp_path, edit(preset_text(), "hbm", "bandwidth_bytes_per_s", value),
+             r"\[hbm\] bandwidth_bytes_per_s must be a number")
+
+
+def test_fractional_byte_count_is_refused(tmp_path):
+    _refused(tmp_path, edit(preset_text(), "l2", "capacity_bytes", "1.5"),
+             r"\[l2\] capacity_bytes must be a whole number")
+
+
+@pytest.mark.parametrize("rate, pattern", [
+    ("{ fp16 = 791e12, fp8 = 1.5e15 }", r"tensor_flops_per_s has unknown dtype 'fp8'; allowed: "
+                                        r"fp16, bf16, fp32"),
+    ("{ fp16 = -1.0 }", r"tensor_flops_per_s\.fp16 must be a positive finite number"),
+    ("{ fp16 = nan }", r"tensor_flops_per_s\.fp16 must be a positive finite number"),
+    ('{ fp16 = "lots" }', r"tensor_flops_per_s\.fp16 must be a number"),
+])
+def test_bad_tensor_rates_are_refused(tmp_path, rate, pattern):
+    _refused(tmp_path, edit(preset_text(), "compute", "tensor_flops_per_s", rate), pattern)
+
+
+def test_line_not_multiple_of_sector_is_refused(tmp_path):
+    text = edit(edit(preset_text(), "l2", "line_bytes", "100"), "l2", "capacity_bytes",
+                str(100 * 16 * 1024))
+    _refused(tmp_path, text, r"line_bytes \(100\) must be a multiple of sector_bytes \(32\)")
+
+
+def test_inconsistent_geometry_is_refused(tmp_path):
+    _refused(tmp_path, edit(preset_text(), "l2", "capacity_bytes", "1000000"),
+             r"capacity_bytes \(1000000\) must be a multiple of line_bytes x associativity")
+    _refused(tmp_path, edit(preset_text(), "sram", "bytes_per_block", "300000"),
+             r"bytes_per_block \(300000\) exceeds bytes_per_sm")
+
+
+def test_spec_error_hierarchy():
+    assert issubclass(SpecError, IosimError) and issubclass(SpecError, ValueError)
+    assert iosim.SpecError is SpecError
+    assert math.isfinite(load_hardware("h200").hbm_bandwidth_bytes_per_s)
