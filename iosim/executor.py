@@ -4,6 +4,7 @@ It walks exactly the steps the trace builder counts (:func:`iosim.schedule.walk`
 that matches reference attention proves the counted program computes attention."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,8 +184,8 @@ def run_attention(q, k, v, *, algorithm: str, block_rows=None, block_cols=None,
     float64 out; lower precisions accumulate in float32 as a GPU kernel does). Returns O with the
     input's shape and dtype."""
     q, k, v = _check_inputs(q, k, v)
-    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale)
-                                  and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not np.isfinite(scale) or scale <= 0):
         raise IosimError(f"scale must be a positive finite number, got {scale!r}")
     four_d = q.ndim == 4
     b, h = (q.shape[0], q.shape[1]) if four_d else (1, 1)

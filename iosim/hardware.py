@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 from .errors import SpecError
 
@@ -69,9 +70,13 @@ class Hardware:
         """A copy whose usable SRAM per thread block is ``sram_bytes_per_block`` (the paper's M)."""
         from dataclasses import replace
 
-        if isinstance(sram_bytes_per_block, bool) or not isinstance(sram_bytes_per_block, int) \
-                or sram_bytes_per_block < 1:
-            raise SpecError(f"sram_bytes must be a positive integer, got {sram_bytes_per_block!r}")
+        from .shape import check_positive_int
+
+        try:
+            sram_bytes_per_block = check_positive_int("sram_bytes", sram_bytes_per_block,
+                                                      "a positive integer number of bytes")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
         return replace(self, sram_bytes_per_block=sram_bytes_per_block,
                        sram_bytes_per_sm=max(self.sram_bytes_per_sm, sram_bytes_per_block))
 
@@ -144,8 +149,9 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
             raise SpecError(f"{origin}: [compute] tensor_flops_per_s has unknown dtype "
                             f"{dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
         tensor[dtype] = _number(f"{origin}: [compute] tensor_flops_per_s.{dtype}", rate, float)
-    hw = Hardware(name=data["name"], description=data["description"], tensor_flops_per_s=tensor,
-                  sources=sources, ncu_metrics=metrics, **values)
+    hw = Hardware(name=data["name"], description=data["description"],
+                  tensor_flops_per_s=MappingProxyType(tensor), sources=MappingProxyType(sources),
+                  ncu_metrics=MappingProxyType(metrics), **values)
     _check_consistency(hw, origin)
     return hw
 
@@ -174,7 +180,7 @@ def load_hardware(preset_or_path) -> Hardware:
         return preset_or_path
     text_name = str(preset_or_path)
     path = Path(text_name)
-    if text_name.endswith(".toml") or path.is_file():
+    if text_name.endswith(".toml") or path.is_file() or "/" in text_name or "\\" in text_name:
         if not path.is_file():
             raise SpecError(f"hardware spec file {text_name!r} does not exist")
         origin, raw = str(path), path.read_bytes()

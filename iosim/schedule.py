@@ -439,7 +439,7 @@ def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
                     yield from run(item.body)
                 index.pop(item.var, None)
             else:
-                yield Step(item, index, dims)
+                yield Step(item, dict(index), dict(dims))
 
     yield from run(kernel.body)
 

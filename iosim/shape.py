@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import operator
+
+import numpy as np
 from dataclasses import dataclass
 
 from .errors import IosimError
@@ -45,7 +47,7 @@ class AttentionShape:
         for name in ("batch", "heads", "seq_len", "head_dim"):
             object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
         check_dtype(self.dtype)
-        if not isinstance(self.causal, (bool,)) and self.causal not in (0, 1):
+        if not isinstance(self.causal, (bool, np.bool_)):
             raise IosimError(f"causal must be True or False, got {self.causal!r}")
         object.__setattr__(self, "causal", bool(self.causal))
 

@@ -371,10 +371,6 @@ def test_non_positive_or_non_finite_scale_is_refused(scale):
         run_attention(q, k, v, algorithm="hf", scale=scale)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG iosim/executor.py run_attention: the scale check is isinstance(scale, (int, float)), "
-    "so a positive NumPy scalar such as np.float32(0.5) is refused with the false message "
-    "'scale must be a positive finite number, got np.float32(0.5)'"))
 def test_numpy_scalar_scale_is_accepted():
     q, k, v = _qkv()
     out = run_attention(q, k, v, algorithm="flash2", scale=np.float32(0.5))

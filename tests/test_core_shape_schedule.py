@@ -196,11 +196,6 @@ def test_unfused_gemms_tile_the_score_matrix(tiling):
     assert area == n * n  # every score written exactly once
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG iosim/schedule.py walk(): every yielded Step holds the same mutable `index` and "
-    "`dims` dicts (Step(item, index, dims) without copying), so steps kept past the next "
-    "iteration (e.g. list(walk(...))) all show the final state - the loop variable 'j' is "
-    "popped, and step.index['j'] raises KeyError"))
 def test_walk_steps_keep_their_own_block_index():
     schedule = build_schedule("flash2", AttentionShape(1, 1, 10, 4), 4, 3)
     (kernel,) = schedule.kernels
@@ -210,11 +205,6 @@ def test_walk_steps_keep_their_own_block_index():
     assert [s.dims["j"] for s in k_steps] == [3, 3, 3, 1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG iosim/schedules/__init__.py build_schedule(): sram_bytes is never validated - "
-    "sram_bytes='x' escapes as a bare TypeError ('<=' not supported between int and str), and "
-    "0, -5 or 1.5 are reported as a TilingError '... needs 24 bytes ...; -5 bytes are "
-    "available' instead of being refused as an invalid SRAM size"))
 @pytest.mark.parametrize("sram", ["x", 0, -5, 1.5])
 def test_build_schedule_refuses_bad_sram_bytes(sram):
     with pytest.raises(IosimError, match=r"sram_bytes"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..errors import IosimError
 from ..schedule import Schedule
 from . import flash1, flash2, hf, megatron, standard
+from ..shape import check_positive_int
 from .common import check_block
 
 ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
@@ -30,6 +31,8 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         from ..hardware import load_hardware
 
         sram_bytes = load_hardware("h100-measured").sram_bytes_per_block
+    sram_bytes = check_positive_int("sram_bytes", sram_bytes,
+                                    "a positive integer number of bytes per thread block")
     n = shape.seq_len
     if block_rows is not None:
         block_rows = check_block("block_rows", block_rows, n)

@@ -1,0 +1,155 @@
+"""The trace builder: a schedule becomes compact NumPy arrays of events, kernel by kernel.
+
+Each CTA's program is walked once per grid point of one batch·head (the same steps the numeric
+executor runs); the events of the other batch·heads differ only by a constant address offset per
+tensor and are produced by NumPy broadcasting, not Python loops.
+
+Event kinds: LOAD (a tile HBM -> SRAM), STORE (SRAM -> HBM) and COMPUTE (FLOPs by unit and the
+SRAM bytes the op reads and writes). A tile is ``rows`` row segments of ``row_bytes`` contiguous
+bytes, ``row_stride`` bytes apart, starting at byte address ``addr``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import schedule as sch
+
+LOAD, STORE, COMPUTE = 0, 1, 2
+TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocator would place them
+
+_COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
+            "flops_scalar", "sram_read", "sram_write")
+_DTYPES = {"kind": np.int8, "tensor": np.int16, "addr": np.int64, "rows": np.int64,
+           "row_bytes": np.int64, "row_stride": np.int64, "flops_tensor": np.int64,
+           "flops_scalar": np.int64, "sram_read": np.int64, "sram_write": np.int64}
+
+
+@dataclass
+class KernelTrace:
+    """One kernel's events in launch order: CTA c owns events cta_start[c]:cta_start[c+1]."""
+
+    name: str
+    cta_start: np.ndarray
+    kind: np.ndarray
+    tensor: np.ndarray
+    addr: np.ndarray
+    rows: np.ndarray
+    row_bytes: np.ndarray
+    row_stride: np.ndarray
+    flops_tensor: np.ndarray
+    flops_scalar: np.ndarray
+    sram_read: np.ndarray
+    sram_write: np.ndarray
+    smem_bytes_per_cta: int
+
+    @property
+    def n_ctas(self) -> int:
+        return len(self.cta_start) - 1
+
+    @property
+    def n_events(self) -> int:
+        return len(self.kind)
+
+
+@dataclass
+class Trace:
+    schedule: object
+    tensor_names: tuple
+    tensor_base: np.ndarray  # byte address of each tensor
+    kernels: list
+
+
+def tensor_layout(schedule) -> tuple[dict, dict]:
+    """Byte base address and per-head byte stride of every tensor, in declaration order."""
+    shape = schedule.shape
+    extents = {"N": shape.seq_len, "d": shape.head_dim, "1": 1}
+    base, head_stride, cursor = {}, {}, 0
+    for t in schedule.tensors:
+        head_bytes = extents[t.rows] * extents[t.cols] * t.elem_bytes
+        base[t.name] = cursor
+        head_stride[t.name] = head_bytes
+        total = head_bytes * shape.batch_heads
+        cursor += -(-total // TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
+    return base, head_stride
+
+
+def _tile_extent(token, index, dims, kernel):
+    """(first index, count) of a tile dimension given by ``token``."""
+    if token in ("N", "d", "1"):
+        return 0, dims[token]
+    return index[token] * kernel.blocks[token], dims[token]
+
+
+def _head_template(kernel, schedule, base, tensor_ids):
+    """Walk every CTA of one batch·head; return its events (as columns) and CTA offsets."""
+    shape = schedule.shape
+    n, d = shape.seq_len, shape.head_dim
+    extents = {"N": n, "d": d, "1": 1}
+    tensors = schedule.tensor_map()
+    buffers = kernel.buffer_map()
+    cols = {c: [] for c in _COLUMNS}
+    cta_start = [0]
+
+    def smem(names, dims):
+        return sum(dims[buffers[b].rows] * dims[buffers[b].cols] * buffers[b].elem_bytes
+                   for b in names if buffers[b].space == "smem")
+
+    for point in sch.grid_points(kernel, n):
+        for step in sch.walk(kernel, point, n, d, shape.causal):
+            op, index, dims = step.op, step.index, step.dims
+            if isinstance(op, (sch.Load, sch.Store)):
+                spec = tensors[op.tensor]
+                row0, nrows = _tile_extent(op.rows, index, dims, kernel)
+                col0, ncols = _tile_extent(op.cols, index, dims, kernel)
+                row_len = extents[spec.cols]
+                e = spec.elem_bytes
+                addr = base[op.tensor] + (row0 * row_len + col0) * e
+                row_bytes, stride = ncols * e, row_len * e
+                if ncols == row_len:  # whole rows: one contiguous segment
+                    row_bytes, nrows = row_bytes * nrows, 1
+                buf = buffers[op.buffer]
+                tile_bytes = nrows * row_bytes
+                on_chip = tile_bytes if buf.space == "smem" else 0
+                values = (LOAD if isinstance(op, sch.Load) else STORE, tensor_ids[op.tensor],
+                          addr, nrows, row_bytes, stride, 0, 0,
+                          on_chip if isinstance(op, sch.Store) else 0,
+                          on_chip if isinstance(op, sch.Load) else 0)
+            else:
+                flops_tensor, flops_scalar = op.flops(dims, buffers)
+                values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar,
+                          smem(op.reads, dims), smem(op.writes, dims))
+            for c, v in zip(_COLUMNS, values):
+                cols[c].append(v)
+        cta_start.append(len(cols["kind"]))
+    return {c: np.asarray(v, dtype=_DTYPES[c]) for c, v in cols.items()}, np.asarray(cta_start)
+
+
+def build_trace(schedule) -> Trace:
+    """Events of every kernel of ``schedule`` over all batch·heads."""
+    shape = schedule.shape
+    base, head_stride = tensor_layout(schedule)
+    names = tuple(t.name for t in schedule.tensors)
+    tensor_ids = {name: i for i, name in enumerate(names)}
+    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    heads = shape.batch_heads
+    kernels = []
+    for kernel in schedule.kernels:
+        template, starts = _head_template(kernel, schedule, base, tensor_ids)
+        per_head = len(template["kind"])
+        columns = {c: np.tile(v, heads) for c, v in template.items()}
+        head_of_event = np.repeat(np.arange(heads, dtype=np.int64), per_head)
+        # tensor id -1 (compute events) picks the trailing 0 stride
+        columns["addr"] += head_of_event * stride_by_id[columns["tensor"]]
+        ctas_per_head = len(starts) - 1
+        cta_start = (starts[:-1][None, :] + per_head * np.arange(heads)[:, None]).ravel()
+        cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
+        assert len(cta_start) == ctas_per_head * heads + 1
+        kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
+                                   smem_bytes_per_cta=kernel.smem_bytes(shape.head_dim,
+                                                                        shape.seq_len),
+                                   **columns))
+    return Trace(schedule=schedule, tensor_names=names,
+                 tensor_base=np.array([base[nm] for nm in names], dtype=np.int64),
+                 kernels=kernels)
