@@ -1,0 +1,150 @@
+"""The Python API: simulate one algorithm on one workload, get counts and predicted times."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import engine
+from .cost import arithmetic_intensity, kernel_cost
+from .errors import IosimError
+from .hardware import Hardware, load_hardware
+from .schedules import build_schedule
+from .shape import AttentionShape
+from .trace import build_trace
+
+MODELS = ("two-level", "l2")
+COUNT_FIELDS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
+                "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar")
+
+
+@dataclass
+class KernelResult:
+    """Counts, roofline terms and predicted time of one kernel (or of all, in ``totals``)."""
+
+    name: str
+    hbm_read_bytes: int = 0
+    hbm_write_bytes: int = 0
+    l2_read_bytes: int = 0
+    l2_write_bytes: int = 0
+    sram_read_bytes: int = 0
+    sram_write_bytes: int = 0
+    flops_tensor: int = 0
+    flops_scalar: int = 0
+    ctas: int = 0
+    concurrent_ctas: int = 0
+    l2_line_accesses: int = 0
+    predicted_time_s: float = 0.0
+    arithmetic_intensity: float = 0.0
+    bound: str = ""
+    limiter: str = ""
+    times_s: dict = field(default_factory=dict)
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+    @property
+    def flops(self) -> int:
+        return self.flops_tensor + self.flops_scalar
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SimulationResult:
+    algorithm: str
+    model: str
+    hardware: Hardware
+    shape: AttentionShape
+    block_rows: int
+    block_cols: int
+    kernels: list
+    totals: KernelResult
+
+    def to_dict(self) -> dict:
+        shape = self.shape
+        return {
+            "algorithm": self.algorithm, "model": self.model, "hardware": self.hardware.name,
+            "shape": {"batch": shape.batch, "heads": shape.heads, "seq_len": shape.seq_len,
+                      "head_dim": shape.head_dim, "dtype": shape.dtype, "causal": shape.causal},
+            "block_rows": self.block_rows, "block_cols": self.block_cols,
+            "totals": self.totals.to_dict(),
+            "kernels": [k.to_dict() for k in self.kernels],
+        }
+
+
+def concurrent_ctas(smem_bytes_per_cta: int, hardware: Hardware, n_ctas: int) -> int:
+    """CTAs resident at once: SMs x CTAs per SM as the shared memory each needs allows."""
+    per_sm = hardware.max_ctas_per_sm
+    if smem_bytes_per_cta > 0:
+        per_sm = min(per_sm, hardware.sram_bytes_per_sm // smem_bytes_per_cta)
+    return max(1, min(n_ctas, hardware.sm_count * max(1, per_sm)))
+
+
+def _check_model(model: str) -> str:
+    if model not in MODELS:
+        raise IosimError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    return model
+
+
+def replay(trace, hardware: Hardware, model: str) -> list[dict]:
+    """Run every kernel of ``trace`` through the engine; per-kernel counter dicts."""
+    results = []
+    for kt in trace.kernels:
+        counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
+        engine.sum_events(kt.kind, kt.rows, kt.row_bytes, kt.flops_tensor, kt.flops_scalar,
+                          kt.sram_read, kt.sram_write, counts)
+        slots = concurrent_ctas(kt.smem_bytes_per_cta, hardware, kt.n_ctas)
+        if model == "l2":
+            counts[engine.HBM_READ] = counts[engine.HBM_WRITE] = 0
+            event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
+            engine.replay_l2(kt.cta_start, kt.kind, kt.addr, kt.rows, kt.row_bytes,
+                             kt.row_stride, slots, hardware.l2_sets,
+                             hardware.l2_associativity, hardware.l2_line_bytes,
+                             hardware.l2_sector_bytes, counts, event_counts)
+        row = {name: int(counts[i]) for i, name in enumerate(engine.COUNTERS)}
+        row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots)
+        results.append(row)
+    return results
+
+
+def _finish(result: KernelResult, hardware: Hardware, dtype: str, model: str) -> KernelResult:
+    cost = kernel_cost(result, hardware, dtype, model)
+    result.predicted_time_s = cost.predicted_time_s
+    result.arithmetic_intensity = arithmetic_intensity(result.flops, result.hbm_bytes)
+    result.bound, result.limiter = cost.bound, cost.limiter
+    result.times_s = {"hbm": cost.hbm_time_s, "l2": cost.l2_time_s, "sram": cost.sram_time_s,
+                      "tensor": cost.tensor_time_s, "scalar": cost.scalar_time_s,
+                      "compute": cost.compute_time_s, "launch": cost.launch_time_s}
+    return result
+
+
+def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
+             hardware="h100-measured", sram_bytes=None, model: str = "l2") -> SimulationResult:
+    """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
+
+    ``hardware`` is a preset name, a TOML path or a :class:`Hardware`; ``sram_bytes`` overrides
+    its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level"."""
+    if not isinstance(shape, AttentionShape):
+        raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
+    _check_model(model)
+    hw = load_hardware(hardware)
+    if sram_bytes is not None:
+        hw = hw.with_sram(sram_bytes)
+    schedule = build_schedule(algorithm, shape, block_rows, block_cols,
+                              sram_bytes=hw.sram_bytes_per_block)
+    rows = replay(build_trace(schedule), hw, model)
+    kernels = [_finish(KernelResult(**row), hw, shape.dtype, model) for row in rows]
+    totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
+    for name in COUNT_FIELDS + ("l2_line_accesses",):
+        setattr(totals, name, sum(getattr(k, name) for k in kernels))
+    totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
+    totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)
+    memory = sum(k.predicted_time_s for k in kernels if k.bound == "memory")
+    totals.bound = "memory" if memory >= totals.predicted_time_s / 2 else "compute"
+    totals.limiter = max(kernels, key=lambda k: k.predicted_time_s).limiter
+    return SimulationResult(algorithm=algorithm, model=model, hardware=hw, shape=shape,
+                            block_rows=schedule.block_rows, block_cols=schedule.block_cols,
+                            kernels=kernels, totals=totals)
