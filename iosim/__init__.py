@@ -6,7 +6,8 @@ from .hardware import Hardware, list_presets, load_hardware
 from .reference import reference_attention
 from .schedules import ALGORITHMS, build_schedule
 from .shape import AttentionShape
+from .simulate import MODELS, SimulationResult, simulate
 
 __all__ = ["AttentionShape", "Hardware", "IosimError", "SpecError", "TilingError", "ALGORITHMS",
            "build_schedule", "execute", "list_presets", "load_hardware", "reference_attention",
-           "run_attention"]
+           "run_attention", "simulate", "SimulationResult", "MODELS"]

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import engine
-from .cost import arithmetic_intensity, kernel_cost
+from .cost import MEMORY_LIMITERS, arithmetic_intensity, kernel_cost
 from .errors import IosimError
 from .hardware import Hardware, load_hardware
 from .schedules import build_schedule
@@ -142,9 +142,11 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
         setattr(totals, name, sum(getattr(k, name) for k in kernels))
     totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
     totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)
-    memory = sum(k.predicted_time_s for k in kernels if k.bound == "memory")
-    totals.bound = "memory" if memory >= totals.predicted_time_s / 2 else "compute"
-    totals.limiter = max(kernels, key=lambda k: k.predicted_time_s).limiter
+    time_by_limiter = {}
+    for k in kernels:
+        time_by_limiter[k.limiter] = time_by_limiter.get(k.limiter, 0.0) + k.predicted_time_s
+    totals.limiter = max(time_by_limiter, key=time_by_limiter.get)
+    totals.bound = "memory" if totals.limiter in MEMORY_LIMITERS else "compute"
     return SimulationResult(algorithm=algorithm, model=model, hardware=hw, shape=shape,
                             block_rows=schedule.block_rows, block_cols=schedule.block_cols,
                             kernels=kernels, totals=totals)

@@ -1,0 +1,133 @@
+"""The ``iosim`` command line: ``iosim simulate`` and ``iosim explore``.
+
+Every error is one line on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from .errors import IosimError
+from .schedules import ALGORITHMS
+from .shape import DTYPE_BYTES, AttentionShape
+from .simulate import MODELS, simulate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"iosim: error: {message}\n")
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algorithm", required=True, choices=list(ALGORITHMS))
+    p.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
+    p.add_argument("--heads", type=int, default=1, help="attention heads H (default 1)")
+    p.add_argument("--seq-len", type=int, required=True, help="sequence length N")
+    p.add_argument("--head-dim", type=int, required=True, help="head dimension d")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPE_BYTES))
+    p.add_argument("--causal", action="store_true", help="causal (autoregressive) mask")
+    p.add_argument("--hardware", default="h100-measured",
+                   help="hardware preset name or path to a TOML spec (default h100-measured)")
+    p.add_argument("--sram-bytes", type=int, default=None,
+                   help="SRAM per thread block in bytes (the paper's M); default: the spec's")
+    p.add_argument("--model", default="l2", choices=list(MODELS),
+                   help="memory model: l2 (default) or two-level (the paper's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iosim", description="Count the bytes and FLOPs of attention "
+                     "algorithms on a simulated GPU memory hierarchy and predict their time.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="simulate one algorithm on one workload")
+    _add_workload(sim)
+    sim.add_argument("--block-rows", type=int, default=None, help="Br (default: algorithm's)")
+    sim.add_argument("--block-cols", type=int, default=None, help="Bc (default: algorithm's)")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    exp = sub.add_parser("explore", help="rank the block sizes that fit the SRAM")
+    _add_workload(exp)
+    exp.add_argument("--out", default=None, help="write every ranked pair to this CSV file")
+    exp.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
+    exp.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: all cores)")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _shape(args) -> AttentionShape:
+    return AttentionShape(args.batch, args.heads, args.seq_len, args.head_dim, args.dtype,
+                          args.causal)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} us"
+
+
+def _fmt_ai(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def format_table(result) -> str:
+    """The per-kernel table ``iosim simulate`` prints."""
+    header = ("kernel", "HBM read", "HBM write", "L2 read", "L2 write", "SRAM r+w",
+              "TC GFLOP", "scalar GFLOP", "FLOP/B", "bound", "predicted")
+    rows = []
+    for k in result.kernels + [result.totals]:
+        rows.append((k.name, _fmt_bytes(k.hbm_read_bytes), _fmt_bytes(k.hbm_write_bytes),
+                     _fmt_bytes(k.l2_read_bytes), _fmt_bytes(k.l2_write_bytes),
+                     _fmt_bytes(k.sram_read_bytes + k.sram_write_bytes),
+                     f"{k.flops_tensor / 1e9:.2f}", f"{k.flops_scalar / 1e9:.2f}",
+                     _fmt_ai(k.arithmetic_intensity), f"{k.bound} ({k.limiter})",
+                     _fmt_time(k.predicted_time_s)))
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    title = (f"{result.algorithm} on {result.hardware.name}, {result.shape.describe()}, "
+             f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}")
+    return "\n".join([title, line(header)] + [line(r) for r in rows])
+
+
+def _simulate(args) -> None:
+    result = simulate(args.algorithm, _shape(args), block_rows=args.block_rows,
+                      block_cols=args.block_cols, hardware=args.hardware,
+                      sram_bytes=args.sram_bytes, model=args.model)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_table(result))
+
+
+def _explore(args) -> None:
+    from .explore import explore, format_ranking, write_csv
+
+    rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
+                   sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
+                   progress=not args.no_progress)
+    if args.top < 1:
+        raise IosimError(f"--top must be a positive integer, got {args.top}")
+    print(format_ranking(rows[: args.top]))
+    if args.out:
+        write_csv(rows, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"simulate": _simulate, "explore": _explore}[args.command](args)
+    except (IosimError, ValueError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"iosim: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
