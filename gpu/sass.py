@@ -54,16 +54,33 @@ def main(argv=None) -> int:
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as tf:
             tf.write(data[off:])
             tmp = tf.name
+        how = "cuobjdump of the cubin in CuPy's cache"
         try:
-            sass = subprocess.run([tool, "-sass", tmp], capture_output=True, text=True, timeout=120).stdout
+            p = subprocess.run([tool, "-sass", tmp], capture_output=True, text=True, timeout=120)
+            sass, err = p.stdout, p.stderr
             res = subprocess.run([tool, "-res-usage", tmp], capture_output=True, text=True, timeout=120).stdout
         finally:
             os.unlink(tmp)
+        if "Function" not in sass and os.path.exists(path + ".cu"):
+            # fall back: the very source NVRTC compiled, through nvcc/ptxas of the same CUDA release
+            nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+            with tempfile.TemporaryDirectory() as td:
+                cu = os.path.join(td, "k.cu")
+                shutil.copy(path + ".cu", cu)
+                cb = os.path.join(td, "k.cubin")
+                q = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-std=c++17", "-ftz=true", "-Xptxas", "-v",
+                                    "-o", cb, cu], capture_output=True, text=True, timeout=300)
+                ptxas = [ln.strip() for ln in q.stderr.splitlines() if "registers" in ln or "spill" in ln]
+                if os.path.exists(cb):
+                    sass = subprocess.run([tool, "-sass", cb], capture_output=True, text=True, timeout=120).stdout
+                    res = "\n".join(ptxas)
+                    how = "nvcc -cubin -arch=sm_90 of the source NVRTC compiled (cache cubin unreadable: %s)" % err[:200]
         funcs = re.findall(r"Function : (\S+)", sass)
         arch = re.findall(r"arch = (sm_\d+a?)", sass)
         entries.append({"cubin": os.path.basename(path), "variant": variant, "functions": funcs,
-                        "arch": sorted(set(arch)), "counts": count_ops(sass),
-                        "resource_usage": [ln.strip() for ln in res.splitlines() if "REG" in ln or "Function" in ln]})
+                        "arch": sorted(set(arch)), "counts": count_ops(sass), "method": how,
+                        "resource_usage": [ln.strip() for ln in res.splitlines()
+                                           if "REG" in ln or "Function" in ln or "registers" in ln or "spill" in ln]})
         if args.dump_dir and variant and ("flash" in variant or "softmax" in variant):
             os.makedirs(args.dump_dir, exist_ok=True)
             tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", variant)[:80]

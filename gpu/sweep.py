@@ -23,11 +23,19 @@ def pairs_for(algorithm: str, head_dim: int, pairs=BLOCK_PAIRS) -> list[tuple[in
     return [p for p in pairs if flash_fits(algorithm, p[0], p[1], head_dim)]
 
 
+# flash1 at long sequences runs on only B*H CTAs (16 or 32 for N >= 8192): a run takes 0.1-1 s, so only the two
+# large-tile pairs are timed there (device-time budget); every pair is timed for N <= 4096.
+FLASH1_LONG_PAIRS = [(128, 64), (128, 128)]
+FLASH1_LONG_N = 8192
+
+
 def _configs(shape: dict, algorithms, all_pairs: bool) -> list[dict]:
     out = []
     for a in algorithms:
         if a in FLASH:
             pairs = pairs_for(a, shape["head_dim"]) if all_pairs else [DEFAULT_PAIR[a][shape["head_dim"]]]
+            if a == "flash1" and all_pairs and shape["seq_len"] >= FLASH1_LONG_N:
+                pairs = [p for p in pairs if p in FLASH1_LONG_PAIRS]
             for br, bc in pairs:
                 out.append(dict(shape, algorithm=a, block_rows=br, block_cols=bc))
         else:
