@@ -89,9 +89,18 @@ def format_table(result) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
+    label = "HBM traffic" if result.model == "two-level" else "L2 requests"
+    accesses = []
+    for k in result.kernels:
+        moves = [f"{verb} {name} {_fmt_bytes(t[key])}" for name, t in k.tensors.items()
+                 for verb, key in (("read", "read_bytes"), ("write", "write_bytes")) if t[key]]
+        accesses.append(f"  {k.name}: " + ", ".join(moves))
     title = (f"{result.algorithm} on {result.hardware.name}, {result.shape.describe()}, "
              f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}")
-    return "\n".join([title, line(header)] + [line(r) for r in rows])
+    count = sum(1 for k in result.kernels for t in k.tensors.values()
+                for key in ("read_bytes", "write_bytes") if t[key])
+    return "\n".join([title, line(header)] + [line(r) for r in rows]
+                     + [f"{label} by tensor ({count} tensor reads/writes):"] + accesses)
 
 
 def _simulate(args) -> None:

@@ -34,6 +34,7 @@ class KernelResult:
     ctas: int = 0
     concurrent_ctas: int = 0
     l2_line_accesses: int = 0
+    tensors: dict = field(default_factory=dict)  # tensor -> {"read_bytes", "write_bytes"}
     predicted_time_s: float = 0.0
     arithmetic_intensity: float = 0.0
     bound: str = ""
@@ -89,6 +90,22 @@ def _check_model(model: str) -> str:
     return model
 
 
+def tile_traffic_by_tensor(kt, tensor_names) -> dict:
+    """Bytes of tiles each tensor moves between SRAM and the memory system (loads, stores).
+
+    Under the two-level model these are the HBM bytes; under the l2 model, the L2 requests."""
+    nbytes = kt.rows * kt.row_bytes
+    traffic = {}
+    for kind, key in ((engine.LOAD, "read_bytes"), (engine.STORE, "write_bytes")):
+        chosen = kt.kind == kind
+        per_tensor = np.bincount(kt.tensor[chosen], weights=nbytes[chosen],
+                                 minlength=len(tensor_names))
+        for name, value in zip(tensor_names, per_tensor):
+            if value:
+                traffic.setdefault(name, {"read_bytes": 0, "write_bytes": 0})[key] = int(value)
+    return traffic
+
+
 def replay(trace, hardware: Hardware, model: str) -> list[dict]:
     """Run every kernel of ``trace`` through the engine; per-kernel counter dicts."""
     results = []
@@ -105,7 +122,8 @@ def replay(trace, hardware: Hardware, model: str) -> list[dict]:
                              hardware.l2_associativity, hardware.l2_line_bytes,
                              hardware.l2_sector_bytes, counts, event_counts)
         row = {name: int(counts[i]) for i, name in enumerate(engine.COUNTERS)}
-        row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots)
+        row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots,
+                   tensors=tile_traffic_by_tensor(kt, trace.tensor_names))
         results.append(row)
     return results
 
