@@ -1,0 +1,243 @@
+"""The block-size explorer: simulate every (block_rows, block_cols) pair that fits the SRAM and
+rank them by predicted time.
+
+Candidate block sizes (``candidates=``):
+
+* ``"pow2"`` (default): the powers of two 16, 32, 64, 128, 256 — the sizes real kernels use,
+  since a tile must be a whole number of 16 x 16 tensor-core fragments and warps split it
+  evenly. Sizes above N are dropped; when N < 256, N itself is added (a block holding every row).
+* ``"mult16"``: every multiple of 16 from 16 up to min(N, 512) (plus N when N < 512) — a finer,
+  slower sweep (up to 32 x 32 pairs).
+* an iterable of positive integers: exactly those sizes (each clipped to N).
+
+The same candidates are tried for block_rows (Br) and block_cols (Bc); pairs whose live tiles do
+not fit ``sram_bytes`` per thread block (the schedule raises :class:`~iosim.errors.TilingError`)
+are skipped. Each remaining pair is simulated, in worker processes when ``workers`` > 1, and the
+rows come back sorted by predicted time, ties broken by HBM bytes (read + write), then by
+(Br, Bc).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import operator
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from .errors import IosimError, TilingError
+from .hardware import Hardware, load_hardware
+from .results import write_csv as _write_csv_rows
+from .schedules import algorithm_module, build_schedule
+from .shape import AttentionShape
+from .simulate import MODELS
+
+POW2_SIZES = (16, 32, 64, 128, 256)
+MULT16_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """One simulated (Br, Bc) pair: counts summed over the algorithm's kernels."""
+
+    block_rows: int
+    block_cols: int
+    predicted_time_s: float
+    hbm_read_bytes: int
+    hbm_write_bytes: int
+    l2_read_bytes: int
+    l2_write_bytes: int
+    flops_tensor: int
+    flops_scalar: int
+    flops: int
+    arithmetic_intensity: float
+    bound: str
+    limiter: str
+    sram_bytes_per_cta: int  # the largest of the kernels' live shared-memory tiles
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CSV_COLUMNS = tuple(f.name for f in dataclasses.fields(BlockChoice))
+
+
+def candidate_sizes(seq_len: int, candidates="pow2") -> list[int]:
+    """The block sizes to try for a sequence of ``seq_len`` (see the module docstring)."""
+    if isinstance(candidates, str):
+        if candidates == "pow2":
+            sizes = {s for s in POW2_SIZES if s <= seq_len}
+            if seq_len < POW2_SIZES[-1]:
+                sizes.add(seq_len)
+        elif candidates == "mult16":
+            limit = min(seq_len, MULT16_LIMIT)
+            sizes = set(range(16, limit + 1, 16))
+            if seq_len < MULT16_LIMIT:
+                sizes.add(seq_len)
+        else:
+            raise IosimError(f"unknown candidates {candidates!r}; allowed: 'pow2', 'mult16' or "
+                             "an iterable of positive integers")
+        return sorted(sizes)
+    try:
+        values = list(candidates)
+    except TypeError:
+        raise IosimError(f"candidates must be 'pow2', 'mult16' or an iterable of positive "
+                         f"integers, got {candidates!r}") from None
+    sizes = set()
+    for v in values:
+        if isinstance(v, bool):
+            raise IosimError(f"candidate block sizes must be positive integers, got {v!r}")
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise IosimError(f"candidate block sizes must be positive integers, got {v!r}") \
+                from None
+        if v < 1:
+            raise IosimError(f"candidate block sizes must be positive integers, got {v}")
+        sizes.add(min(v, seq_len))
+    if not sizes:
+        raise IosimError("candidates is empty; give at least one block size")
+    return sorted(sizes)
+
+
+def _picklable(hw: Hardware) -> Hardware:
+    """A copy whose mapping fields are plain dicts (MappingProxyType does not pickle)."""
+    return dataclasses.replace(hw, tensor_flops_per_s=dict(hw.tensor_flops_per_s),
+                               sources=dict(hw.sources), ncu_metrics=dict(hw.ncu_metrics))
+
+
+def fitting_pairs(algorithm: str, shape: AttentionShape, sram_bytes: int,
+                  sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits ``sram_bytes``."""
+    pairs = []
+    for br in sizes:
+        for bc in sizes:
+            try:
+                schedule = build_schedule(algorithm, shape, br, bc, sram_bytes=sram_bytes)
+            except TilingError:
+                continue
+            need = max(k.smem_bytes(shape.head_dim, shape.seq_len) for k in schedule.kernels)
+            pairs.append((schedule.block_rows, schedule.block_cols, need))
+    return sorted(set(pairs))
+
+
+def _simulate_pair(job) -> BlockChoice:
+    from .simulate import simulate
+
+    algorithm, shape, hw, model, br, bc, need = job
+    total = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
+                     model=model).totals
+    return BlockChoice(
+        block_rows=br, block_cols=bc, predicted_time_s=total.predicted_time_s,
+        hbm_read_bytes=total.hbm_read_bytes, hbm_write_bytes=total.hbm_write_bytes,
+        l2_read_bytes=total.l2_read_bytes, l2_write_bytes=total.l2_write_bytes,
+        flops_tensor=total.flops_tensor, flops_scalar=total.flops_scalar, flops=total.flops,
+        arithmetic_intensity=total.arithmetic_intensity, bound=total.bound,
+        limiter=total.limiter, sram_bytes_per_cta=need)
+
+
+def rank_key(row: BlockChoice):
+    """Sort key: predicted time, then HBM bytes, then (Br, Bc)."""
+    return (row.predicted_time_s, row.hbm_bytes, row.block_rows, row.block_cols)
+
+
+def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
+            sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
+            candidates="pow2") -> list[BlockChoice]:
+    """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
+
+    ``hardware``: preset name, TOML path or :class:`Hardware`; ``sram_bytes`` overrides its SRAM
+    per thread block; ``model``: "l2" or "two-level"; ``workers``: processes (default
+    ``os.cpu_count()``; 1 runs in this process); ``progress``: a tqdm bar on stderr;
+    ``candidates``: see the module docstring. Raises :class:`IosimError` for bad input or when
+    no pair fits."""
+    algorithm_module(algorithm)
+    if not isinstance(shape, AttentionShape):
+        raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
+    if model not in MODELS:
+        raise IosimError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise IosimError(f"workers must be a positive integer, got {workers!r}")
+    hw = load_hardware(hardware)
+    if sram_bytes is not None:
+        hw = hw.with_sram(sram_bytes)
+    sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
+    pairs = fitting_pairs(algorithm, shape, hw.sram_bytes_per_block, sizes)
+    if not pairs:
+        raise IosimError(
+            f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
+            f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
+            "raise --sram-bytes or try smaller candidate sizes")
+    hw = _picklable(hw)
+    jobs = [(algorithm, shape, hw, model, br, bc, need) for br, bc, need in pairs]
+    bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
+    rows = []
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                rows.append(_simulate_pair(job))
+                bar.update(1)
+        else:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                futures = [pool.submit(_simulate_pair, job) for job in jobs]
+                for future in concurrent.futures.as_completed(futures):
+                    rows.append(future.result())
+                    bar.update(1)
+    finally:
+        bar.close()
+    return sorted(rows, key=rank_key)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pair", file=sys.stderr, disable=not enabled,
+                leave=False)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} us"
+
+
+def format_ranking(rows) -> str:
+    """A plain-text table of ranked rows (rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound, SRAM)."""
+    if not rows:
+        return "(no block sizes)"
+    header = ("rank", "Br", "Bc", "predicted", "HBM read", "HBM write", "L2 r+w", "GFLOP",
+              "FLOP/B", "bound (limiter)", "SRAM/CTA")
+    table = []
+    for rank, r in enumerate(rows, 1):
+        ai = r.arithmetic_intensity
+        table.append((str(rank), str(r.block_rows), str(r.block_cols),
+                      _fmt_time(r.predicted_time_s), _fmt_bytes(r.hbm_read_bytes),
+                      _fmt_bytes(r.hbm_write_bytes),
+                      _fmt_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
+                      "inf" if math.isinf(ai) else f"{ai:.1f}", f"{r.bound} ({r.limiter})",
+                      f"{r.sram_bytes_per_cta / 1024:.1f} KiB"))
+    widths = [max(len(row[i]) for row in table + [header]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
+    return "\n".join([fmt(header)] + [fmt(row) for row in table])
+
+
+def write_csv(rows, path) -> None:
+    """Write every ranked row (in rank order, with a ``rank`` column) to ``path`` atomically."""
+    records = []
+    for rank, r in enumerate(rows, 1):
+        if not isinstance(r, BlockChoice):
+            raise IosimError(f"write_csv expects rows from explore(), got {type(r).__name__}")
+        records.append({"rank": rank, **r.to_dict()})
+    _write_csv_rows(path, records, columns=("rank",) + CSV_COLUMNS)
