@@ -210,8 +210,17 @@ class _Unfused:
             self.S1 = self.S2 = None
 
 
+# flash2 register-blocking choice per (head_dim, BR, BC): (16-row m-tiles per warp, Q kept in registers).
+# Default (1, 1); entries below were chosen by ``python -m gpu.tune`` on the H100 (see NOTES.md).
+FLASH2_WARP_TILING: dict = {}
+
+
+def flash2_tiling(head_dim: int, block_rows: int, block_cols: int) -> tuple[int, int]:
+    return FLASH2_WARP_TILING.get((head_dim, block_rows, block_cols), (1, 1))
+
+
 class _Flash:
-    def __init__(self, algorithm, shape, causal, block_rows, block_cols):
+    def __init__(self, algorithm, shape, causal, block_rows, block_cols, wm=None, qreg=None):
         import cupy as cp
 
         self.algorithm = algorithm
@@ -223,10 +232,19 @@ class _Flash:
         self.scale = 1.0 / math.sqrt(self.d)
         self.kernel_names = kernel_names(algorithm, causal)
         defines = {"HEAD_DIM": self.d, "BR": self.br, "BC": self.bc}
+        self.wm, self.qreg = 1, 1
+        if algorithm == "flash2":
+            dwm, dq = flash2_tiling(self.d, self.br, self.bc)
+            self.wm = int(wm if wm is not None else dwm)
+            self.qreg = int(qreg if qreg is not None else dq)
+            if self.br % (16 * self.wm):
+                raise ValueError(f"BR={self.br} is not a multiple of 16*WM={16 * self.wm}")
+            if (self.wm, self.qreg) != (1, 1):
+                defines.update({"WM": self.wm, "QREG": self.qreg})
         self.kern = _raw_kernel(f"{algorithm}.cu", f"{algorithm}_fwd", defines)
         self.smem = flash_smem_bytes(algorithm, self.br, self.bc, self.d)
         self.kern.max_dynamic_shared_size_bytes = self.smem
-        self.threads = (self.br // 16) * 32
+        self.threads = (self.br // (16 * self.wm)) * 32
         B, H, N, d = self.B, self.H, self.N, self.d
         if algorithm == "flash2":
             self.L = cp.empty((B, H, N), dtype=cp.float32)
@@ -254,9 +272,9 @@ class _Flash:
         self.L = self.Os = self.Ls = self.Ms = None
 
 
-def make_pipeline(algorithm, shape, causal, block_rows=None, block_cols=None):
+def make_pipeline(algorithm, shape, causal, block_rows=None, block_cols=None, **kw):
     if algorithm in ("flash1", "flash2"):
-        return _Flash(algorithm, shape, causal, block_rows, block_cols)
+        return _Flash(algorithm, shape, causal, block_rows, block_cols, **kw)
     return _Unfused(algorithm, shape, causal)
 
 

@@ -29,6 +29,7 @@ for st in "$@"; do
     sass) $PY -m gpu.sass --out $OUT/sass.json --dump-dir /tmp/sassdump 2>&1 | grep -E "flash|softmax|scale|mask" | head -40 ;;
     sanitize-smoke) $PY -m gpu.sanitize --out $OUT/sanitizers.json --tools memcheck --algorithms flash2 flash1 standard --deadline-s 90 2>&1 ;;
     sanitize) $PY -m gpu.sanitize --out $OUT/sanitizers.json --deadline-s ${SAN_DEADLINE:-200} 2>&1 ;;
+    tune) $PY -m gpu.tune --out $OUT/tune.json --deadline-s ${TUNE_DEADLINE:-200} 2>&1 ;;
     cache-save) tar czf $OUT/cupy_cache.tgz -C "$CUPY_CACHE_DIR" . && ls -la $OUT/cupy_cache.tgz ;;
     cache-load) mkdir -p "$CUPY_CACHE_DIR" && [ -f build/cupy_cache.tgz ] && tar xzf build/cupy_cache.tgz -C "$CUPY_CACHE_DIR" && ls "$CUPY_CACHE_DIR" | wc -l ;;
     *) echo "unknown stage $st" ;;
