@@ -210,6 +210,9 @@ def run_group(group: list[dict], args, deadline: float, log) -> tuple[list, list
         pipe = None
         try:
             pipe = K.make_pipeline(alg, (B, H, N, d), causal, cfg["block_rows"], cfg["block_cols"])
+            if alg in SW.FLASH:
+                rec.update(warp_rows=16 * pipe.wm, q_in_registers=bool(pipe.qreg), threads=pipe.threads,
+                           smem_bytes=pipe.smem)
             # correctness on poisoned output, twice (a moving error is a race)
             errs = []
             for rep in range(2):
@@ -306,8 +309,12 @@ def _variants(sweep_name, algorithms):
     for g in SW.configs(sweep_name, algorithms):
         for c in g:
             if c["algorithm"] in SW.FLASH:
-                vs.add((f"{c['algorithm']}.cu", f"{c['algorithm']}_fwd",
-                        (("BC", c["block_cols"]), ("BR", c["block_rows"]), ("HEAD_DIM", c["head_dim"]))))
+                defs = {"BC": c["block_cols"], "BR": c["block_rows"], "HEAD_DIM": c["head_dim"]}
+                if c["algorithm"] == "flash2":
+                    wm, qreg = K.flash2_tiling(c["head_dim"], c["block_rows"], c["block_cols"])
+                    if (wm, qreg) != (1, 1):
+                        defs.update({"WM": wm, "QREG": qreg})
+                vs.add((f"{c['algorithm']}.cu", f"{c['algorithm']}_fwd", tuple(sorted(defs.items()))))
     return sorted(vs)
 
 

@@ -212,7 +212,15 @@ class _Unfused:
 
 # flash2 register-blocking choice per (head_dim, BR, BC): (16-row m-tiles per warp, Q kept in registers).
 # Default (1, 1); entries below were chosen by ``python -m gpu.tune`` on the H100 (see NOTES.md).
-FLASH2_WARP_TILING: dict = {}
+FLASH2_WARP_TILING: dict = {
+    # (head_dim, BR, BC): (WM, QREG)   measured at B=8 H=16 N=4096 (experiments/data/h100/tune_flash2.json)
+    (64, 64, 64): (2, 1),     # 294 vs 264 TFLOP/s with WM=1
+    (64, 128, 64): (2, 0),    # 310 vs 249
+    (64, 128, 128): (2, 0),   # 277 vs 261
+    (64, 128, 32): (2, 1),    # 274 vs 199
+    (128, 128, 64): (2, 0),   # 303 vs 292-297
+    (128, 128, 32): (2, 0),   # 310 vs 257
+}
 
 
 def flash2_tiling(head_dim: int, block_rows: int, block_cols: int) -> tuple[int, int]:
