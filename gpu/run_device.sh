@@ -20,12 +20,13 @@ for st in "$@"; do
     precompile) $PY -m gpu.bench --precompile --sweep full --jobs 14 2>&1 | tail -3 ;;
     smoke) $PY -m gpu.bench --sweep smoke --repeats 5 --warmup 2 --out $OUT/smoke.json --deadline-s ${SMOKE_DEADLINE:-200} 2>&1 | tee $OUT/smoke.log ;;
     calibrate) $PY -m gpu.calibrate --out $OUT/calibration.json 2>&1 | tee /tmp/calibrate.log ;;
-    bench) $PY -m gpu.bench --sweep ${SWEEP:-full} --out ${BENCH_OUT:-$OUT/bench.json} --deadline-s ${BENCH_DEADLINE:-300} 2>&1 | tee $OUT/bench.log ;;
+    bench) $PY -m gpu.bench --sweep ${SWEEP:-full} --out ${BENCH_OUT:-$OUT/bench.json} --deadline-s ${BENCH_DEADLINE:-300} 2>&1 | tee /tmp/bench.log
+           [ "${BENCH_OUT:-$OUT/bench.json}" != "$OUT/bench.json" ] && cp ${BENCH_OUT} $OUT/bench.json ;;
     ncu-smoke) $PY -m gpu.bench --ncu --sweep ncu --max-n 1024 --algorithms standard hf flash2 --out $OUT/ncu_smoke.json --deadline-s 60 2>&1 | tail -25 ;;
     ncu) mkdir -p /tmp/ncu; $PY -m gpu.bench --ncu --sweep ncu --out /tmp/ncu/ncu.json --merge-into ${MERGE_INTO:-build/bench.json} --deadline-s ${NCU_DEADLINE:-200} 2>&1 | tail -30
          cp /tmp/ncu/ncu.json $OUT/ncu.json; [ -f ${MERGE_INTO:-build/bench.json} ] && cp ${MERGE_INTO:-build/bench.json} $OUT/bench_merged.json
          tar czf $OUT/ncu_raw.tgz -C /tmp/ncu . ;;
-    logs) cp /tmp/calibrate.log /tmp/sassdump/ 2>/dev/null; tar czf $OUT/logs.tgz -C /tmp sassdump 2>/dev/null; ls -la $OUT ;;
+    logs) mkdir -p /tmp/sassdump; cp /tmp/calibrate.log /tmp/bench.log /tmp/sassdump/ 2>/dev/null; tar czf $OUT/logs.tgz -C /tmp sassdump 2>/dev/null; ls -la $OUT ;;
     sass) $PY -m gpu.sass --out $OUT/sass.json --dump-dir /tmp/sassdump 2>&1 | grep -E "flash|softmax|scale|mask" | head -40 ;;
     sanitize-smoke) $PY -m gpu.sanitize --out $OUT/sanitizers.json --tools memcheck --algorithms flash2 flash1 standard --deadline-s 90 2>&1 ;;
     sanitize) $PY -m gpu.sanitize --out $OUT/sanitizers.json --deadline-s ${SAN_DEADLINE:-200} 2>&1 ;;
