@@ -1,0 +1,104 @@
+"""GPU tests of the CUDA kernels (need CuPy and a CUDA device; skipped elsewhere, e.g. in CI)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cp = pytest.importorskip("cupy", reason="CuPy is not installed (the GPU kernels need CuPy and a CUDA device)")
+try:
+    _NDEV = cp.cuda.runtime.getDeviceCount()
+except Exception:  # noqa: BLE001 - no driver / no device
+    _NDEV = 0
+if _NDEV == 0:
+    pytest.skip("no CUDA device visible to CuPy", allow_module_level=True)
+if cp.cuda.Device().compute_capability < "80":
+    pytest.skip("the kernels use mma.sync m16n8k16 / cp.async (sm_80+); built for sm_90", allow_module_level=True)
+
+from gpu import kernels as K  # noqa: E402
+from gpu import reference as R  # noqa: E402
+
+SHAPES = [(1, 2, 200, 64), (1, 2, 200, 128), (2, 2, 256, 64), (1, 3, 130, 128)]
+
+
+def _inputs(B, H, N, d, seed):
+    rs = cp.random.RandomState(seed)
+    return tuple(rs.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(3))
+
+
+def _check(alg, shape, causal, br=None, bc=None, seed=0):
+    B, H, N, d = shape
+    q, k, v = _inputs(B, H, N, d, seed)
+    ref = R.attention_reference(q, k, v, causal, xp=cp)
+    e16 = R.rel_error(R.attention_fp16_plain(q, k, v, causal, xp=cp), ref, xp=cp)
+    out = cp.full((B, H, N, d), float("nan"), dtype=cp.float16)
+    p = K.make_pipeline(alg, shape, causal, br, bc)
+    p.run(q, k, v, out)
+    cp.cuda.runtime.deviceSynchronize()
+    assert bool(cp.isfinite(out).all()), "some output elements were not written"
+    chk = R.check_error(R.rel_error(out, ref, xp=cp), e16)
+    assert chk["passed"], chk
+    return p, out, ref
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alg", ["standard", "megatron", "hf"])
+def test_unfused(alg, shape, causal):
+    _check(alg, shape, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pair", [(64, 64), (128, 64), (128, 32), (64, 128)])
+@pytest.mark.parametrize("alg", ["flash1", "flash2"])
+def test_flash(alg, pair, shape, causal):
+    _check(alg, shape, causal, *pair)
+
+
+@pytest.mark.parametrize("wm, qreg", [(1, 1), (2, 1), (2, 0)])
+def test_flash2_warp_tilings(wm, qreg):
+    B, H, N, d = 1, 2, 200, 64
+    q, k, v = _inputs(B, H, N, d, 5)
+    ref = R.attention_reference(q, k, v, True, xp=cp)
+    e16 = R.rel_error(R.attention_fp16_plain(q, k, v, True, xp=cp), ref, xp=cp)
+    out = cp.full((B, H, N, d), float("nan"), dtype=cp.float16)
+    p = K.make_pipeline("flash2", (B, H, N, d), True, 128, 64, wm=wm, qreg=qreg)
+    p.run(q, k, v, out)
+    assert R.check_error(R.rel_error(out, ref, xp=cp), e16)["passed"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash2_logsumexp(causal):
+    B, H, N, d = 1, 2, 200, 64
+    q, k, v = _inputs(B, H, N, d, 7)
+    p, _, _ = _check("flash2", (B, H, N, d), causal, 64, 64, seed=7)
+    s = cp.einsum("bhnd,bhmd->bhnm", q.astype(cp.float64), k.astype(cp.float64)) / math.sqrt(d)
+    if causal:
+        s = cp.where(cp.tril(cp.ones((N, N), dtype=bool)), s, -cp.inf)
+    mx = s.max(axis=-1, keepdims=True)
+    lse = (mx + cp.log(cp.exp(s - mx).sum(axis=-1, keepdims=True)))[..., 0]
+    assert float(cp.abs(p.L - lse).max()) < 1e-3
+
+
+def test_softmax_rows_sum_to_one():
+    B, H, N, d = 1, 1, 1000, 64   # N not a multiple of 8: scalar path
+    q, k, v = _inputs(B, H, N, d, 3)
+    p = K.make_pipeline("standard", (B, H, N, d), False)
+    out = cp.empty((B, H, N, d), dtype=cp.float16)
+    p.run(q, k, v, out)
+    sums = p.P.astype(cp.float64).sum(axis=-1)
+    assert float(cp.abs(sums - 1).max()) < 5e-3
+
+
+def test_results_are_deterministic():
+    B, H, N, d = 1, 2, 256, 128
+    q, k, v = _inputs(B, H, N, d, 11)
+    p = K.make_pipeline("flash2", (B, H, N, d), False, 128, 32)
+    a = cp.empty((B, H, N, d), dtype=cp.float16)
+    b = cp.empty_like(a)
+    p.run(q, k, v, a)
+    p.run(q, k, v, b)
+    assert bool((a == b).all())
