@@ -16,7 +16,11 @@ Counter layout of the ``counts`` array every function fills (int64): see ``COUNT
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 COUNTERS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
             "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
@@ -61,32 +65,83 @@ def _set_of(line, n_sets, inv_sets):
     return r
 
 
-# Each set keeps its ways in recency order (most recent first), so the least recently used
-# way is always the last. A way's state packs its line number (tag), dirty sectors and valid sectors into one int64:
+# A way's contents pack its line number (tag), dirty sectors and valid sectors into one int64:
 # tag << 16 | dirty << 8 | valid. An empty way holds -1, whose tag (-1) matches no line.
+# ``state`` is 2-D (set, way), so a set's ways are one contiguous row, which LLVM scans with
+# vector loads (with a flat array and a computed index, Numba's negative-index wraparound
+# turned the scan into AVX-512 gathers, several times slower).
 _TAG_SHIFT = 16
 _DIRTY_SHIFT = 8
 _SECTOR_MASK = 0xFF
 
+# Recency (true LRU). With at most 16 ways, ways never move: each set's recency order is one
+# int64, a list of way numbers in 4-bit fields, most recently used first (field p holds the way
+# at recency position p). A miss takes the way in the last field (the least recently used;
+# empty ways start last, so they fill before any line is evicted) and shifts the list up one
+# field; a hit finds its way's field with a SWAR zero-nibble search and moves it to the front
+# with two masks and a shift. With more ways, each set's ways are themselves kept in recency
+# order (the last is the least recently used) and moved to the front on every access.
+_MAX_PACKED_WAYS = 16
+_WAY_BITS = 4
+_NIBBLE_ONES = np.int64(0x1111111111111111)
+_NIBBLE_HIGHS = np.int64(0x8888888888888888 - (1 << 64))
+_NIBBLE = np.int64(0xF)
+
+# The replay runs in two passes over chunks of the access stream (which events run in which
+# order does not depend on the cache's contents): the first computes each line access's line,
+# sector mask and set; the second runs them through the cache, prefetching the set
+# ``_PREFETCH_AHEAD`` accesses ahead so that its row is in the host's cache when it is needed.
+_CHUNK_ACCESSES = 4096
+_PREFETCH_AHEAD = 16
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Hint the host CPU to fetch ``arr[index]`` into its caches (``llvm.prefetch``)."""
+    if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]],
+                                       wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        # read, highest temporal locality, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, index), codegen
+
 
 @njit(cache=True)
-def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
-              line_bytes, sector_bytes, counts, event_counts):
-    """Replay one kernel through a cold L2; add its traffic to ``counts``.
+def _initial_order(assoc):
+    """The recency list of a cold set: way p at position p (so the last way is taken first)."""
+    order = np.int64(0)
+    for p in range(min(assoc, _MAX_PACKED_WAYS)):
+        order |= np.int64(p) << (_WAY_BITS * p)
+    return order
 
-    ``event_counts[e]`` receives the HBM bytes read (column 0) and written back (column 1) by
-    event e; write-backs at the final flush are not attributed to an event."""
-    popcount = _POPCOUNT
-    n_lines = n_sets * assoc
-    state = np.full(n_lines, -1, dtype=np.int64)
-    line_shift = 0
-    while (1 << line_shift) < line_bytes:
-        line_shift += 1
-    sector_shift = 0
-    while (1 << sector_shift) < sector_bytes:
-        sector_shift += 1
+
+@njit(cache=True)
+def _log2(n):
+    shift = 0
+    while (1 << shift) < n:
+        shift += 1
+    return shift
+
+
+@njit(cache=True)
+def interleave(cta_start, slots):
+    """The order in which the events run: ``slots`` CTAs at a time, one event each in turn;
+    a slot whose CTA is done takes the next CTA in launch order (and runs its first event in
+    that same turn)."""
     n_ctas = cta_start.shape[0] - 1
     n_slots = min(slots, n_ctas)
+    order = np.empty(cta_start[n_ctas] - cta_start[0] if n_ctas > 0 else 0, dtype=np.int64)
     slot_cta = np.empty(n_slots, dtype=np.int64)
     slot_event = np.empty(n_slots, dtype=np.int64)
     for s in range(n_slots):
@@ -94,12 +149,7 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
         slot_event[s] = cta_start[s]
     next_cta = n_slots
     active = n_slots
-    inv_sets = 1.0 / n_sets
-    hbm_read = 0
-    hbm_write = 0
-    l2_read = 0
-    l2_write = 0
-    line_accesses = 0
+    n = 0
     while active > 0:
         for s in range(n_slots):
             c = slot_cta[s]
@@ -119,12 +169,62 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
                 active -= 1
                 continue
             slot_event[s] = e + 1
+            order[n] = e
+            n += 1
+    return order[:n]
+
+
+@njit(cache=True)
+def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
+              line_bytes, sector_bytes, counts, event_counts):
+    """Replay one kernel through a cold L2; add its traffic to ``counts``.
+
+    ``event_counts[e]`` receives the HBM bytes read (column 0) and written back (column 1) by
+    event e; write-backs at the final flush are not attributed to an event."""
+    popcount = _POPCOUNT
+    state = np.full((n_sets, assoc), -1, dtype=np.int64)
+    packed = assoc <= _MAX_PACKED_WAYS
+    order_of_set = np.full(n_sets if packed else 0, _initial_order(assoc), dtype=np.int64)
+    if assoc >= _MAX_PACKED_WAYS:
+        order_mask = np.int64(-1)
+    else:
+        order_mask = (np.int64(1) << (_WAY_BITS * assoc)) - 1
+    lru_shift = _WAY_BITS * (assoc - 1)
+    line_shift = _log2(line_bytes)
+    sector_shift = _log2(sector_bytes)
+    inv_sets = 1.0 / n_sets
+
+    # scratch for one chunk of line accesses: a chunk ends after the event that fills it
+    most = 0
+    for e in range(kind.shape[0]):
+        if kind[e] != COMPUTE:
+            most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
+    capacity = _CHUNK_ACCESSES + most
+    chunk_line = np.empty(capacity, dtype=np.int64)
+    chunk_mask = np.empty(capacity, dtype=np.int64)  # sector mask, | 1 << 16 for a write
+    chunk_set = np.empty(capacity, dtype=np.int64)
+    chunk_event = np.empty(capacity, dtype=np.int64)
+    write_flag = np.int64(1) << 16
+
+    event_order = interleave(cta_start, slots)
+    hbm_read = 0
+    hbm_write = 0
+    l2_read = 0
+    l2_write = 0
+    line_accesses = 0
+    next_event = 0
+    while next_event < event_order.shape[0]:
+        # pass 1: the line accesses of the next events, in order
+        n = 0
+        while next_event < event_order.shape[0] and n < _CHUNK_ACCESSES:
+            e = event_order[next_event]
+            next_event += 1
+            event_counts[e, 0] = 0
+            event_counts[e, 1] = 0
             k = kind[e]
             if k == COMPUTE:
                 continue
-            is_write = k == STORE
-            event_read = 0
-            event_write = 0
+            flag = write_flag if k == STORE else 0
             for r in range(rows[e]):
                 start = addr[e] + r * row_stride[e]
                 end = start + row_bytes[e]
@@ -136,44 +236,71 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
                     hi = min(end, line_start + line_bytes) - 1 - line_start
                     s0 = lo >> sector_shift
                     s1 = hi >> sector_shift
-                    mask = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
-                    line_accesses += 1
-                    # look the line up in its set, whose ways are kept most recent first
-                    base = _set_of(line, n_sets, inv_sets) * assoc
-                    hit = -1  # a sum over the ways (at most one matches) vectorises
-                    for w in range(assoc):
-                        hit += (w + 1) * ((state[base + w] >> _TAG_SHIFT) == line)
-                    if hit < 0:  # miss: the last way is the least recently used; evict it
-                        pos = assoc - 1
-                        old = state[base + pos]
-                        if old >= 0:
-                            old_dirty = (old >> _DIRTY_SHIFT) & _SECTOR_MASK
-                            if old_dirty != 0:
-                                event_write += popcount[old_dirty] * sector_bytes
-                        cur = line << _TAG_SHIFT
-                    else:
-                        pos = hit
-                        cur = state[base + pos]
-                    nbytes = popcount[mask] * sector_bytes
-                    if is_write:
-                        cur |= mask | (mask << _DIRTY_SHIFT)
-                        l2_write += nbytes
-                    else:
-                        missing = mask & ~cur & _SECTOR_MASK
-                        if missing != 0:
-                            event_read += popcount[missing] * sector_bytes
-                        cur |= mask
-                        l2_read += nbytes
-                    for w in range(pos, 0, -1):  # move to the front
-                        state[base + w] = state[base + w - 1]
-                    state[base] = cur
-            event_counts[e, 0] = event_read
-            event_counts[e, 1] = event_write
-            hbm_read += event_read
-            hbm_write += event_write
-    for w in range(n_lines):  # end of kernel: write back what is dirty
-        if state[w] >= 0:
-            hbm_write += popcount[(state[w] >> _DIRTY_SHIFT) & _SECTOR_MASK] * sector_bytes
+                    chunk_line[n] = line
+                    chunk_mask[n] = (((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)) | flag
+                    chunk_set[n] = _set_of(line, n_sets, inv_sets)
+                    chunk_event[n] = e
+                    n += 1
+        line_accesses += n
+        # pass 2: run them through the cache
+        for i in range(n):
+            if i + _PREFETCH_AHEAD < n:
+                _prefetch(state[chunk_set[i + _PREFETCH_AHEAD]], 0)
+            line = chunk_line[i]
+            mask = chunk_mask[i]
+            set_index = chunk_set[i]
+            ways = state[set_index]
+            hit = -1  # a sum over the ways (at most one matches) vectorises
+            for w in range(assoc):
+                hit += (w + 1) * ((ways[w] >> _TAG_SHIFT) == line)
+            if packed:
+                order = order_of_set[set_index]
+                if hit < 0:  # miss: the way in the last field is the LRU one
+                    pos = (order >> lru_shift) & _NIBBLE
+                    order = ((order << _WAY_BITS) | pos) & order_mask
+                else:  # hit: move the way's field to the front
+                    pos = hit
+                    x = order ^ (pos * _NIBBLE_ONES)
+                    field = trailing_zeros((x - _NIBBLE_ONES) & ~x & _NIBBLE_HIGHS) & ~3
+                    ahead = (np.int64(1) << field) - 1
+                    order = ((order & ~(ahead | (_NIBBLE << field)))
+                             | ((order & ahead) << _WAY_BITS) | pos)
+                order_of_set[set_index] = order
+            else:  # ways kept in recency order: the last is the LRU one
+                pos = assoc - 1 if hit < 0 else hit
+            if hit < 0:  # evict the way's line (if any); the way now holds this line
+                old = ways[pos]
+                if old >= 0:
+                    old_dirty = (old >> _DIRTY_SHIFT) & _SECTOR_MASK
+                    if old_dirty != 0:
+                        event_counts[chunk_event[i], 1] += popcount[old_dirty] * sector_bytes
+                cur = line << _TAG_SHIFT
+            else:
+                cur = ways[pos]
+            sector_mask = mask & _SECTOR_MASK
+            nbytes = popcount[sector_mask] * sector_bytes
+            if mask & write_flag:
+                cur |= sector_mask | (sector_mask << _DIRTY_SHIFT)
+                l2_write += nbytes
+            else:
+                missing = sector_mask & ~cur & _SECTOR_MASK
+                if missing != 0:
+                    event_counts[chunk_event[i], 0] += popcount[missing] * sector_bytes
+                cur |= sector_mask
+                l2_read += nbytes
+            if packed:
+                ways[pos] = cur
+            else:
+                for w in range(pos, 0, -1):  # move to the front
+                    ways[w] = ways[w - 1]
+                ways[0] = cur
+    for e in range(event_order.shape[0]):
+        hbm_read += event_counts[event_order[e], 0]
+        hbm_write += event_counts[event_order[e], 1]
+    for i in range(n_sets):  # end of kernel: write back what is dirty
+        for w in range(assoc):
+            if state[i, w] >= 0:
+                hbm_write += popcount[(state[i, w] >> _DIRTY_SHIFT) & _SECTOR_MASK] * sector_bytes
     counts[HBM_READ] += hbm_read
     counts[HBM_WRITE] += hbm_write
     counts[L2_READ] += l2_read
