@@ -262,7 +262,7 @@ def base_doc(args) -> dict:
                          "error_rule": "rel_error <= 2 * rel_error_fp16_reference + 1e-4, all elements finite",
                          "flops": "4*B*H*N^2*d, halved when causal, over the median time",
                          "nvrtc_options": None, "dropout": "none (left out everywhere)",
-                         "command": " ".join(sys.argv)},
+                         "command": "python -m gpu.bench " + " ".join(sys.argv[1:])},
             "runs": [], "baselines": []}
 
 
