@@ -117,6 +117,39 @@ def _prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+def _make_match(width):
+    """An intrinsic ``match(ways, index, line)``: an int64 whose bit w is set where
+    ``ways[index + w] >> _TAG_SHIFT == line``, for w < ``width``: the tag scan of a whole set as
+    one vector compare (LLVM vector IR; with AVX-512, two loads-and-shifts and two compares for
+    16 ways), where a loop over a runtime way count vectorised only 4 wide."""
+    @intrinsic
+    def match(typingctx, arr, index, line):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.int64
+                and isinstance(index, types.Integer) and isinstance(line, types.Integer)):
+            return None
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]],
+                                           wraparound=False)
+            i64 = ir.IntType(64)
+            vec = ir.VectorType(i64, width)
+            ways = builder.load(builder.bitcast(ptr, vec.as_pointer()), align=8)
+            tags = builder.ashr(ways, ir.Constant(vec, [_TAG_SHIFT] * width))
+            want = context.cast(builder, args[2], sig.args[2], types.int64)
+            i32 = ir.IntType(32)
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), want, ir.Constant(i32, 0))
+            splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+                                           ir.Constant(ir.VectorType(i32, width), [0] * width))
+            eq = builder.icmp_signed("==", tags, splat)
+            return builder.zext(builder.bitcast(eq, ir.IntType(width)), i64)
+        return types.int64(arr, index, line), codegen
+    return match
+
+_match4 = _make_match(4)
+_match8 = _make_match(8)
+_match16 = _make_match(16)
+
+
 @njit(cache=True)
 def _initial_order(assoc):
     """The recency list of a cold set: way p at position p (so the last way is taken first)."""
@@ -183,6 +216,7 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
     event e; write-backs at the final flush are not attributed to an event."""
     popcount = _POPCOUNT
     state = np.full((n_sets, assoc), -1, dtype=np.int64)
+    flat_state = state.reshape(n_sets * assoc)
     packed = assoc <= _MAX_PACKED_WAYS
     order_of_set = np.full(n_sets if packed else 0, _initial_order(assoc), dtype=np.int64)
     if assoc >= _MAX_PACKED_WAYS:
@@ -201,10 +235,11 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
             most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
     capacity = _CHUNK_ACCESSES + most
     chunk_line = np.empty(capacity, dtype=np.int64)
-    chunk_mask = np.empty(capacity, dtype=np.int64)  # sector mask, | 1 << 16 for a write
-    chunk_set = np.empty(capacity, dtype=np.int64)
+    chunk_bits = np.empty(capacity, dtype=np.int64)  # sector bits to set in the line's state
+    chunk_set = np.empty(capacity, dtype=np.uint64)  # unsigned: no negative-index wraparound
     chunk_event = np.empty(capacity, dtype=np.int64)
-    write_flag = np.int64(1) << 16
+    full_mask = (1 << (line_bytes >> sector_shift)) - 1
+    line_offset_mask = line_bytes - 1
 
     event_order = interleave(cta_start, slots)
     hbm_read = 0
@@ -224,35 +259,51 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
             k = kind[e]
             if k == COMPUTE:
                 continue
-            flag = write_flag if k == STORE else 0
+            is_write = k == STORE
+            # a read fetches the sectors it touches; a write marks them valid and dirty
+            full_bits = (full_mask | (full_mask << _DIRTY_SHIFT)) if is_write else full_mask
             for r in range(rows[e]):
                 start = addr[e] + r * row_stride[e]
                 end = start + row_bytes[e]
                 first_line = start >> line_shift
-                last_line = (end - 1) >> line_shift
-                for line in range(first_line, last_line + 1):
-                    line_start = line << line_shift
-                    lo = max(start, line_start) - line_start
-                    hi = min(end, line_start + line_bytes) - 1 - line_start
-                    s0 = lo >> sector_shift
-                    s1 = hi >> sector_shift
-                    chunk_line[n] = line
-                    chunk_mask[n] = (((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)) | flag
-                    chunk_set[n] = _set_of(line, n_sets, inv_sets)
-                    chunk_event[n] = e
-                    n += 1
+                count = ((end - 1) >> line_shift) - first_line + 1
+                for j in range(count):  # every line whole first (a loop that vectorises) ...
+                    chunk_line[n + j] = first_line + j
+                    chunk_bits[n + j] = full_bits
+                    chunk_set[n + j] = _set_of(first_line + j, n_sets, inv_sets)
+                    chunk_event[n + j] = e
+                # ... then the sectors the row leaves out of its first and last lines
+                keep = ~((1 << ((start & line_offset_mask) >> sector_shift)) - 1)
+                chunk_bits[n] &= keep & (keep << _DIRTY_SHIFT | _SECTOR_MASK)
+                n += count
+                keep = (2 << (((end - 1) & line_offset_mask) >> sector_shift)) - 1
+                chunk_bits[n - 1] &= keep | (keep << _DIRTY_SHIFT)
+                touched = ((end - 1) >> sector_shift) - (start >> sector_shift) + 1
+                if is_write:
+                    l2_write += touched * sector_bytes
+                else:
+                    l2_read += touched * sector_bytes
         line_accesses += n
         # pass 2: run them through the cache
         for i in range(n):
             if i + _PREFETCH_AHEAD < n:
                 _prefetch(state[chunk_set[i + _PREFETCH_AHEAD]], 0)
             line = chunk_line[i]
-            mask = chunk_mask[i]
+            bits = chunk_bits[i]
             set_index = chunk_set[i]
             ways = state[set_index]
-            hit = -1  # a sum over the ways (at most one matches) vectorises
-            for w in range(assoc):
-                hit += (w + 1) * ((ways[w] >> _TAG_SHIFT) == line)
+            if assoc == 16:  # bit w of ``matches``: way w holds the line (at most one does)
+                matches = _match16(flat_state, set_index * 16, line)
+            elif assoc == 8:
+                matches = _match8(flat_state, set_index * 8, line)
+            elif assoc == 4:
+                matches = _match4(flat_state, set_index * 4, line)
+            else:
+                matches = 0
+                for w in range(assoc):
+                    if (ways[w] >> _TAG_SHIFT) == line:
+                        matches = np.int64(1) << w
+            hit = trailing_zeros(matches) if matches != 0 else -1
             if packed:
                 order = order_of_set[set_index]
                 if hit < 0:  # miss: the way in the last field is the LRU one
@@ -277,17 +328,11 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
                 cur = line << _TAG_SHIFT
             else:
                 cur = ways[pos]
-            sector_mask = mask & _SECTOR_MASK
-            nbytes = popcount[sector_mask] * sector_bytes
-            if mask & write_flag:
-                cur |= sector_mask | (sector_mask << _DIRTY_SHIFT)
-                l2_write += nbytes
-            else:
-                missing = sector_mask & ~cur & _SECTOR_MASK
+            if bits >> _DIRTY_SHIFT == 0:  # a read: fetch the sectors not valid
+                missing = bits & ~cur & _SECTOR_MASK
                 if missing != 0:
                     event_counts[chunk_event[i], 0] += popcount[missing] * sector_bytes
-                cur |= sector_mask
-                l2_read += nbytes
+            cur |= bits
             if packed:
                 ways[pos] = cur
             else:
