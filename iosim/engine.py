@@ -207,6 +207,101 @@ def interleave(cta_start, slots):
     return order[:n]
 
 
+@njit(cache=True, inline="always")
+def _match(flat_state, set_index, assoc, line):
+    """Bit w set where way w of the set holds ``line`` (at most one does)."""
+    if assoc == 16:
+        return _match16(flat_state, set_index * 16, line)
+    if assoc == 8:
+        return _match8(flat_state, set_index * 8, line)
+    if assoc == 4:
+        return _match4(flat_state, set_index * 4, line)
+    matches = 0
+    for w in range(assoc):
+        if (flat_state[set_index * assoc + w] >> _TAG_SHIFT) == line:
+            matches = np.int64(1) << w
+    return matches
+
+
+@njit(cache=True)
+def _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state, order_of_set,
+                assoc, sector_bytes, event_counts):
+    """Pass 2 with at most 16 ways: ``n`` line accesses through the cache, recency kept in
+    ``order_of_set`` (see the note on recency above)."""
+    popcount = _POPCOUNT
+    if assoc >= _MAX_PACKED_WAYS:
+        order_mask = np.int64(-1)
+    else:
+        order_mask = (np.int64(1) << (_WAY_BITS * assoc)) - 1
+    lru_shift = _WAY_BITS * (assoc - 1)
+    for i in range(n):
+        if i + _PREFETCH_AHEAD < n:
+            _prefetch(flat_state, chunk_set[i + _PREFETCH_AHEAD] * assoc)
+        line = chunk_line[i]
+        set_index = chunk_set[i]
+        matches = _match(flat_state, set_index, assoc, line)
+        order = order_of_set[set_index]
+        if matches == 0:  # miss: the way in the last field is the LRU one; evict its line
+            pos = (order >> lru_shift) & _NIBBLE
+            order_of_set[set_index] = ((order << _WAY_BITS) | pos) & order_mask
+            way = set_index * assoc + pos
+            old = flat_state[way]
+            if old >= 0:
+                old_dirty = (old >> _DIRTY_SHIFT) & _SECTOR_MASK
+                if old_dirty != 0:
+                    event_counts[chunk_event[i], 1] += popcount[old_dirty] * sector_bytes
+            cur = line << _TAG_SHIFT
+        else:  # hit: move the way's field to the front
+            pos = trailing_zeros(matches)
+            x = order ^ (pos * _NIBBLE_ONES)
+            field = trailing_zeros((x - _NIBBLE_ONES) & ~x & _NIBBLE_HIGHS) & ~3
+            ahead = (np.int64(1) << field) - 1
+            order_of_set[set_index] = ((order & ~(ahead | (_NIBBLE << field)))
+                                       | ((order & ahead) << _WAY_BITS) | pos)
+            way = set_index * assoc + pos
+            cur = flat_state[way]
+        bits = chunk_bits[i]
+        if bits >> _DIRTY_SHIFT == 0:  # a read: fetch the sectors not valid
+            missing = bits & ~cur & _SECTOR_MASK
+            if missing != 0:
+                event_counts[chunk_event[i], 0] += popcount[missing] * sector_bytes
+        flat_state[way] = cur | bits
+
+
+@njit(cache=True)
+def _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state, sector_bytes,
+                       event_counts):
+    """Pass 2 with more than 16 ways: each set's ways kept in recency order, moved to front."""
+    popcount = _POPCOUNT
+    assoc = state.shape[1]
+    for i in range(n):
+        line = chunk_line[i]
+        ways = state[chunk_set[i]]
+        pos = assoc - 1  # the least recently used, unless the line is here
+        hit = False
+        for w in range(assoc):
+            if (ways[w] >> _TAG_SHIFT) == line:
+                pos = w
+                hit = True
+        if hit:
+            cur = ways[pos]
+        else:
+            old = ways[pos]
+            if old >= 0:
+                old_dirty = (old >> _DIRTY_SHIFT) & _SECTOR_MASK
+                if old_dirty != 0:
+                    event_counts[chunk_event[i], 1] += popcount[old_dirty] * sector_bytes
+            cur = line << _TAG_SHIFT
+        bits = chunk_bits[i]
+        if bits >> _DIRTY_SHIFT == 0:  # a read: fetch the sectors not valid
+            missing = bits & ~cur & _SECTOR_MASK
+            if missing != 0:
+                event_counts[chunk_event[i], 0] += popcount[missing] * sector_bytes
+        for w in range(pos, 0, -1):
+            ways[w] = ways[w - 1]
+        ways[0] = cur | bits
+
+
 @njit(cache=True)
 def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
               line_bytes, sector_bytes, counts, event_counts):
@@ -219,11 +314,6 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
     flat_state = state.reshape(n_sets * assoc)
     packed = assoc <= _MAX_PACKED_WAYS
     order_of_set = np.full(n_sets if packed else 0, _initial_order(assoc), dtype=np.int64)
-    if assoc >= _MAX_PACKED_WAYS:
-        order_mask = np.int64(-1)
-    else:
-        order_mask = (np.int64(1) << (_WAY_BITS * assoc)) - 1
-    lru_shift = _WAY_BITS * (assoc - 1)
     line_shift = _log2(line_bytes)
     sector_shift = _log2(sector_bytes)
     inv_sets = 1.0 / n_sets
@@ -285,60 +375,12 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
                     l2_read += touched * sector_bytes
         line_accesses += n
         # pass 2: run them through the cache
-        for i in range(n):
-            if i + _PREFETCH_AHEAD < n:
-                _prefetch(state[chunk_set[i + _PREFETCH_AHEAD]], 0)
-            line = chunk_line[i]
-            bits = chunk_bits[i]
-            set_index = chunk_set[i]
-            ways = state[set_index]
-            if assoc == 16:  # bit w of ``matches``: way w holds the line (at most one does)
-                matches = _match16(flat_state, set_index * 16, line)
-            elif assoc == 8:
-                matches = _match8(flat_state, set_index * 8, line)
-            elif assoc == 4:
-                matches = _match4(flat_state, set_index * 4, line)
-            else:
-                matches = 0
-                for w in range(assoc):
-                    if (ways[w] >> _TAG_SHIFT) == line:
-                        matches = np.int64(1) << w
-            hit = trailing_zeros(matches) if matches != 0 else -1
-            if packed:
-                order = order_of_set[set_index]
-                if hit < 0:  # miss: the way in the last field is the LRU one
-                    pos = (order >> lru_shift) & _NIBBLE
-                    order = ((order << _WAY_BITS) | pos) & order_mask
-                else:  # hit: move the way's field to the front
-                    pos = hit
-                    x = order ^ (pos * _NIBBLE_ONES)
-                    field = trailing_zeros((x - _NIBBLE_ONES) & ~x & _NIBBLE_HIGHS) & ~3
-                    ahead = (np.int64(1) << field) - 1
-                    order = ((order & ~(ahead | (_NIBBLE << field)))
-                             | ((order & ahead) << _WAY_BITS) | pos)
-                order_of_set[set_index] = order
-            else:  # ways kept in recency order: the last is the LRU one
-                pos = assoc - 1 if hit < 0 else hit
-            if hit < 0:  # evict the way's line (if any); the way now holds this line
-                old = ways[pos]
-                if old >= 0:
-                    old_dirty = (old >> _DIRTY_SHIFT) & _SECTOR_MASK
-                    if old_dirty != 0:
-                        event_counts[chunk_event[i], 1] += popcount[old_dirty] * sector_bytes
-                cur = line << _TAG_SHIFT
-            else:
-                cur = ways[pos]
-            if bits >> _DIRTY_SHIFT == 0:  # a read: fetch the sectors not valid
-                missing = bits & ~cur & _SECTOR_MASK
-                if missing != 0:
-                    event_counts[chunk_event[i], 0] += popcount[missing] * sector_bytes
-            cur |= bits
-            if packed:
-                ways[pos] = cur
-            else:
-                for w in range(pos, 0, -1):  # move to the front
-                    ways[w] = ways[w - 1]
-                ways[0] = cur
+        if packed:
+            _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state,
+                        order_of_set, assoc, sector_bytes, event_counts)
+        else:
+            _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state,
+                               sector_bytes, event_counts)
     for e in range(event_order.shape[0]):
         hbm_read += event_counts[event_order[e], 0]
         hbm_write += event_counts[event_order[e], 1]
