@@ -347,7 +347,7 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
             event_counts[e, 0] = 0
             event_counts[e, 1] = 0
             k = kind[e]
-            if k == COMPUTE:
+            if k == COMPUTE or row_bytes[e] <= 0:  # an empty tile touches no line
                 continue
             is_write = k == STORE
             # a read fetches the sectors it touches; a write marks them valid and dirty

@@ -100,8 +100,8 @@ def raw_traces(draw):
         for _ in range(draw(st.integers(0, 6))):
             kind.append(draw(st.sampled_from([LOAD, LOAD, STORE, COMPUTE])))
             addr.append(draw(st.integers(0, 4096)))
-            rows.append(draw(st.integers(1, 4)))
-            row_bytes.append(draw(st.integers(1, 300)))
+            rows.append(draw(st.integers(0, 4)))
+            row_bytes.append(draw(st.integers(0, 300)))
             row_stride.append(draw(st.integers(0, 700)))
         cta_start.append(len(kind))
     return cta_start, kind, addr, rows, row_bytes, row_stride
@@ -248,6 +248,14 @@ def test_round_robin_order_with_compute_turns_and_refills():
     assert events[:, 0].tolist() == [0, 128, 128, 128, 0, 0]
     _, events = run_both(columns, slots=2, n_sets=1, assoc=1)
     assert events[:, 0].tolist() == [0, 0, 128, 128, 0, 0]
+
+
+def test_empty_tiles_touch_nothing():
+    columns = one_event_per_cta([(LOAD, 40, 3, 0, 128), (STORE, 0, 0, 64, 0),
+                                 (LOAD, 0, 1, 32, 0)])
+    totals, events = run_both(columns, slots=2)
+    assert events.tolist() == [[0, 0], [0, 0], [32, 0]]
+    assert totals["l2_line_accesses"] == 1
 
 
 def test_empty_kernel():
