@@ -67,9 +67,9 @@ def _set_of(line, n_sets, inv_sets):
 
 # A way's contents pack its line number (tag), dirty sectors and valid sectors into one int64:
 # tag << 16 | dirty << 8 | valid. An empty way holds -1, whose tag (-1) matches no line.
-# ``state`` is 2-D (set, way), so a set's ways are one contiguous row, which LLVM scans with
-# vector loads (with a flat array and a computed index, Numba's negative-index wraparound
-# turned the scan into AVX-512 gathers, several times slower).
+# ``state`` is 2-D (set, way): a set's ways are one contiguous row. With at most 16 ways that row
+# is scanned by one vector compare (``_match``); a loop over a flat array with a computed index
+# had Numba's negative-index wraparound turn the scan into AVX-512 gathers, several times slower.
 _TAG_SHIFT = 16
 _DIRTY_SHIFT = 8
 _SECTOR_MASK = 0xFF
@@ -89,7 +89,8 @@ _NIBBLE = np.int64(0xF)
 
 # The replay runs in two passes over chunks of the access stream (which events run in which
 # order does not depend on the cache's contents): the first computes each line access's line,
-# sector mask and set; the second runs them through the cache, prefetching the set
+# sector bits and set (and the L2 byte totals); the second runs them through the cache,
+# prefetching the set
 # ``_PREFETCH_AHEAD`` accesses ahead so that its row is in the host's cache when it is needed.
 _CHUNK_ACCESSES = 4096
 _PREFETCH_AHEAD = 16
@@ -125,8 +126,10 @@ def _make_match(width):
     @intrinsic
     def match(typingctx, arr, index, line):
         if not (isinstance(arr, types.Array) and arr.dtype == types.int64
-                and isinstance(index, types.Integer) and isinstance(line, types.Integer)):
+                and arr.layout == "C" and isinstance(index, types.Integer)
+                and isinstance(line, types.Integer)):
             return None
+
         def codegen(context, builder, sig, args):
             ary = context.make_array(sig.args[0])(context, builder, args[0])
             ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]],
@@ -137,8 +140,9 @@ def _make_match(width):
             tags = builder.ashr(ways, ir.Constant(vec, [_TAG_SHIFT] * width))
             want = context.cast(builder, args[2], sig.args[2], types.int64)
             i32 = ir.IntType(32)
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), want, ir.Constant(i32, 0))
-            splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+            undef = ir.Constant(vec, ir.Undefined)
+            one = builder.insert_element(undef, want, ir.Constant(i32, 0))
+            splat = builder.shuffle_vector(one, undef,
                                            ir.Constant(ir.VectorType(i32, width), [0] * width))
             eq = builder.icmp_signed("==", tags, splat)
             return builder.zext(builder.bitcast(eq, ir.IntType(width)), i64)

@@ -8,8 +8,9 @@ unlikely to be the same bug in the other. It models the same thing:
   of its CTA. A slot whose CTA has no event left first takes the next CTA in launch order (the
   new CTA's first event runs in that same turn); when none is left the slot stays idle.
 * A tile is ``rows`` row segments of ``row_bytes`` bytes, ``row_stride`` apart from ``addr``.
-  Each row touches a run of sectors (none if ``row_bytes`` is 0); the sectors of one row that fall in one line are one L2
-  line access (rows are processed in order, lines in increasing address within a row).
+  Each row touches a run of sectors (none if ``row_bytes`` is 0); the sectors of one row that
+  fall in one line are one L2 line access (rows are processed in order, lines in increasing
+  address within a row).
 * The L2 is set-associative with true LRU replacement. The set of a line number is
   ``(line ^ (line >> 11) ^ (line >> 19)) % n_sets`` (this hash is part of the model). Every line
   keeps which of its sectors are valid and which are dirty.
