@@ -72,8 +72,8 @@ def plot(rows: list[dict], hardware: str, path: Path) -> None:
         hw.scalar_flops_per_s
     import matplotlib.pyplot as plt
 
-    fig, (ax, key_ax) = plt.subplots(1, 2, figsize=(14.0, 7.4),
-                                     gridspec_kw={"width_ratios": [2.3, 1]})
+    fig, (ax, key_ax) = plt.subplots(1, 2, figsize=(12.6, 7.4),
+                                     gridspec_kw={"width_ratios": [2.7, 1]})
     ax.grid(True, alpha=0.3)
     x_lo, x_hi = 0.05, 2e4
     xs = [x_lo * (x_hi / x_lo) ** (i / 200) for i in range(201)]

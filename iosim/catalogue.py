@@ -180,7 +180,7 @@ def matmul(n: int = 8192, dtype: str = "fp16", block_rows: int = GEMM_TILE_ROWS,
 
 def small_d_matmul(n: int = 8192, d: int = 64, dtype: str = "fp16",
                    block: int = GEMM_TILE) -> Operator:
-    """S = A Bᵀ with A, B of n x d (the QKᵀ of attention): one CTA per block x block tile of S."""
+    """S = A Bᵀ with A, B of n x d (the QKᵀ of attention): a CTA per block x block tile of S."""
     shape = _workload(n, d, dtype)
     e = shape.elem_bytes
     body = (Load("Ai", "A", "i", "d"), Load("Bj", "B", "j", "d"),

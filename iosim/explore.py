@@ -148,14 +148,14 @@ def rank_key(row: BlockChoice):
 
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
-            candidates="pow2") -> list[BlockChoice]:
+            candidates=None) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
 
     ``hardware``: preset name, TOML path or :class:`Hardware`; ``sram_bytes`` overrides its SRAM
     per thread block; ``model``: "l2" or "two-level"; ``workers``: processes (default
     ``os.cpu_count()``; 1 runs in this process); ``progress``: a tqdm bar on stderr;
-    ``candidates``: see the module docstring. Raises :class:`IosimError` for bad input or when
-    no pair fits."""
+    ``candidates``: see the module docstring (None means "pow2"). Raises
+    :class:`IosimError` for bad input or when no pair fits."""
     algorithm_module(algorithm)
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
@@ -214,7 +214,7 @@ def _fmt_time(t: float) -> str:
 
 
 def format_ranking(rows) -> str:
-    """A plain-text table of ranked rows (rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound, SRAM)."""
+    """A plain-text table of ranked rows: rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound."""
     if not rows:
         return "(no block sizes)"
     header = ("rank", "Br", "Bc", "predicted", "HBM read", "HBM write", "L2 r+w", "GFLOP",
