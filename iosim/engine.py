@@ -7,9 +7,11 @@ Two memory models:
 * ``l2`` — CTAs run concurrently (``slots`` at a time, a finishing CTA's slot taking the next CTA
   in launch order) and their tile accesses interleave, one tile per CTA in turn; a
   set-associative, LRU, write-back, write-allocate L2 with line/sector granularity sits between
-  SRAM and HBM. HBM reads are the sectors that miss; HBM writes are dirty sectors evicted or
-  flushed at the end of the kernel. The L2 starts each kernel cold and is flushed at its end,
-  as Nsight Compute's default cache control does when it measures a kernel.
+  SRAM and HBM. HBM reads are the sectors that miss; HBM writes are the dirty sectors evicted
+  while the kernel runs. Dirty sectors still in the L2 when the kernel ends reach HBM only
+  afterwards: they are counted apart, as ``l2_dirty_end_bytes``. The L2 starts each kernel
+  cold, as Nsight Compute's default cache control makes it when it measures a kernel (ncu's
+  ``dram__bytes_write`` for a kernel likewise misses what is still dirty at its end).
 
 Counter layout of the ``counts`` array every function fills (int64): see ``COUNTERS``.
 """
@@ -24,9 +26,9 @@ from numba.extending import intrinsic
 
 COUNTERS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
             "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
-            "l2_line_accesses")
+            "l2_line_accesses", "l2_dirty_end_bytes")
 HBM_READ, HBM_WRITE, L2_READ, L2_WRITE, SRAM_READ, SRAM_WRITE, FLOPS_TENSOR, FLOPS_SCALAR, \
-    LINE_ACCESSES = range(len(COUNTERS))
+    LINE_ACCESSES, L2_DIRTY_END = range(len(COUNTERS))
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 
@@ -312,7 +314,7 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
     """Replay one kernel through a cold L2; add its traffic to ``counts``.
 
     ``event_counts[e]`` receives the HBM bytes read (column 0) and written back (column 1) by
-    event e; write-backs at the final flush are not attributed to an event."""
+    event e; dirty data left at the end goes to ``counts[L2_DIRTY_END]``, not to an event."""
     popcount = _POPCOUNT
     state = np.full((n_sets, assoc), -1, dtype=np.int64)
     flat_state = state.reshape(n_sets * assoc)
@@ -388,12 +390,14 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
     for e in range(event_order.shape[0]):
         hbm_read += event_counts[event_order[e], 0]
         hbm_write += event_counts[event_order[e], 1]
-    for i in range(n_sets):  # end of kernel: write back what is dirty
+    dirty_end = 0
+    for i in range(n_sets):  # end of kernel: what is still dirty reaches HBM later
         for w in range(assoc):
             if state[i, w] >= 0:
-                hbm_write += popcount[(state[i, w] >> _DIRTY_SHIFT) & _SECTOR_MASK] * sector_bytes
+                dirty_end += popcount[(state[i, w] >> _DIRTY_SHIFT) & _SECTOR_MASK] * sector_bytes
     counts[HBM_READ] += hbm_read
     counts[HBM_WRITE] += hbm_write
     counts[L2_READ] += l2_read
     counts[L2_WRITE] += l2_write
     counts[LINE_ACCESSES] += line_accesses
+    counts[L2_DIRTY_END] += dirty_end

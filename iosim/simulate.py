@@ -34,6 +34,7 @@ class KernelResult:
     ctas: int = 0
     concurrent_ctas: int = 0
     l2_line_accesses: int = 0
+    l2_dirty_end_bytes: int = 0  # dirty in L2 when the kernel ends: reaches HBM afterwards
     tensors: dict = field(default_factory=dict)  # tensor -> {"read_bytes", "write_bytes"}
     predicted_time_s: float = 0.0
     arithmetic_intensity: float = 0.0
@@ -156,7 +157,7 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     rows = replay(build_trace(schedule), hw, model)
     kernels = [_finish(KernelResult(**row), hw, shape.dtype, model) for row in rows]
     totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
-    for name in COUNT_FIELDS + ("l2_line_accesses",):
+    for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
         setattr(totals, name, sum(getattr(k, name) for k in kernels))
     totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
     totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)

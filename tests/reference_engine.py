@@ -119,12 +119,13 @@ def reference_replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slot
     """Replay one kernel's events through a cold L2.
 
     Returns ``(totals, event_counts)``: totals is a dict with hbm_read_bytes, hbm_write_bytes,
-    l2_read_bytes, l2_write_bytes and l2_line_accesses; event_counts a list with one
+    l2_read_bytes, l2_write_bytes, l2_line_accesses and l2_dirty_end_bytes (dirty data still in
+    the L2 at the end, written back only after the kernel); event_counts a list with one
     [HBM bytes read, HBM bytes written back] pair per event."""
     cta_start = [int(x) for x in cta_start]
     l2 = PlainL2(n_sets, assoc, line_bytes, sector_bytes)
     totals = dict(hbm_read_bytes=0, hbm_write_bytes=0, l2_read_bytes=0, l2_write_bytes=0,
-                  l2_line_accesses=0)
+                  l2_line_accesses=0, l2_dirty_end_bytes=0)
     event_counts = [[0, 0] for _ in range(len(kind))]
     for e in interleaved_events(cta_start, slots):
         if kind[e] == COMPUTE:
@@ -146,5 +147,5 @@ def reference_replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slot
     for read, written_back in event_counts:
         totals["hbm_read_bytes"] += read
         totals["hbm_write_bytes"] += written_back
-    totals["hbm_write_bytes"] += l2.flush()
+    totals["l2_dirty_end_bytes"] = l2.flush()
     return totals, event_counts

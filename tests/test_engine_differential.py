@@ -28,7 +28,7 @@ BIG_SRAM_BYTES = 1 << 30  # any tiling fits: the block sizes are what the test d
 #: The engine tests are cheap (milliseconds an example): run several times the profile's count.
 MANY = settings(max_examples=5 * settings.default.max_examples)
 TOTALS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
-          "l2_line_accesses")
+          "l2_line_accesses", "l2_dirty_end_bytes")
 
 
 def numba_replay(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
@@ -200,10 +200,11 @@ def test_dirty_line_is_written_back_once_on_eviction():
     assert totals["hbm_read_bytes"] == 384
 
 
-def test_final_flush_writes_back_but_is_not_attributed():
+def test_dirty_data_left_at_the_end_is_counted_apart():
     totals, events = run_both(one_event_per_cta([(STORE, 64, 1, 96, 0)]))
     assert events.tolist() == [[0, 0]]
-    assert totals["hbm_write_bytes"] == 96  # sectors 2, 3 and the next line's sector 0
+    assert totals["hbm_write_bytes"] == 0  # nothing was evicted while the kernel ran
+    assert totals["l2_dirty_end_bytes"] == 96  # sectors 2, 3 and the next line's sector 0
     assert totals["l2_write_bytes"] == 96
 
 
@@ -222,7 +223,8 @@ def test_written_sectors_are_not_fetched_but_the_others_are():
     columns = one_event_per_cta([(STORE, 0, 1, 64, 0), (LOAD, 0, 1, 128, 0)])
     totals, events = run_both(columns)
     assert events.tolist() == [[0, 0], [64, 0]]
-    assert totals["hbm_write_bytes"] == 64  # at the flush
+    assert totals["hbm_write_bytes"] == 0
+    assert totals["l2_dirty_end_bytes"] == 64  # still dirty at the end
 
 
 def test_replacement_is_true_lru_not_fifo():
