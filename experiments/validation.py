@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -70,42 +71,60 @@ def _ape(predicted: float, measured: float) -> float:
     return abs(predicted - measured) / measured * 100.0
 
 
-def compare(doc: dict, hardware: str = HARDWARE) -> list[dict]:
-    """One row per measured kernel of every passing run: predictions beside measurements."""
+def predict(run: dict, hardware: str = HARDWARE) -> dict:
+    """iosim's per-kernel predictions for one measured run, under both memory models."""
+    shape = _shape(run)
+    sims = {model: iosim.simulate(run["algorithm"], shape, block_rows=run["block_rows"],
+                                  block_cols=run["block_cols"], hardware=hardware, model=model)
+            for model in ("l2", "two-level")}
+    l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
+    large = LARGE_DATA_FACTOR * l2.hardware.l2_bytes
+    kernels = {}
+    for k in l2.kernels:
+        data = _footprint_bytes(l2, k.name)
+        kernels[k.name] = {"predicted_time_s": k.predicted_time_s, "predicted_bound": k.bound,
+                           "predicted_limiter": k.limiter, "flops": k.flops,
+                           "data_bytes": data, "large_data": data >= large,
+                           "predicted_hbm_bytes_l2": k.hbm_bytes,
+                           "predicted_hbm_bytes_two_level": two[k.name].hbm_bytes}
+    return {"block_rows": l2.block_rows, "block_cols": l2.block_cols, "kernels": kernels}
+
+
+def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None) -> list[dict]:
+    """One row per measured kernel of every passing run: predictions beside measurements.
+
+    The runs are simulated in parallel over ``workers`` processes (default: every core)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    runs = [r for r in doc["runs"] if r.get("passed") and r.get("time_s")]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(runs) > 1:
+        # the largest first, so that no worker is left with a long one at the end
+        order = sorted(range(len(runs)), key=lambda i: -runs[i]["batch"] * runs[i]["seq_len"] ** 2)
+        with ProcessPoolExecutor(workers) as pool:
+            done = dict(zip(order, pool.map(partial(predict, hardware=hardware),
+                                            [runs[i] for i in order])))
+        predictions = [done[i] for i in range(len(runs))]
+    else:
+        predictions = [predict(r, hardware) for r in runs]
     rows = []
-    for run in doc["runs"]:
-        if not run.get("passed") or not run.get("time_s"):
-            continue
-        shape = _shape(run)
-        sims = {model: iosim.simulate(run["algorithm"], shape, block_rows=run["block_rows"],
-                                      block_cols=run["block_cols"], hardware=hardware,
-                                      model=model)
-                for model in ("l2", "two-level")}
-        l2 = {k.name: k for k in sims["l2"].kernels}
-        two = {k.name: k for k in sims["two-level"].kernels}
-        l2_bytes = sims["l2"].hardware.l2_bytes
+    for run, prediction in zip(runs, predictions):
         for measured in run["kernels"]:
             name = measured["name"]
-            if name not in l2:
+            if name not in prediction["kernels"]:
                 continue
             timing = measured.get("time_s") or {}
             row = {"algorithm": run["algorithm"], "batch": run["batch"], "heads": run["heads"],
                    "seq_len": run["seq_len"], "head_dim": run["head_dim"],
-                   "causal": run["causal"], "block_rows": sims["l2"].block_rows,
-                   "block_cols": sims["l2"].block_cols, "kernel": name,
+                   "causal": run["causal"], "block_rows": prediction["block_rows"],
+                   "block_cols": prediction["block_cols"], "kernel": name,
                    "measured_time_s": timing.get("median"),
                    "ncu_duration_s": measured.get("ncu_duration_s"),
-                   "predicted_time_s": l2[name].predicted_time_s,
-                   "predicted_bound": l2[name].bound, "predicted_limiter": l2[name].limiter,
-                   "flops": l2[name].flops,
-                   "data_bytes": _footprint_bytes(sims["l2"], name),
-                   "predicted_hbm_bytes_l2": l2[name].hbm_bytes,
-                   "predicted_hbm_bytes_two_level": two[name].hbm_bytes,
-                   "measured_dram_bytes": None}
+                   **prediction["kernels"][name], "measured_dram_bytes": None}
             if measured.get("dram_read_bytes") is not None:
                 row["measured_dram_bytes"] = (measured["dram_read_bytes"]
                                               + measured["dram_write_bytes"])
-            row["large_data"] = row["data_bytes"] >= LARGE_DATA_FACTOR * l2_bytes
             if row["measured_time_s"]:
                 row["time_ape"] = _ape(row["predicted_time_s"], row["measured_time_s"])
             if row["measured_dram_bytes"]:
