@@ -3,7 +3,7 @@
 Never fitted to attention data. Measures: device-to-device copy bandwidth (bytes read + written), L2 read
 bandwidth (a buffer of ~1/4 of L2 read over and over with ld.global.cg), shared-memory bandwidth (ld.shared.v4,
 conflict-free), fp16 tensor-core matmul rate (2-D cupy.matmul 8192^3 and the cuBLAS strided-batched path of the
-unfused pipelines), CUDA-core fp32 FMA rate, exp rate (ex2.approx and expf), and kernel launch overhead.
+unfused pipelines), mma.sync tensor-core rate (operands in registers), CUDA-core fp32 FMA rate, exp rate (ex2.approx and expf), and kernel launch overhead.
 """
 from __future__ import annotations
 
@@ -80,6 +80,27 @@ extern "C" __global__ void expf_rate(int iters, float* __restrict__ sink) {
         }
     }
     const float s = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7;
+    if (s == 1.2345f) sink[0] = s;
+}
+extern "C" __global__ void mma_rate(int iters, float* __restrict__ sink) {
+    // 8 independent m16n8k16 f16 x f16 -> f32 accumulations per warp; operands stay in registers
+    const u32 t = threadIdx.x;
+    const u32 a0 = 0x3c003c00u ^ (t & 0x3ffu), a1 = a0 ^ 0x00010001u, a2 = a0 ^ 0x00020002u, a3 = a0 ^ 0x00030003u;
+    const u32 b0 = 0x38003800u ^ (t & 0x1ffu), b1 = b0 ^ 0x00040004u;
+    float c[8][4];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) { c[u][0] = c[u][1] = c[u][2] = c[u][3] = 1e-3f * (u + 1); }
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                         : "+f"(c[u][0]), "+f"(c[u][1]), "+f"(c[u][2]), "+f"(c[u][3])
+                         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        }
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) s += c[u][0] + c[u][1] + c[u][2] + c[u][3];
     if (s == 1.2345f) sink[0] = s;
 }
 extern "C" __global__ void empty_kernel() { }
@@ -194,6 +215,17 @@ def calibrate(quick: bool = False) -> dict:
                        "expf() (-ftz=true as CuPy compiles; FMUL+MUFU.EX2 and range handling) plus one FADD, "
                        "8 independent chains")}
 
+    # 5b) the tensor-core rate of mma.sync (the instruction the flash kernels use), operands in registers
+    k = mod.get_function("mma_rate")
+    mma_grid, mma_threads, mma_iters = sm * 4, 256, 4096
+    t = _time(lambda: k((mma_grid,), (mma_threads,), (np.int32(mma_iters), fsink)))
+    n_mma = mma_grid * (mma_threads // 32) * mma_iters * 8
+    res["mma_sync_fp16_f32"] = {
+        "flops_per_s": n_mma * 2 * 16 * 8 * 16 / t["median"], "time_s": t, "grid": mma_grid,
+        "threads": mma_threads, "iters": mma_iters,
+        "method": "mma.sync.aligned.m16n8k16 f16 x f16 + f32, 8 independent accumulators per warp, "
+                  "operands in registers (no memory traffic)"}
+
     # 6) launch overhead
     k = mod.get_function("empty_kernel")
     nl = 2000
@@ -241,6 +273,7 @@ def main(argv=None) -> int:
     print(f"cuBLAS sb 8192    {r['matmul_fp16_cublas_strided_batched_8192']['flops_per_s']/1e12:.1f} TFLOP/s")
     a = r["matmul_fp16_cublas_attention_shapes"]
     print(f"cuBLAS qk / pv    {a['qk_flops_per_s']/1e12:.1f} / {a['pv_flops_per_s']/1e12:.1f} TFLOP/s")
+    print(f"mma.sync f16/f32  {r['mma_sync_fp16_f32']['flops_per_s']/1e12:.1f} TFLOP/s")
     print(f"fp32 FMA          {r['fp32_fma']['flops_per_s']/1e12:.1f} TFLOP/s")
     print(f"ex2 / expf        {r['exp2_approx']['exp_per_s']/1e12:.3f} / {r['expf']['exp_per_s']/1e12:.3f} T/s")
     lo = r["launch_overhead"]
