@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import MappingProxyType
 
 from .errors import SpecError
 
@@ -20,6 +19,22 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PRESET_DIR = "presets"
+
+
+class FrozenDict(dict):
+    """A read-only dict (it still pickles, so specs can travel to worker processes)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("hardware specs are read-only; edit the TOML file instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class Hardware:
     max_ctas_per_sm: int
     tensor_flops_per_s: dict = field(default_factory=dict)  # dtype -> FLOP/s (dense matmul)
     scalar_flops_per_s: float = 0.0  # CUDA-core fp32 FLOP/s
+    special_ops_per_s: float = 0.0  # exp/log evaluations per second (special-function units)
+    # dtype -> FLOP/s of warp-level mma.sync, where it differs from the library GEMM rate
+    mma_sync_flops_per_s: dict = field(default_factory=dict)
     launch_overhead_s: float = 0.0
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
@@ -54,8 +72,11 @@ class Hardware:
     def l2_sets(self) -> int:
         return self.l2_bytes // (self.l2_line_bytes * self.l2_associativity)
 
-    def tensor_rate(self, dtype: str) -> float:
-        """Dense tensor-core FLOP/s for matmuls with inputs of ``dtype``."""
+    def tensor_rate(self, dtype: str, path: str = "library") -> float:
+        """Dense tensor-core FLOP/s for matmuls with inputs of ``dtype``: a library GEMM's
+        (``path="library"``), or warp-level ``mma.sync``'s where the spec gives one."""
+        if path == "mma_sync" and dtype in self.mma_sync_flops_per_s:
+            return self.mma_sync_flops_per_s[dtype]
         try:
             return self.tensor_flops_per_s[dtype]
         except KeyError:
@@ -96,6 +117,7 @@ _SCHEMA = {
     "sm_count": ("compute", "sm_count", int),
     "max_ctas_per_sm": ("compute", "max_ctas_per_sm", int),
     "scalar_flops_per_s": ("compute", "scalar_flops_per_s", float),
+    "special_ops_per_s": ("compute", "special_ops_per_s", float),
     "launch_overhead_s": ("launch", "overhead_s", float),
 }
 _SECTIONS = ("hbm", "l2", "sram", "compute", "launch")
@@ -141,19 +163,31 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
     if not isinstance(rates, dict) or not rates:
         raise SpecError(f"{origin}: [compute] needs a table tensor_flops_per_s = "
                         "{fp16 = ..., bf16 = ..., fp32 = ...}")
-    from .shape import DTYPE_BYTES
-
-    tensor = {}
-    for dtype, rate in rates.items():
-        if dtype not in DTYPE_BYTES:
-            raise SpecError(f"{origin}: [compute] tensor_flops_per_s has unknown dtype "
-                            f"{dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
-        tensor[dtype] = _number(f"{origin}: [compute] tensor_flops_per_s.{dtype}", rate, float)
+    tensor = _rates(origin, "tensor_flops_per_s", rates)
+    mma = data["compute"].get("mma_sync_flops_per_s", {})
+    if not isinstance(mma, dict):
+        raise SpecError(f"{origin}: [compute] mma_sync_flops_per_s must be a table "
+                        "{fp16 = ..., ...} when given")
     hw = Hardware(name=data["name"], description=data["description"],
-                  tensor_flops_per_s=MappingProxyType(tensor), sources=MappingProxyType(sources),
-                  ncu_metrics=MappingProxyType(metrics), **values)
+                  tensor_flops_per_s=FrozenDict(tensor),
+                  mma_sync_flops_per_s=FrozenDict(_rates(origin, "mma_sync_flops_per_s", mma)),
+                  sources=FrozenDict(sources), ncu_metrics=FrozenDict(metrics),
+                  **values)
     _check_consistency(hw, origin)
     return hw
+
+
+def _rates(origin: str, key: str, rates: dict) -> dict:
+    """A table dtype -> FLOP/s, each dtype known and each rate a positive number."""
+    from .shape import DTYPE_BYTES
+
+    checked = {}
+    for dtype, rate in rates.items():
+        if dtype not in DTYPE_BYTES:
+            raise SpecError(f"{origin}: [compute] {key} has unknown dtype {dtype!r}; allowed: "
+                            f"{', '.join(DTYPE_BYTES)}")
+        checked[dtype] = _number(f"{origin}: [compute] {key}.{dtype}", rate, float)
+    return checked
 
 
 def _check_consistency(hw: Hardware, origin: str) -> None:

@@ -52,7 +52,9 @@ class BufferSpec:
 
 # ---- ops -------------------------------------------------------------------------------------
 # Each op lists the buffers it reads and writes (for SRAM byte counts) and its FLOPs as a
-# function of the current tile extents (``dims``: token -> number of rows/cols).
+# function of the current tile extents (``dims``: token -> number of rows/cols): ``flops``
+# returns (tensor-core FLOPs, scalar FLOPs); ops that evaluate exp or log also say how many in
+# ``special_ops`` (a part of their scalar FLOPs that runs on the special-function units).
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,9 @@ class Softmax:
         # per element: max, subtract, exp, sum, divide
         return 0, 5 * _size(buffers[self.src], dims)
 
+    def special_ops(self, dims, buffers):
+        return _size(buffers[self.src], dims)  # one exp per element
+
 
 @dataclass(frozen=True)
 class OnlineSoftmax:
@@ -210,6 +215,9 @@ class OnlineSoftmax:
         # max, subtract, exp, sum per element; per row: max, subtract, exp, fma
         return 0, 4 * tile + 4 * rows
 
+    def special_ops(self, dims, buffers):
+        return _size(buffers[self.scores], dims) + dims[buffers[self.scores].rows]
+
 
 @dataclass(frozen=True)
 class BlockSoftmax:
@@ -230,6 +238,9 @@ class BlockSoftmax:
 
     def flops(self, dims, buffers):
         return 0, 4 * _size(buffers[self.scores], dims)
+
+    def special_ops(self, dims, buffers):
+        return _size(buffers[self.scores], dims)
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,9 @@ class Flash1Merge:
         rows = dims[buffers[self.out].rows]
         # per element: two scales, one add, one divide; per row: max, 2 exp, 2 fma
         return 0, 4 * out + 6 * rows
+
+    def special_ops(self, dims, buffers):
+        return 2 * dims[buffers[self.out].rows]
 
 
 @dataclass(frozen=True)
@@ -317,6 +331,9 @@ class LogSumExp:
     def flops(self, dims, buffers):
         return 0, 2 * dims[buffers[self.out].rows]
 
+    def special_ops(self, dims, buffers):
+        return dims[buffers[self.out].rows]  # one log per row
+
 
 @dataclass(frozen=True)
 class Loop:
@@ -348,6 +365,7 @@ class Kernel:
     blocks: dict  # var -> block size (rows)
     row_var: str | None = None
     col_var: str | None = None
+    tensor_path: str = "library"  # "library" (cuBLAS-class GEMM) or "mma_sync" (warp-level mma)
 
     def buffer_map(self) -> dict:
         return {b.name: b for b in self.buffers}

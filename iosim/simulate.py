@@ -15,7 +15,8 @@ from .trace import build_trace
 
 MODELS = ("two-level", "l2")
 COUNT_FIELDS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
-                "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar")
+                "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
+                "special_ops")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class KernelResult:
     sram_write_bytes: int = 0
     flops_tensor: int = 0
     flops_scalar: int = 0
+    special_ops: int = 0  # exp/log evaluations (part of flops_scalar)
+    tensor_path: str = "library"
     ctas: int = 0
     concurrent_ctas: int = 0
     l2_line_accesses: int = 0
@@ -124,6 +127,7 @@ def replay(trace, hardware: Hardware, model: str) -> list[dict]:
                              hardware.l2_sector_bytes, counts, event_counts)
         row = {name: int(counts[i]) for i, name in enumerate(engine.COUNTERS)}
         row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots,
+                   special_ops=int(kt.special_ops.sum()), tensor_path=kt.tensor_path,
                    tensors=tile_traffic_by_tensor(kt, trace.tensor_names))
         results.append(row)
     return results
@@ -136,6 +140,7 @@ def _finish(result: KernelResult, hardware: Hardware, dtype: str, model: str) ->
     result.bound, result.limiter = cost.bound, cost.limiter
     result.times_s = {"hbm": cost.hbm_time_s, "l2": cost.l2_time_s, "sram": cost.sram_time_s,
                       "tensor": cost.tensor_time_s, "scalar": cost.scalar_time_s,
+                      "special": cost.special_time_s,
                       "compute": cost.compute_time_s, "launch": cost.launch_time_s}
     return result
 

@@ -4,8 +4,8 @@ Each CTA's program is walked once per grid point of one batch·head (the same st
 executor runs); the events of the other batch·heads differ only by a constant address offset per
 tensor and are produced by NumPy broadcasting, not Python loops.
 
-Event kinds: LOAD (a tile HBM -> SRAM), STORE (SRAM -> HBM) and COMPUTE (FLOPs by unit and the
-SRAM bytes the op reads and writes). A tile is ``rows`` row segments of ``row_bytes`` contiguous
+Event kinds: LOAD (a tile HBM -> SRAM), STORE (SRAM -> HBM) and COMPUTE (FLOPs by unit, the
+exp/log evaluations among the scalar FLOPs, and the SRAM bytes the op reads and writes). A tile is ``rows`` row segments of ``row_bytes`` contiguous
 bytes, ``row_stride`` bytes apart, starting at byte address ``addr``.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ LOAD, STORE, COMPUTE = 0, 1, 2
 TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocator would place them
 
 _COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
-            "flops_scalar", "sram_read", "sram_write")
+            "flops_scalar", "special_ops", "sram_read", "sram_write")
 _DTYPES = {"kind": np.int8, "tensor": np.int16, "addr": np.int64, "rows": np.int64,
            "row_bytes": np.int64, "row_stride": np.int64, "flops_tensor": np.int64,
-           "flops_scalar": np.int64, "sram_read": np.int64, "sram_write": np.int64}
+           "flops_scalar": np.int64, "special_ops": np.int64, "sram_read": np.int64,
+           "sram_write": np.int64}
 
 
 @dataclass
@@ -40,9 +41,11 @@ class KernelTrace:
     row_stride: np.ndarray
     flops_tensor: np.ndarray
     flops_scalar: np.ndarray
+    special_ops: np.ndarray
     sram_read: np.ndarray
     sram_write: np.ndarray
     smem_bytes_per_cta: int
+    tensor_path: str = "library"
 
     @property
     def n_ctas(self) -> int:
@@ -113,12 +116,13 @@ def _head_template(kernel, schedule, base, tensor_ids):
                 tile_bytes = nrows * row_bytes
                 on_chip = tile_bytes if buf.space == "smem" else 0
                 values = (LOAD if isinstance(op, sch.Load) else STORE, tensor_ids[op.tensor],
-                          addr, nrows, row_bytes, stride, 0, 0,
+                          addr, nrows, row_bytes, stride, 0, 0, 0,
                           on_chip if isinstance(op, sch.Store) else 0,
                           on_chip if isinstance(op, sch.Load) else 0)
             else:
                 flops_tensor, flops_scalar = op.flops(dims, buffers)
-                values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar,
+                special = op.special_ops(dims, buffers) if hasattr(op, "special_ops") else 0
+                values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
                           smem(op.reads, dims), smem(op.writes, dims))
             for c, v in zip(_COLUMNS, values):
                 cols[c].append(v)
@@ -147,6 +151,7 @@ def build_trace(schedule) -> Trace:
         cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
         assert len(cta_start) == ctas_per_head * heads + 1
         kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
+                                   tensor_path=kernel.tensor_path,
                                    smem_bytes_per_cta=kernel.smem_bytes(shape.head_dim,
                                                                         shape.seq_len),
                                    **columns))

@@ -86,14 +86,34 @@ def test_every_preset_loads_frozen_with_sources(name):
     assert hw.launch_overhead_s > 0 and hw.sm_count > 0
 
 
-def test_h100_measured_figures():
+def test_h100_measured_figures_come_from_the_committed_calibration():
+    """The preset's rates are the microbenchmarks' (to the 4 digits the TOML keeps)."""
+    import json
+    from pathlib import Path
+
+    from iosim.calibration import preset_from_calibration
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "data" / "h100" / "calibration.json"
+    results = json.loads(path.read_text())["results"]
     hw = load_hardware("h100-measured")
-    assert hw.hbm_bandwidth_bytes_per_s == 2.97e12
-    assert hw.tensor_flops_per_s["fp16"] == 791e12
-    assert hw.tensor_rate("fp16") == 791e12
-    assert hw.ridge_point("fp16") == pytest.approx(791e12 / 2.97e12, rel=1e-15)
-    assert hw.ridge_point("fp16") == pytest.approx(266.33, abs=0.01)
-    assert "measured" in hw.sources["hbm"]
+    close = lambda a, b: a == pytest.approx(b, rel=1e-3)
+    assert close(hw.hbm_bandwidth_bytes_per_s, results["d2d_copy"]["bytes_per_s"])
+    assert close(hw.l2_bandwidth_bytes_per_s, results["l2_read"]["bytes_per_s"])
+    assert close(hw.sram_bandwidth_bytes_per_s, results["smem_read"]["bytes_per_s"])
+    gemm = results["matmul_fp16_cublas_strided_batched_8192"]["flops_per_s"]
+    assert close(hw.tensor_rate("fp16"), gemm)
+    assert close(hw.tensor_rate("fp16", "mma_sync"), results["mma_sync_fp16_f32"]["flops_per_s"])
+    assert close(hw.special_ops_per_s, results["exp2_approx"]["exp_per_s"])
+    assert close(hw.scalar_flops_per_s, results["fp32_fma"]["flops_per_s"])
+    assert hw.ridge_point("fp16") == pytest.approx(gemm / results["d2d_copy"]["bytes_per_s"],
+                                                   rel=1e-3)
+    for section in ("hbm", "l2", "sram", "compute", "launch"):
+        assert "measured" in hw.sources[section]
+    # the shipped file is exactly what the generator makes of the committed data
+    preset = Path(iosim.__file__).parent / "presets" / "h100-measured.toml"
+    generated = preset_from_calibration(json.loads(path.read_text()),
+                                        origin="experiments/data/h100/calibration.json")
+    assert preset.read_text() == generated
 
 
 def test_ridge_point_orders_the_gpus():
@@ -162,7 +182,7 @@ def test_user_edits_take_effect(tmp_path):
     text = edit(text, "compute", "sm_count", "7")
     hw = load_hardware(write(tmp_path, text))
     assert hw.hbm_bandwidth_bytes_per_s == 1.0e12 and hw.sm_count == 7
-    assert hw.ridge_point("fp16") == pytest.approx(791.0)
+    assert hw.ridge_point("fp16") == pytest.approx(hw.tensor_rate("fp16") / 1.0e12)
 
 
 @given(st.integers(1, 10**6))

@@ -50,7 +50,8 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
                  BufferSpec("PV", "i", "d", F32, "reg"),
                  BufferSpec("m_blk", "i", "1", F32, "reg"),
                  BufferSpec("l_blk", "i", "1", F32, "reg")),
-        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+        tensor_path="mma_sync")
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape, float32=True),
         TensorSpec("l", "N", "1", F32, "intermediate", float32=True),

@@ -44,7 +44,8 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
                  BufferSpec("O", "i", "d", F32, "reg"), BufferSpec("m", "i", "1", F32, "reg"),
                  BufferSpec("l", "i", "1", F32, "reg"), BufferSpec("alpha", "i", "1", F32, "reg"),
                  BufferSpec("L", "i", "1", F32, "reg")),
-        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+        tensor_path="mma_sync")
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape),
         TensorSpec("L", "N", "1", F32, "output", float32=True))
