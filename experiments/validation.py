@@ -55,15 +55,12 @@ def _shape(run: dict) -> iosim.AttentionShape:
                                 "fp16", run["causal"])
 
 
-def _footprint_bytes(result, kernel_name: str) -> int:
+def _footprint_bytes(schedule, kernel) -> int:
     """Bytes of the distinct tensors a kernel touches (its data, as opposed to its traffic)."""
-    schedule = iosim.build_schedule(result.algorithm, result.shape, result.block_rows,
-                                    result.block_cols, result.hardware.sram_bytes_per_block)
-    shape = result.shape
+    shape = schedule.shape
     extents = {"N": shape.seq_len, "d": shape.head_dim, "1": 1}
     sizes = {t.name: extents[t.rows] * extents[t.cols] * t.elem_bytes * shape.batch_heads
              for t in schedule.tensors}
-    kernel = next(k for k in result.kernels if k.name == kernel_name)
     return sum(sizes[name] for name in kernel.tensors)
 
 
@@ -73,15 +70,19 @@ def _ape(predicted: float, measured: float) -> float:
 
 def predict(run: dict, hardware: str = HARDWARE) -> dict:
     """iosim's per-kernel predictions for one measured run, under both memory models."""
-    shape = _shape(run)
-    sims = {model: iosim.simulate(run["algorithm"], shape, block_rows=run["block_rows"],
-                                  block_cols=run["block_cols"], hardware=hardware, model=model)
-            for model in ("l2", "two-level")}
+    from iosim.simulate import simulate_trace
+    from iosim.trace import build_trace
+
+    hw = iosim.load_hardware(hardware)
+    schedule = iosim.build_schedule(run["algorithm"], _shape(run), run["block_rows"],
+                                    run["block_cols"], hw.sram_bytes_per_block)
+    trace = build_trace(schedule)  # one trace, replayed under both models
+    sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
     l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
     large = LARGE_DATA_FACTOR * l2.hardware.l2_bytes
     kernels = {}
     for k in l2.kernels:
-        data = _footprint_bytes(l2, k.name)
+        data = _footprint_bytes(schedule, k)
         kernels[k.name] = {"predicted_time_s": k.predicted_time_s, "predicted_bound": k.bound,
                            "predicted_limiter": k.limiter, "flops": k.flops,
                            "data_bytes": data, "large_data": data >= large,

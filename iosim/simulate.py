@@ -145,6 +145,31 @@ def _finish(result: KernelResult, hardware: Hardware, dtype: str, model: str) ->
     return result
 
 
+def simulate_trace(trace, hardware: Hardware, model: str = "l2") -> SimulationResult:
+    """Replay an already built trace (see :func:`iosim.trace.build_trace`) under ``model``.
+
+    Lets a caller replay one trace under both models, or simulate a schedule that is not one of
+    the attention algorithms (the op catalogue)."""
+    _check_model(model)
+    schedule = trace.schedule
+    shape = schedule.shape
+    rows = replay(trace, hardware, model)
+    kernels = [_finish(KernelResult(**row), hardware, shape.dtype, model) for row in rows]
+    totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
+    for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
+        setattr(totals, name, sum(getattr(k, name) for k in kernels))
+    totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
+    totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)
+    time_by_limiter = {}
+    for k in kernels:
+        time_by_limiter[k.limiter] = time_by_limiter.get(k.limiter, 0.0) + k.predicted_time_s
+    totals.limiter = max(time_by_limiter, key=time_by_limiter.get)
+    totals.bound = "memory" if totals.limiter in MEMORY_LIMITERS else "compute"
+    return SimulationResult(algorithm=schedule.algorithm, model=model, hardware=hardware,
+                            shape=shape, block_rows=schedule.block_rows,
+                            block_cols=schedule.block_cols, kernels=kernels, totals=totals)
+
+
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
              hardware="h100-measured", sram_bytes=None, model: str = "l2") -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
@@ -159,18 +184,4 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
         hw = hw.with_sram(sram_bytes)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
                               sram_bytes=hw.sram_bytes_per_block)
-    rows = replay(build_trace(schedule), hw, model)
-    kernels = [_finish(KernelResult(**row), hw, shape.dtype, model) for row in rows]
-    totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
-    for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
-        setattr(totals, name, sum(getattr(k, name) for k in kernels))
-    totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
-    totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)
-    time_by_limiter = {}
-    for k in kernels:
-        time_by_limiter[k.limiter] = time_by_limiter.get(k.limiter, 0.0) + k.predicted_time_s
-    totals.limiter = max(time_by_limiter, key=time_by_limiter.get)
-    totals.bound = "memory" if totals.limiter in MEMORY_LIMITERS else "compute"
-    return SimulationResult(algorithm=algorithm, model=model, hardware=hw, shape=shape,
-                            block_rows=schedule.block_rows, block_cols=schedule.block_cols,
-                            kernels=kernels, totals=totals)
+    return simulate_trace(build_trace(schedule), hw, model)
