@@ -153,7 +153,10 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
 kernel is one point. Operators of the catalogue (`iosim.catalogue`, counted by the same
 engine): large matmul, small-d matmul (the QKᵀ shape), ReLU, dropout, row sum, softmax,
 LayerNorm, BatchNorm (workloads: {'; '.join(ops)}). Arithmetic intensity is FLOPs (tensor +
-CUDA core) over HBM bytes as the engine counts them; kernels that do no arithmetic (flash1's
+CUDA core) over HBM bytes as the engine counts them — under the l2 model, output still dirty in
+L2 when a kernel ends is not that kernel's HBM writes (as Nsight Compute measures a kernel), so
+an op whose output is not much larger than the L2 sits right of its two-level place (ReLU at
+about 0.28 FLOP/B rather than 0.25; the small-d matmul near 90-100 rather than 32); kernels that do no arithmetic (flash1's
 init) have no place on a log axis and are only in the table. A point below the HBM roof is held
 back by another resource (the L2 or SRAM bandwidth, CUDA-core work in a tensor-core kernel, or
 idle SMs), as its `limiter` says.
