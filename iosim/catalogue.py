@@ -51,10 +51,12 @@ from .trace import build_trace
 F32 = 4
 #: Bytes of one row-wise CTA's input tile: elementwise kernels stream ~32 KiB per CTA.
 ROW_TILE_BYTES = 32 * 1024
-#: Large-GEMM tiles: a 256 x 128 output tile with K streamed in blocks of 64, like CUTLASS's
-#: Hopper fp16 GEMMs (a 2-CTA cluster of 128 x 256 tiles moves the same L2 bytes). With
-#: 128 x 128 tiles the L2 model finds an 8192^3 GEMM L2-bandwidth-bound on h100-measured.
-GEMM_TILE_ROWS, GEMM_TILE_COLS, GEMM_K_BLOCK = 256, 128, 64
+#: Large-GEMM tiles: 256 x 256 output tiles with K streamed in blocks of 64. Hopper GEMMs
+#: (cuBLAS, CUTLASS) run 2-CTA clusters of 128 x 256 or 256 x 128 tiles whose A/B strips are
+#: multicast by TMA: the cluster fetches them from L2 once, as one 256 x 256 tile would; the
+#: schedule has no clusters, so it models the cluster as one CTA. With single-CTA 128 x 128 or
+#: 256 x 128 tiles the l2 model finds an 8192^3 GEMM L2-bandwidth-bound on h100-measured.
+GEMM_TILE_ROWS, GEMM_TILE_COLS, GEMM_K_BLOCK = 256, 256, 64
 #: Output tile of the small-d (attention-score) GEMM, as the attention schedules use.
 GEMM_TILE = 128
 

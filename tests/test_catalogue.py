@@ -84,7 +84,7 @@ def test_large_matmul_flops_and_compute_bound_on_h100():
 
 
 def test_matmul_two_level_bytes_are_the_tile_formula():
-    n, br, bc, bk = 1024, 256, 128, 64
+    n, br, bc, bk = 1024, 256, 128, 64  # explicit tiles, not the default
     r = cat.count(cat.matmul(n, block_rows=br, block_cols=bc, k_block=bk), "a100-40gb",
                   "two-level")
     # each of (n/br)(n/bc) CTAs streams a br x n strip of A and an n x bc strip of B
