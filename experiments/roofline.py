@@ -84,8 +84,8 @@ def plot(rows: list[dict], hardware: str, path: Path) -> None:
             linestyle="--", label=f"CUDA-core roof ({scalar / 1e12:.1f} TFLOP/s fp32)")
     ridge, scalar_ridge = tensor / bw, scalar / bw
     ax.axvline(ridge, color="black", linestyle=":", linewidth=1)
-    ax.annotate(f"ridge point\n{ridge:.0f} FLOP/B", (ridge, tensor), textcoords="offset points",
-                xytext=(6, -28), fontsize=8)
+    ax.annotate(f"ridge point {ridge:.0f} FLOP/B", (ridge, tensor), textcoords="offset points",
+                xytext=(0, 12), fontsize=8, ha="center")
     ax.axvline(scalar_ridge, color="gray", linestyle=":", linewidth=1)
     ax.annotate(f"CUDA-core ridge\n{scalar_ridge:.1f} FLOP/B", (scalar_ridge, scalar),
                 textcoords="offset points", xytext=(6, -28), fontsize=8, color="dimgray")
@@ -158,8 +158,9 @@ L2 when a kernel ends is not that kernel's HBM writes (as Nsight Compute measure
 an op whose output is not much larger than the L2 sits right of its two-level place (ReLU at
 about 0.28 FLOP/B rather than 0.25; the small-d matmul near 90-100 rather than 32); kernels that do no arithmetic (flash1's
 init) have no place on a log axis and are only in the table. A point below the HBM roof is held
-back by another resource (the L2 or SRAM bandwidth, CUDA-core work in a tensor-core kernel, or
-idle SMs), as its `limiter` says.
+back by another resource (the L2 or SRAM bandwidth, CUDA-core or special-function work in a
+tensor-core kernel, idle SMs, or — for the flash kernels — the lower warp-level `mma.sync`
+tensor rate the cost model gives them), as its `limiter` says.
 
 {markdown_table(table)}
 """
