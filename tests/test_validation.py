@@ -102,3 +102,22 @@ def test_a_malformed_bench_file_is_refused(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"schema": "other"}))
     with pytest.raises(iosim.IosimError, match="does not follow the bench schema"):
         validation.load_bench(tmp_path)
+
+
+def test_occupancy_groups_flash_errors_by_resident_warps():
+    def row(algorithm, smem, threads, ape, batch=8, n=4096, br=128):
+        return {"algorithm": algorithm, "kernel_smem_bytes": smem, "threads": threads,
+                "time_ape": ape, "batch": batch, "heads": 16, "seq_len": n, "block_rows": br}
+    rows = [row("flash2", 147456, 128, 60.0), row("flash2", 147456, 128, 70.0),
+            row("flash2", 40960, 64, 10.0), row("standard", 1, 1, 5.0),
+            row("flash1", 40960, 128, 50.0)]
+    table = validation.occupancy(rows, sram_bytes_per_sm=233472, sm_count=132)
+    by_key = {(t["algorithm"], t["resident_warps_per_sm"]): t for t in table}
+    # 147 KiB of shared memory: one CTA of 4 warps per SM
+    assert by_key[("flash2", 4)]["kernels"] == 2
+    assert by_key[("flash2", 4)]["time_ape_median_pct"] == 65.0
+    # 40 KiB: five CTAs of 2 warps fit
+    assert by_key[("flash2", 10)]["time_ape_worst_pct"] == 10.0
+    # flash1's grid is batch x heads = 128 CTAs on 132 SMs: one CTA per SM whatever fits
+    assert ("flash1", 4) in by_key
+    assert all(t["algorithm"] != "standard" for t in table)
