@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import iosim
-from iosim.results import atomic_path, write_csv
+from iosim.results import atomic_path, write_csv, write_text
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "h100"
 HARDWARE = "h100-measured"
@@ -348,7 +348,9 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "![time](validation_time.png) ![bytes](validation_bytes.png) "
         "![roofline](validation_roofline.png)",
     ]
-    return "\n".join(section) + "\n"
+    text = "\n".join(section) + "\n"
+    write_text(results_dir / "validation.md", text)
+    return text
 
 
 if __name__ == "__main__":
