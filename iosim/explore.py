@@ -105,12 +105,6 @@ def candidate_sizes(seq_len: int, candidates="pow2") -> list[int]:
     return sorted(sizes)
 
 
-def _picklable(hw: Hardware) -> Hardware:
-    """A copy whose mapping fields are plain dicts (MappingProxyType does not pickle)."""
-    return dataclasses.replace(hw, tensor_flops_per_s=dict(hw.tensor_flops_per_s),
-                               sources=dict(hw.sources), ncu_metrics=dict(hw.ncu_metrics))
-
-
 def fitting_pairs(algorithm: str, shape: AttentionShape, sram_bytes: int,
                   sizes: list[int]) -> list[tuple[int, int, int]]:
     """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits ``sram_bytes``."""
@@ -175,7 +169,6 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    hw = _picklable(hw)
     jobs = [(algorithm, shape, hw, model, br, bc, need) for br, bc, need in pairs]
     bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
     rows = []
