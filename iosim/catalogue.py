@@ -39,13 +39,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cost import MEMORY_LIMITERS, arithmetic_intensity, kernel_cost
 from .errors import IosimError
 from .hardware import load_hardware
 from .schedule import (BufferSpec, Fill, Kernel, Load, Loop, MatMul, Schedule, Softmax, Store,
                        TensorSpec)
 from .shape import AttentionShape, check_positive_int
-from .simulate import MODELS, KernelResult, replay
+from .simulate import MODELS, simulate_trace
 from .trace import build_trace
 
 F32 = 4
@@ -377,13 +376,9 @@ class OperatorResult:
                 "limiter": self.limiter, "predicted_time_s": self.predicted_time_s}
 
 
-_COUNT_FIELDS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
-                 "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
-                 "l2_line_accesses", "l2_dirty_end_bytes")
-
-
 def count(operator: Operator, hardware="h100-measured", model: str = "l2") -> OperatorResult:
-    """Run ``operator``'s schedule through the trace builder, replay engine and cost model."""
+    """Run ``operator``'s schedule through the trace builder, replay engine and cost model
+    (the same path as :func:`iosim.simulate`, by way of :func:`iosim.simulate.simulate_trace`)."""
     if not isinstance(operator, Operator):
         raise IosimError(f"expected a catalogue Operator, got {type(operator).__name__}")
     if model not in MODELS:
@@ -391,31 +386,17 @@ def count(operator: Operator, hardware="h100-measured", model: str = "l2") -> Op
     hw = load_hardware(hardware)
     schedule = operator.schedule
     schedule.check_fits(hw.sram_bytes_per_block)
-    dtype = schedule.shape.dtype
-    kernels, time_by_limiter = [], {}
-    for row in replay(build_trace(schedule), hw, model):
-        k = KernelResult(name=row["name"], ctas=row["ctas"],
-                         concurrent_ctas=row["concurrent_ctas"],
-                         **{f: row.get(f, 0) for f in _COUNT_FIELDS})
-        cost = kernel_cost(k, hw, dtype, model)
-        k.predicted_time_s = cost.predicted_time_s
-        k.arithmetic_intensity = arithmetic_intensity(k.flops, k.hbm_bytes)
-        k.bound, k.limiter = cost.bound, cost.limiter
-        kernels.append(k)
-        time_by_limiter[k.limiter] = time_by_limiter.get(k.limiter, 0.0) + k.predicted_time_s
-    total = {f: sum(getattr(k, f) for k in kernels) for f in _COUNT_FIELDS}
-    limiter = max(time_by_limiter, key=time_by_limiter.get)
-    flops = total["flops_tensor"] + total["flops_scalar"]
+    result = simulate_trace(build_trace(schedule), hw, model)
+    total = result.totals
     return OperatorResult(
         name=operator.name, kind=operator.kind, description=operator.description,
         workload=operator.workload, hardware=hw.name, model=model,
-        hbm_read_bytes=total["hbm_read_bytes"], hbm_write_bytes=total["hbm_write_bytes"],
-        l2_read_bytes=total["l2_read_bytes"], l2_write_bytes=total["l2_write_bytes"],
-        l2_dirty_end_bytes=total["l2_dirty_end_bytes"], flops_tensor=total["flops_tensor"], flops_scalar=total["flops_scalar"],
-        arithmetic_intensity=arithmetic_intensity(
-            flops, total["hbm_read_bytes"] + total["hbm_write_bytes"]),
-        bound="memory" if limiter in MEMORY_LIMITERS else "compute", limiter=limiter,
-        predicted_time_s=sum(k.predicted_time_s for k in kernels), kernels=kernels)
+        hbm_read_bytes=total.hbm_read_bytes, hbm_write_bytes=total.hbm_write_bytes,
+        l2_read_bytes=total.l2_read_bytes, l2_write_bytes=total.l2_write_bytes,
+        l2_dirty_end_bytes=total.l2_dirty_end_bytes, flops_tensor=total.flops_tensor,
+        flops_scalar=total.flops_scalar, arithmetic_intensity=total.arithmetic_intensity,
+        bound=total.bound, limiter=total.limiter, predicted_time_s=total.predicted_time_s,
+        kernels=result.kernels)
 
 
 def run_catalogue(hardware="h100-measured", model: str = "l2",

@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .errors import IosimError, TilingError
-from .hardware import Hardware, load_hardware
+from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .shape import AttentionShape

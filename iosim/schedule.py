@@ -14,7 +14,7 @@ stores and FLOP counts into event arrays for the replay engine. See :func:`walk`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Union
 
 from .errors import TilingError
