@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from .errors import IosimError
+from .formatting import format_bytes, format_intensity, format_time, text_table
 from .schedules import ALGORITHMS
 from .shape import DTYPE_BYTES, AttentionShape
 from .simulate import MODELS, simulate
@@ -59,47 +59,29 @@ def _shape(args) -> AttentionShape:
                           args.causal)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _fmt_time(t: float) -> str:
-    return f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} us"
-
-
-def _fmt_ai(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.1f}"
-
-
 def format_table(result) -> str:
     """The per-kernel table ``iosim simulate`` prints."""
     header = ("kernel", "HBM read", "HBM write", "L2 read", "L2 write", "SRAM r+w",
               "TC GFLOP", "scalar GFLOP", "FLOP/B", "bound", "predicted")
     rows = []
     for k in result.kernels + [result.totals]:
-        rows.append((k.name, _fmt_bytes(k.hbm_read_bytes), _fmt_bytes(k.hbm_write_bytes),
-                     _fmt_bytes(k.l2_read_bytes), _fmt_bytes(k.l2_write_bytes),
-                     _fmt_bytes(k.sram_read_bytes + k.sram_write_bytes),
+        rows.append((k.name, format_bytes(k.hbm_read_bytes), format_bytes(k.hbm_write_bytes),
+                     format_bytes(k.l2_read_bytes), format_bytes(k.l2_write_bytes),
+                     format_bytes(k.sram_read_bytes + k.sram_write_bytes),
                      f"{k.flops_tensor / 1e9:.2f}", f"{k.flops_scalar / 1e9:.2f}",
-                     _fmt_ai(k.arithmetic_intensity), f"{k.bound} ({k.limiter})",
-                     _fmt_time(k.predicted_time_s)))
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths)))
+                     format_intensity(k.arithmetic_intensity), f"{k.bound} ({k.limiter})",
+                     format_time(k.predicted_time_s)))
     label = "HBM traffic" if result.model == "two-level" else "L2 requests"
     accesses = []
     for k in result.kernels:
-        moves = [f"{verb} {name} {_fmt_bytes(t[key])}" for name, t in k.tensors.items()
+        moves = [f"{verb} {name} {format_bytes(t[key])}" for name, t in k.tensors.items()
                  for verb, key in (("read", "read_bytes"), ("write", "write_bytes")) if t[key]]
         accesses.append(f"  {k.name}: " + ", ".join(moves))
     title = (f"{result.algorithm} on {result.hardware.name}, {result.shape.describe()}, "
              f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}")
     count = sum(1 for k in result.kernels for t in k.tensors.values()
                 for key in ("read_bytes", "write_bytes") if t[key])
-    return "\n".join([title, line(header)] + [line(r) for r in rows]
+    return "\n".join([title, text_table(header, rows, left_columns=1)]
                      + [f"{label} by tensor ({count} tensor reads/writes):"] + accesses)
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import operator
 import os
 import sys
 from dataclasses import asdict, dataclass
 
 from .errors import IosimError, TilingError
+from .formatting import format_bytes, format_intensity, format_time, text_table
 from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
@@ -195,17 +195,6 @@ def _progress_bar(total: int, desc: str, enabled: bool):
                 leave=False)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _fmt_time(t: float) -> str:
-    return f"{t * 1e3:.3f} ms" if t >= 1e-4 else f"{t * 1e6:.1f} us"
-
-
 def format_ranking(rows) -> str:
     """A plain-text table of ranked rows: rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound."""
     if not rows:
@@ -216,14 +205,12 @@ def format_ranking(rows) -> str:
     for rank, r in enumerate(rows, 1):
         ai = r.arithmetic_intensity
         table.append((str(rank), str(r.block_rows), str(r.block_cols),
-                      _fmt_time(r.predicted_time_s), _fmt_bytes(r.hbm_read_bytes),
-                      _fmt_bytes(r.hbm_write_bytes),
-                      _fmt_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
-                      "inf" if math.isinf(ai) else f"{ai:.1f}", f"{r.bound} ({r.limiter})",
+                      format_time(r.predicted_time_s), format_bytes(r.hbm_read_bytes),
+                      format_bytes(r.hbm_write_bytes),
+                      format_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
+                      format_intensity(ai), f"{r.bound} ({r.limiter})",
                       f"{r.sram_bytes_per_cta / 1024:.1f} KiB"))
-    widths = [max(len(row[i]) for row in table + [header]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
-    return "\n".join([fmt(header)] + [fmt(row) for row in table])
+    return text_table(header, table)
 
 
 def write_csv(rows, path) -> None:
