@@ -33,7 +33,7 @@ squares 3, normalise 2, affine 2); BatchNorm stats 3, normalise 2 (one FMA with 
 scale and shift). Matmuls: 2·m·n·k tensor-core FLOPs, accumulation included.
 
 New op types (frozen dataclasses with ``reads``, ``writes`` and ``flops(dims, buffers)``, the
-interface the trace builder calls): :class:`Pointwise`, :class:`Reduce` and :class:`GemmStep`.
+interface the trace builder calls): :class:`Pointwise` and :class:`Reduce`.
 """
 from __future__ import annotations
 
@@ -111,30 +111,6 @@ class Reduce:
         return 0, self.flops_per_element * _size(buffers[self.src], dims)
 
 
-@dataclass(frozen=True)
-class GemmStep:
-    """out += a @ b on tensor cores: 2·m·n·k FLOPs, the accumulation inside the MMA (unlike
-    :class:`iosim.schedule.MatMul` with ``accumulate=True``, which also charges m·n CUDA-core
-    adds per step)."""
-
-    out: str
-    a: str
-    b: str
-
-    @property
-    def reads(self):
-        return (self.a, self.b)
-
-    @property
-    def writes(self):
-        return (self.out,)
-
-    def flops(self, dims, buffers):
-        m, k = dims[buffers[self.a].rows], dims[buffers[self.a].cols]
-        n = dims[buffers[self.b].cols]
-        return 2 * m * n * k, 0
-
-
 # ---- the operators -------------------------------------------------------------------------
 
 
@@ -167,7 +143,7 @@ def matmul(n: int = 8192, dtype: str = "fp16", block_rows: int = GEMM_TILE_ROWS,
     e = shape.elem_bytes
     body = (Fill("C", 0.0),
             Loop("k", (Load("Ak", "A", "i", "k"), Load("Bk", "B", "k", "j"),
-                       GemmStep("C", "Ak", "Bk"))),
+                       MatMul("C", "Ak", "Bk", accumulate=True))),
             Store("C", "C", "i", "j"))
     kernel = Kernel("gemm", grid=("i", "j"), body=body,
                     buffers=(BufferSpec("Ak", "i", "k", e), BufferSpec("Bk", "k", "j", e),
