@@ -2,7 +2,6 @@
 script (then ``experiments/validation.py`` when it exists) and write ``results_dir/report.md``."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import importlib.util
@@ -15,6 +14,7 @@ from iosim.results import write_text
 
 from . import SCRIPTS
 from ._common import DEFAULT_RESULTS, QUICK_ENV, Section, is_quick
+from iosim.cli import OneLineParser
 
 VALIDATION = "validation"
 
@@ -89,7 +89,7 @@ def _anchor(title: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    parser = OneLineParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS))
     parser.add_argument("--quick", action="store_true", default=None,
                         help=f"reduced settings (also: {QUICK_ENV}=1)")

@@ -2,7 +2,6 @@
 memoised ``simulate`` for many workloads, plotting setup and number formatting."""
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import math
@@ -17,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from iosim import AttentionShape  # noqa: E402
+from iosim.cli import OneLineParser
 
 DEFAULT_RESULTS = Path("results")
 QUICK_ENV = "IOSIM_QUICK"
@@ -192,7 +192,7 @@ def si(x: float, unit: str = "") -> str:
 
 def cli(main, name: str) -> None:
     """``python -m experiments.<name> [results_dir] [--quick]``."""
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}")
+    parser = OneLineParser(prog=f"python -m experiments.{name}")
     parser.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS))
     parser.add_argument("--quick", action="store_true", default=None,
                         help=f"reduced setting (also: {QUICK_ENV}=1)")

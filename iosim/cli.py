@@ -14,9 +14,11 @@ from .shape import DTYPE_BYTES, AttentionShape
 from .simulate import MODELS, simulate
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but its errors are one line on stderr and exit status 2."""
+
     def error(self, message):  # argparse's own errors: one line, exit 2
-        self.exit(2, f"iosim: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
@@ -36,9 +38,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="iosim", description="Count the bytes and FLOPs of attention "
+    parser = OneLineParser(prog="iosim", description="Count the bytes and FLOPs of attention "
                      "algorithms on a simulated GPU memory hierarchy and predict their time.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sim = sub.add_parser("simulate", help="simulate one algorithm on one workload")
     _add_workload(sim)
     sim.add_argument("--block-rows", type=int, default=None, help="Br (default: algorithm's)")
@@ -98,11 +100,11 @@ def _simulate(args) -> None:
 def _explore(args) -> None:
     from .explore import explore, format_ranking, write_csv
 
+    if args.top < 1:
+        raise IosimError(f"--top must be a positive integer, got {args.top}")
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress)
-    if args.top < 1:
-        raise IosimError(f"--top must be a positive integer, got {args.top}")
     print(format_ranking(rows[: args.top]))
     if args.out:
         write_csv(rows, args.out)
