@@ -225,6 +225,15 @@ def calibrate(quick: bool = False) -> dict:
         "threads": mma_threads, "iters": mma_iters,
         "method": "mma.sync.aligned.m16n8k16 f16 x f16 + f32, 8 independent accumulators per warp, "
                   "operands in registers (no memory traffic)"}
+    # the same with one CTA per SM of W warps: how many resident warps the tensor cores need
+    by_warps = {}
+    for warps in (1, 2, 4, 8, 16, 32):
+        t = _time(lambda: k((sm,), (32 * warps,), (np.int32(mma_iters), fsink)))
+        by_warps[str(warps)] = sm * warps * mma_iters * 8 * 2 * 16 * 8 * 16 / t["median"]
+    res["mma_sync_by_resident_warps"] = {
+        "flops_per_s": by_warps, "grid": sm, "iters": mma_iters,
+        "method": "mma_rate with one CTA of W warps per SM (W = the keys); 8 independent "
+                  "accumulators per warp"}
 
     # 6) launch overhead
     k = mod.get_function("empty_kernel")
@@ -274,6 +283,8 @@ def main(argv=None) -> int:
     a = r["matmul_fp16_cublas_attention_shapes"]
     print(f"cuBLAS qk / pv    {a['qk_flops_per_s']/1e12:.1f} / {a['pv_flops_per_s']/1e12:.1f} TFLOP/s")
     print(f"mma.sync f16/f32  {r['mma_sync_fp16_f32']['flops_per_s']/1e12:.1f} TFLOP/s")
+    print("mma.sync by warps " + ", ".join(f"{w}: {f/1e12:.0f}" for w, f in
+                                           r['mma_sync_by_resident_warps']['flops_per_s'].items()))
     print(f"fp32 FMA          {r['fp32_fma']['flops_per_s']/1e12:.1f} TFLOP/s")
     print(f"ex2 / expf        {r['exp2_approx']['exp_per_s']/1e12:.3f} / {r['expf']['exp_per_s']/1e12:.3f} T/s")
     lo = r["launch_overhead"]
