@@ -41,13 +41,17 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class BufferSpec:
-    """An on-chip tile. ``space`` is "smem" (shared memory, counts against SRAM) or "reg"."""
+    """An on-chip tile. ``space`` is "smem" (shared memory, counts against SRAM) or "reg".
+
+    ``stages`` copies of a shared-memory tile are kept when it is multi-buffered: 2 for a tile
+    whose next block is copied in while this one is used (FlashAttention-2's K and V)."""
 
     name: str
     rows: Dim
     cols: Dim
     elem_bytes: int
     space: str = "smem"
+    stages: int = 1
 
 
 # ---- ops -------------------------------------------------------------------------------------
@@ -371,9 +375,9 @@ class Kernel:
         return {b.name: b for b in self.buffers}
 
     def smem_bytes(self, head_dim: int, seq_len: int) -> int:
-        """Shared-memory bytes of the CTA's live tiles at full block size."""
+        """Shared-memory bytes of the CTA's live tiles at full block size, every stage."""
         dims = full_dims(self, head_dim, seq_len)
-        return sum(dims[b.rows] * dims[b.cols] * b.elem_bytes
+        return sum(dims[b.rows] * dims[b.cols] * b.elem_bytes * b.stages
                    for b in self.buffers if b.space == "smem")
 
 

@@ -1,6 +1,7 @@
 """FlashAttention-2 forward order: one CTA per (batch·head, Q block of Br rows); Q_i is loaded
 once, K/V blocks of Bc rows stream through SRAM, the output accumulator and the running max and
-sum stay on chip, and O and the log-sum-exp L are written once."""
+sum stay on chip, and O and the log-sum-exp L are written once. K and V tiles are
+double-buffered in shared memory, as FlashAttention-2 does: (Br + 4·Bc)·d elements per CTA."""
 from __future__ import annotations
 
 from ..schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
@@ -38,8 +39,9 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
             Store("O", "O", "i", "d"), Store("L", "L", "i", "1"))
     fwd = Kernel(
         "flash2_fwd", grid=("i",), body=body,
-        buffers=(BufferSpec("Qi", "i", "d", e), BufferSpec("Kj", "j", "d", e),
-                 BufferSpec("Vj", "j", "d", e),
+        # K and V double-buffered: the next block's copy lands while this one is used
+        buffers=(BufferSpec("Qi", "i", "d", e), BufferSpec("Kj", "j", "d", e, stages=2),
+                 BufferSpec("Vj", "j", "d", e, stages=2),
                  BufferSpec("S", "i", "j", F32, "reg"), BufferSpec("P", "i", "j", F32, "reg"),
                  BufferSpec("O", "i", "d", F32, "reg"), BufferSpec("m", "i", "1", F32, "reg"),
                  BufferSpec("l", "i", "1", F32, "reg"), BufferSpec("alpha", "i", "1", F32, "reg"),
