@@ -1,6 +1,6 @@
 """Float64 attention reference and the error rule (pure NumPy; the same code runs on CuPy arrays via ``xp``).
 
-Error rule (issue 5): a kernel passes when every output element is finite and
+Error rule: a kernel passes when every output element is finite and
     rel_error = ||O - ref|| / ||ref||  <=  2 * rel_error_fp16_reference + 1e-4,
 where rel_error_fp16_reference is the relative error, against the same float64 reference, of a plain float16
 matmul-softmax-matmul implementation on the same inputs.
