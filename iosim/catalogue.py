@@ -37,14 +37,14 @@ interface the trace builder calls): :class:`Pointwise` and :class:`Reduce`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import IosimError
 from .hardware import load_hardware
 from .schedule import (BufferSpec, Fill, Kernel, Load, Loop, MatMul, Schedule, Softmax, Store,
                        TensorSpec)
 from .shape import AttentionShape, check_positive_int
-from .simulate import MODELS, simulate_trace
+from .simulate import KernelResult, check_model, simulate_trace
 from .trace import build_trace
 
 F32 = 4
@@ -308,35 +308,16 @@ def operators(quick: bool = False) -> list[Operator]:
 
 
 @dataclass
-class OperatorResult:
-    """An operator's engine counts summed over its kernels, with roofline terms."""
+class OperatorResult(KernelResult):
+    """An operator's engine counts summed over its kernels (their totals), with roofline terms;
+    ``kernels`` holds the per-kernel results."""
 
-    name: str
-    kind: str
-    description: str
-    workload: str
-    hardware: str
-    model: str
-    hbm_read_bytes: int
-    hbm_write_bytes: int
-    l2_read_bytes: int
-    l2_write_bytes: int
-    l2_dirty_end_bytes: int  # l2 model: written, still dirty in L2 at the kernel's end
-    flops_tensor: int
-    flops_scalar: int
-    arithmetic_intensity: float  # FLOP per HBM byte
-    bound: str
-    limiter: str
-    predicted_time_s: float
+    kind: str = ""
+    description: str = ""
+    workload: str = ""
+    hardware: str = ""
+    model: str = ""
     kernels: list = field(default_factory=list)
-
-    @property
-    def hbm_bytes(self) -> int:
-        return self.hbm_read_bytes + self.hbm_write_bytes
-
-    @property
-    def flops(self) -> int:
-        return self.flops_tensor + self.flops_scalar
 
     @property
     def achieved_flops_per_s(self) -> float:
@@ -347,7 +328,8 @@ class OperatorResult:
         return {"op": self.name, "kind": self.kind, "workload": self.workload,
                 "hardware": self.hardware, "model": self.model,
                 "hbm_read_bytes": self.hbm_read_bytes, "hbm_write_bytes": self.hbm_write_bytes,
-                "l2_dirty_end_bytes": self.l2_dirty_end_bytes, "flops_tensor": self.flops_tensor, "flops_scalar": self.flops_scalar,
+                "l2_dirty_end_bytes": self.l2_dirty_end_bytes,
+                "flops_tensor": self.flops_tensor, "flops_scalar": self.flops_scalar,
                 "arithmetic_intensity": self.arithmetic_intensity, "bound": self.bound,
                 "limiter": self.limiter, "predicted_time_s": self.predicted_time_s}
 
@@ -357,22 +339,16 @@ def count(operator: Operator, hardware="h100-measured", model: str = "l2") -> Op
     (the same path as :func:`iosim.simulate`, by way of :func:`iosim.simulate.simulate_trace`)."""
     if not isinstance(operator, Operator):
         raise IosimError(f"expected a catalogue Operator, got {type(operator).__name__}")
-    if model not in MODELS:
-        raise IosimError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    check_model(model)
     hw = load_hardware(hardware)
     schedule = operator.schedule
     schedule.check_fits(hw.sram_bytes_per_block)
     result = simulate_trace(build_trace(schedule), hw, model)
-    total = result.totals
-    return OperatorResult(
-        name=operator.name, kind=operator.kind, description=operator.description,
-        workload=operator.workload, hardware=hw.name, model=model,
-        hbm_read_bytes=total.hbm_read_bytes, hbm_write_bytes=total.hbm_write_bytes,
-        l2_read_bytes=total.l2_read_bytes, l2_write_bytes=total.l2_write_bytes,
-        l2_dirty_end_bytes=total.l2_dirty_end_bytes, flops_tensor=total.flops_tensor,
-        flops_scalar=total.flops_scalar, arithmetic_intensity=total.arithmetic_intensity,
-        bound=total.bound, limiter=total.limiter, predicted_time_s=total.predicted_time_s,
-        kernels=result.kernels)
+    totals = {f.name: getattr(result.totals, f.name) for f in fields(KernelResult)}
+    totals["name"] = operator.name
+    return OperatorResult(**totals, kind=operator.kind, description=operator.description,
+                          workload=operator.workload, hardware=hw.name, model=model,
+                          kernels=result.kernels)
 
 
 def run_catalogue(hardware="h100-measured", model: str = "l2",

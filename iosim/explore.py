@@ -31,7 +31,7 @@ from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .shape import AttentionShape
-from .simulate import MODELS
+from .simulate import check_model
 
 POW2_SIZES = (16, 32, 64, 128, 256)
 MULT16_LIMIT = 512
@@ -153,8 +153,7 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     algorithm_module(algorithm)
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
-    if model not in MODELS:
-        raise IosimError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    check_model(model)
     if workers is None:
         workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

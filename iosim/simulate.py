@@ -88,7 +88,8 @@ def concurrent_ctas(smem_bytes_per_cta: int, hardware: Hardware, n_ctas: int) ->
     return max(1, min(n_ctas, hardware.sm_count * max(1, per_sm)))
 
 
-def _check_model(model: str) -> str:
+def check_model(model: str) -> str:
+    """``model`` if it is one of :data:`MODELS`, else an IosimError naming the allowed ones."""
     if model not in MODELS:
         raise IosimError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
     return model
@@ -150,7 +151,7 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2") -> SimulationRe
 
     Lets a caller replay one trace under both models, or simulate a schedule that is not one of
     the attention algorithms (the op catalogue)."""
-    _check_model(model)
+    check_model(model)
     schedule = trace.schedule
     shape = schedule.shape
     rows = replay(trace, hardware, model)
@@ -178,7 +179,7 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level"."""
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
-    _check_model(model)
+    check_model(model)
     hw = load_hardware(hardware)
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
