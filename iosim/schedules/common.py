@@ -88,3 +88,19 @@ def rowwise_kernel(name: str, shape, rows: int, src: str, dst: str, ops: tuple) 
 def output_tensor(shape, float32: bool = False) -> TensorSpec:
     return TensorSpec("O", "N", "d", F32 if float32 else shape.elem_bytes, "output",
                       float32=float32)
+
+
+def gemm_rowwise_gemm(algorithm: str, shape, block_rows: int, block_cols: int,
+                      sram_bytes: int, *, scaled_gemm: bool, middle: str, middle_ops: tuple,
+                      notes: str):
+    """The three-kernel pipeline: S = [scale·]QKᵀ; one row-wise kernel ``middle`` applying
+    ``middle_ops`` to whole rows of S and writing P; O = PV."""
+    from ..schedule import Schedule
+
+    rows = rowwise_rows(shape, sram_bytes)
+    kernels = (qk_gemm(shape, block_rows, block_cols, scaled=scaled_gemm),
+               rowwise_kernel(middle, shape, rows, "S", "P", middle_ops),
+               pv_gemm(shape, block_rows, block_cols))
+    tensors = tuple(qkv_tensors(shape)) + (score_tensor("S", shape), score_tensor("P", shape),
+                                           output_tensor(shape))
+    return Schedule(algorithm, shape, tensors, kernels, block_rows, block_cols, notes=notes)

@@ -10,15 +10,8 @@ default_blocks = common.gemm_default_blocks
 
 
 def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
-    rows = common.rowwise_rows(shape, sram_bytes)
-    softmax_ops = ((CausalMask("X", "i", "N"),) if shape.causal else ()) + (Softmax("X", "X"),)
-    kernels = (
-        common.qk_gemm(shape, block_rows, block_cols, scaled=True),
-        common.rowwise_kernel("softmax", shape, rows, "S", "P", softmax_ops),
-        common.pv_gemm(shape, block_rows, block_cols),
-    )
-    tensors = tuple(common.qkv_tensors(shape)) + (
-        common.score_tensor("S", shape), common.score_tensor("P", shape),
-        common.output_tensor(shape))
-    return Schedule("standard", shape, tensors, kernels, block_rows, block_cols,
-                    notes="GEMM tiles Br x Bc; softmax kernel holds whole rows of S")
+    mask = (CausalMask("X", "i", "N"),) if shape.causal else ()
+    return common.gemm_rowwise_gemm(
+        "standard", shape, block_rows, block_cols, sram_bytes, scaled_gemm=True,
+        middle="softmax", middle_ops=mask + (Softmax("X", "X"),),
+        notes="GEMM tiles Br x Bc; softmax kernel holds whole rows of S")
