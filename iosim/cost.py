@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 MEMORY_LIMITERS = ("hbm", "l2", "sram")
-COMPUTE_LIMITERS = ("tensor", "scalar")
 
 
 @dataclass(frozen=True)
