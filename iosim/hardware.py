@@ -65,6 +65,22 @@ class Hardware:
     # dtype -> FLOP/s of warp-level mma.sync, where it differs from the library GEMM rate
     mma_sync_flops_per_s: dict = field(default_factory=dict)
     launch_overhead_s: float = 0.0
+    # the SM as the occupancy calculator and the timing model see it ([sm])
+    clock_hz: float = 0.0
+    sub_partitions_per_sm: int = 4  # warp schedulers, each with its own tensor/FP32/SFU pipes
+    max_warps_per_sm: int = 64
+    registers_per_sm: int = 65536
+    max_registers_per_thread: int = 255
+    register_allocation_unit: int = 256  # registers are allocated per warp in units of this
+    smem_reserved_bytes_per_cta: int = 0  # shared memory the driver reserves for each CTA
+    # latencies in SM clock cycles, of one dependent access or instruction ([latency])
+    dram_latency_cycles: float = 0.0
+    l2_latency_cycles: float = 0.0
+    smem_latency_cycles: float = 0.0
+    mma_latency_cycles: float = 0.0
+    fp32_latency_cycles: float = 0.0
+    special_latency_cycles: float = 0.0
+    barrier_cycles: float = 0.0
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
 
@@ -119,15 +135,32 @@ _SCHEMA = {
     "scalar_flops_per_s": ("compute", "scalar_flops_per_s", float),
     "special_ops_per_s": ("compute", "special_ops_per_s", float),
     "launch_overhead_s": ("launch", "overhead_s", float),
+    "clock_hz": ("sm", "clock_hz", float),
+    "sub_partitions_per_sm": ("sm", "sub_partitions", int),
+    "max_warps_per_sm": ("sm", "max_warps", int),
+    "registers_per_sm": ("sm", "registers", int),
+    "max_registers_per_thread": ("sm", "max_registers_per_thread", int),
+    "register_allocation_unit": ("sm", "register_allocation_unit", int),
+    "smem_reserved_bytes_per_cta": ("sm", "smem_reserved_bytes_per_cta", int),
+    "dram_latency_cycles": ("latency", "dram_cycles", float),
+    "l2_latency_cycles": ("latency", "l2_cycles", float),
+    "smem_latency_cycles": ("latency", "smem_cycles", float),
+    "mma_latency_cycles": ("latency", "mma_cycles", float),
+    "fp32_latency_cycles": ("latency", "fp32_cycles", float),
+    "special_latency_cycles": ("latency", "special_cycles", float),
+    "barrier_cycles": ("latency", "barrier_cycles", float),
 }
-_SECTIONS = ("hbm", "l2", "sram", "compute", "launch")
+#: Keys that may be 0 (everything else must be positive).
+_MAY_BE_ZERO = {("sm", "smem_reserved_bytes_per_cta")}
+_SECTIONS = ("hbm", "l2", "sram", "compute", "launch", "sm", "latency")
 
 
-def _number(where: str, value, kind):
+def _number(where: str, value, kind, may_be_zero: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise SpecError(f"{where} must be a positive finite number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not may_be_zero):
+        allowed = "a non-negative" if may_be_zero else "a positive"
+        raise SpecError(f"{where} must be {allowed} finite number, got {value!r}")
     if kind is int:
         if float(value) != int(value):
             raise SpecError(f"{where} must be a whole number of bytes/units, got {value!r}")
@@ -158,7 +191,8 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
     for field_name, (section, key, kind) in _SCHEMA.items():
         if key not in data[section]:
             raise SpecError(f"{origin}: [{section}] is missing '{key}'")
-        values[field_name] = _number(f"{origin}: [{section}] {key}", data[section][key], kind)
+        values[field_name] = _number(f"{origin}: [{section}] {key}", data[section][key], kind,
+                                     (section, key) in _MAY_BE_ZERO)
     rates = data["compute"].get("tensor_flops_per_s")
     if not isinstance(rates, dict) or not rates:
         raise SpecError(f"{origin}: [compute] needs a table tensor_flops_per_s = "
@@ -197,6 +231,9 @@ def _check_consistency(hw: Hardware, origin: str) -> None:
     if hw.l2_bytes % (hw.l2_line_bytes * hw.l2_associativity):
         raise SpecError(f"{origin}: l2 capacity_bytes ({hw.l2_bytes}) must be a multiple of "
                         f"line_bytes x associativity ({hw.l2_line_bytes * hw.l2_associativity})")
+    if hw.max_registers_per_thread * 32 > hw.registers_per_sm:
+        raise SpecError(f"{origin}: sm max_registers_per_thread ({hw.max_registers_per_thread}) "
+                        f"x 32 threads exceeds registers ({hw.registers_per_sm})")
     if hw.sram_bytes_per_block > hw.sram_bytes_per_sm:
         raise SpecError(f"{origin}: sram bytes_per_block ({hw.sram_bytes_per_block}) exceeds "
                         f"bytes_per_sm ({hw.sram_bytes_per_sm})")

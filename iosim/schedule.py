@@ -370,6 +370,12 @@ class Kernel:
     row_var: str | None = None
     col_var: str | None = None
     tensor_path: str = "library"  # "library" (cuBLAS-class GEMM) or "mma_sync" (warp-level mma)
+    warps: int = 4  # warps per CTA; a mma_sync kernel's warps split the rows of its tiles
+    registers_per_thread: int | None = None  # declared; None: estimated (iosim.occupancy)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
 
     def buffer_map(self) -> dict:
         return {b.name: b for b in self.buffers}

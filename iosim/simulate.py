@@ -9,11 +9,15 @@ from . import engine
 from .cost import MEMORY_LIMITERS, arithmetic_intensity, kernel_cost
 from .errors import IosimError
 from .hardware import Hardware, load_hardware
+from .occupancy import occupancy
 from .schedules import build_schedule
 from .shape import AttentionShape
+from .timing import fraction_bound, time_kernel
 from .trace import build_trace
 
 MODELS = ("two-level", "l2")
+#: How predicted_time_s is computed: the timed replay (default) or the roofline bound.
+TIME_MODELS = ("timed", "roofline")
 COUNT_FIELDS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
                 "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
                 "special_ops")
@@ -41,8 +45,12 @@ class KernelResult:
     tensors: dict = field(default_factory=dict)  # tensor -> {"read_bytes", "write_bytes"}
     predicted_time_s: float = 0.0
     arithmetic_intensity: float = 0.0
-    bound: str = ""
-    limiter: str = ""
+    bound: str = ""  # the roofline's placement: "memory" or "compute"
+    limiter: str = ""  # the roofline's limiting resource
+    time_model: str = "timed"  # which model gave predicted_time_s
+    timed_limiter: str = ""  # what bounded most CTA-time in the timed model
+    occupancy: dict = field(default_factory=dict)  # resident CTAs/warps per SM and why
+    time_breakdown: dict = field(default_factory=dict)  # timed model: share of CTA-time by limiter
     times_s: dict = field(default_factory=dict)
 
     @property
@@ -67,11 +75,14 @@ class SimulationResult:
     block_cols: int
     kernels: list
     totals: KernelResult
+    time_model: str = "timed"
+    timelines: dict = field(default_factory=dict, repr=False)  # kernel -> iosim.timing.TimedKernel
 
     def to_dict(self) -> dict:
         shape = self.shape
         return {
-            "algorithm": self.algorithm, "model": self.model, "hardware": self.hardware.name,
+            "algorithm": self.algorithm, "model": self.model, "time_model": self.time_model,
+            "hardware": self.hardware.name,
             "shape": {"batch": shape.batch, "heads": shape.heads, "seq_len": shape.seq_len,
                       "head_dim": shape.head_dim, "dtype": shape.dtype, "causal": shape.causal},
             "block_rows": self.block_rows, "block_cols": self.block_cols,
@@ -80,12 +91,17 @@ class SimulationResult:
         }
 
 
-def concurrent_ctas(smem_bytes_per_cta: int, hardware: Hardware, n_ctas: int) -> int:
-    """CTAs resident at once: SMs x CTAs per SM as the shared memory each needs allows."""
-    per_sm = hardware.max_ctas_per_sm
-    if smem_bytes_per_cta > 0:
-        per_sm = min(per_sm, hardware.sram_bytes_per_sm // smem_bytes_per_cta)
-    return max(1, min(n_ctas, hardware.sm_count * max(1, per_sm)))
+def concurrent_ctas(kernel, shape, hardware: Hardware, n_ctas: int) -> int:
+    """CTAs resident at once: SMs x CTAs per SM as the occupancy calculator allows."""
+    per_sm = occupancy(kernel, shape.head_dim, shape.seq_len, hardware).ctas_per_sm
+    return max(1, min(n_ctas, hardware.sm_count * per_sm))
+
+
+def check_time_model(time_model: str) -> str:
+    """``time_model`` if it is one of :data:`TIME_MODELS`, else an IosimError."""
+    if time_model not in TIME_MODELS:
+        raise IosimError(f"unknown time model {time_model!r}; allowed: {', '.join(TIME_MODELS)}")
+    return time_model
 
 
 def check_model(model: str) -> str:
@@ -111,14 +127,16 @@ def tile_traffic_by_tensor(kt, tensor_names) -> dict:
     return traffic
 
 
-def replay(trace, hardware: Hardware, model: str) -> list[dict]:
-    """Run every kernel of ``trace`` through the engine; per-kernel counter dicts."""
+def replay(trace, hardware: Hardware, model: str) -> list[tuple[dict, np.ndarray]]:
+    """Run every kernel of ``trace`` through the engine: per kernel, its counter dict and each
+    event's HBM bytes (read, plus written back by the evictions it caused)."""
     results = []
+    shape = trace.schedule.shape
     for kt in trace.kernels:
         counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
         engine.sum_events(kt.kind, kt.rows, kt.row_bytes, kt.flops_tensor, kt.flops_scalar,
                           kt.sram_read, kt.sram_write, counts)
-        slots = concurrent_ctas(kt.smem_bytes_per_cta, hardware, kt.n_ctas)
+        slots = concurrent_ctas(kt.kernel, shape, hardware, kt.n_ctas)
         if model == "l2":
             counts[engine.HBM_READ] = counts[engine.HBM_WRITE] = 0
             event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
@@ -126,40 +144,69 @@ def replay(trace, hardware: Hardware, model: str) -> list[dict]:
                              kt.row_stride, slots, hardware.l2_sets,
                              hardware.l2_associativity, hardware.l2_line_bytes,
                              hardware.l2_sector_bytes, counts, event_counts)
+            hbm_by_event = event_counts.sum(axis=1).astype(np.float64)
+        else:  # two-level: every tile moved is HBM traffic
+            hbm_by_event = np.where(kt.kind == engine.COMPUTE, 0.0,
+                                    (kt.rows * kt.row_bytes).astype(np.float64))
         row = {name: int(counts[i]) for i, name in enumerate(engine.COUNTERS)}
         row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots,
                    special_ops=int(kt.special_ops.sum()), tensor_path=kt.tensor_path,
                    tensors=tile_traffic_by_tensor(kt, trace.tensor_names))
-        results.append(row)
+        results.append((row, hbm_by_event))
     return results
 
 
-def _finish(result: KernelResult, hardware: Hardware, dtype: str, model: str) -> KernelResult:
+def _finish(result: KernelResult, timed, hardware: Hardware, dtype: str, model: str,
+            time_model: str) -> KernelResult:
     cost = kernel_cost(result, hardware, dtype, model)
-    result.predicted_time_s = cost.predicted_time_s
+    result.time_model = time_model
+    result.predicted_time_s = timed.time_s if time_model == "timed" else cost.predicted_time_s
     result.arithmetic_intensity = arithmetic_intensity(result.flops, result.hbm_bytes)
     result.bound, result.limiter = cost.bound, cost.limiter
-    result.times_s = {"hbm": cost.hbm_time_s, "l2": cost.l2_time_s, "sram": cost.sram_time_s,
+    result.timed_limiter = fraction_bound(timed.breakdown)
+    result.occupancy = timed.occupancy.to_dict()
+    result.time_breakdown = dict(timed.breakdown)
+    result.times_s = {"timed": timed.time_s, "roofline": cost.predicted_time_s,
+                      "hbm": cost.hbm_time_s, "l2": cost.l2_time_s, "sram": cost.sram_time_s,
                       "tensor": cost.tensor_time_s, "scalar": cost.scalar_time_s,
                       "special": cost.special_time_s,
                       "compute": cost.compute_time_s, "launch": cost.launch_time_s}
     return result
 
 
-def simulate_trace(trace, hardware: Hardware, model: str = "l2") -> SimulationResult:
+def simulate_trace(trace, hardware: Hardware, model: str = "l2",
+                   time_model: str = "timed") -> SimulationResult:
     """Replay an already built trace (see :func:`iosim.trace.build_trace`) under ``model``.
 
     Lets a caller replay one trace under both models, or simulate a schedule that is not one of
-    the attention algorithms (the op catalogue)."""
+    the attention algorithms (the op catalogue). Both time models always run (``times_s``
+    carries both); ``time_model`` picks the one ``predicted_time_s`` reports."""
     check_model(model)
+    check_time_model(time_model)
     schedule = trace.schedule
     shape = schedule.shape
-    rows = replay(trace, hardware, model)
-    kernels = [_finish(KernelResult(**row), hardware, shape.dtype, model) for row in rows]
+    kernels, timelines = [], {}
+    for (row, hbm_by_event), kt in zip(replay(trace, hardware, model), trace.kernels):
+        timed = time_kernel(kt, hbm_by_event, hardware, shape)
+        timelines[kt.name] = timed
+        kernels.append(_finish(KernelResult(**row), timed, hardware, shape.dtype, model,
+                               time_model))
     totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
     for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
         setattr(totals, name, sum(getattr(k, name) for k in kernels))
     totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
+    totals.time_model = time_model
+    totals.tensor_path = kernels[0].tensor_path if len({k.tensor_path for k in kernels}) == 1 \
+        else "mixed"
+    totals.times_s = {"timed": sum(k.times_s["timed"] for k in kernels),
+                      "roofline": sum(k.times_s["roofline"] for k in kernels)}
+    timed_by_limiter = {}
+    for k in kernels:
+        for name, share in k.time_breakdown.items():
+            if name != "sm_idle":
+                timed_by_limiter[name] = timed_by_limiter.get(name, 0.0) + share * k.times_s["timed"]
+    totals.timed_limiter = max(timed_by_limiter, key=timed_by_limiter.get) if timed_by_limiter \
+        else ""
     totals.arithmetic_intensity = arithmetic_intensity(totals.flops, totals.hbm_bytes)
     time_by_limiter = {}
     for k in kernels:
@@ -168,21 +215,26 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2") -> SimulationRe
     totals.bound = "memory" if totals.limiter in MEMORY_LIMITERS else "compute"
     return SimulationResult(algorithm=schedule.algorithm, model=model, hardware=hardware,
                             shape=shape, block_rows=schedule.block_rows,
-                            block_cols=schedule.block_cols, kernels=kernels, totals=totals)
+                            block_cols=schedule.block_cols, kernels=kernels, totals=totals,
+                            time_model=time_model, timelines=timelines)
 
 
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
-             hardware="h100-measured", sram_bytes=None, model: str = "l2") -> SimulationResult:
+             hardware="h100-measured", sram_bytes=None, model: str = "l2",
+             time_model: str = "timed", rows_per_warp=None) -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
 
     ``hardware`` is a preset name, a TOML path or a :class:`Hardware`; ``sram_bytes`` overrides
-    its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level"."""
+    its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level";
+    ``time_model`` is "timed" (default: the per-CTA replay of :mod:`iosim.timing`) or
+    "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA."""
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
     check_model(model)
+    check_time_model(time_model)
     hw = load_hardware(hardware)
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
-                              sram_bytes=hw.sram_bytes_per_block)
-    return simulate_trace(build_trace(schedule), hw, model)
+                              sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp)
+    return simulate_trace(build_trace(schedule), hw, model, time_model)

@@ -15,16 +15,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import schedule as sch
+from . import work
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocator would place them
 
+# what each event asks of the SM's pipes (iosim.work), and for tile loads: ``prefetched``
+# (the buffer has several stages, so the copy is issued one loop iteration ahead) and
+# ``sync`` (a CTA-wide barrier before the tile may be used: the first load of a group)
+_WORK_COLUMNS = work.FIELDS + ("prefetched", "sync")
 _COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
-            "flops_scalar", "special_ops", "sram_read", "sram_write")
+            "flops_scalar", "special_ops", "sram_read", "sram_write") + _WORK_COLUMNS
 _DTYPES = {"kind": np.int8, "tensor": np.int16, "addr": np.int64, "rows": np.int64,
            "row_bytes": np.int64, "row_stride": np.int64, "flops_tensor": np.int64,
            "flops_scalar": np.int64, "special_ops": np.int64, "sram_read": np.int64,
-           "sram_write": np.int64}
+           "sram_write": np.int64, "mma": np.int64, "mma_chain": np.int32,
+           "smem_operand_bytes": np.int64, "fp32": np.int64, "sfu": np.int64,
+           "depth": np.int32, "prefetched": np.int8, "sync": np.int8}
 
 
 @dataclass
@@ -44,7 +51,16 @@ class KernelTrace:
     special_ops: np.ndarray
     sram_read: np.ndarray
     sram_write: np.ndarray
+    mma: np.ndarray
+    mma_chain: np.ndarray
+    smem_operand_bytes: np.ndarray
+    fp32: np.ndarray
+    sfu: np.ndarray
+    depth: np.ndarray
+    prefetched: np.ndarray
+    sync: np.ndarray
     smem_bytes_per_cta: int
+    kernel: object = None  # the schedule's Kernel (warps, registers, tensor path)
     tensor_path: str = "library"
 
     @property
@@ -100,6 +116,7 @@ def _head_template(kernel, schedule, base, tensor_ids):
                    for b in names if buffers[b].space == "smem")
 
     for point in sch.grid_points(kernel, n):
+        previous_load = False
         for step in sch.walk(kernel, point, n, d, shape.causal):
             op, index, dims = step.op, step.index, step.dims
             if isinstance(op, (sch.Load, sch.Store)):
@@ -115,15 +132,20 @@ def _head_template(kernel, schedule, base, tensor_ids):
                 buf = buffers[op.buffer]
                 tile_bytes = nrows * row_bytes
                 on_chip = tile_bytes if buf.space == "smem" else 0
-                values = (LOAD if isinstance(op, sch.Load) else STORE, tensor_ids[op.tensor],
+                is_load = isinstance(op, sch.Load)
+                values = (LOAD if is_load else STORE, tensor_ids[op.tensor],
                           addr, nrows, row_bytes, stride, 0, 0, 0,
-                          on_chip if isinstance(op, sch.Store) else 0,
-                          on_chip if isinstance(op, sch.Load) else 0)
+                          0 if is_load else on_chip, on_chip if is_load else 0,
+                          0, 0, 0, 0, 0, 0, int(is_load and buf.stages > 1),
+                          int(is_load and buf.space == "smem" and not previous_load))
+                previous_load = is_load
             else:
+                previous_load = False
                 flops_tensor, flops_scalar = op.flops(dims, buffers)
                 special = op.special_ops(dims, buffers) if hasattr(op, "special_ops") else 0
                 values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
-                          smem(op.reads, dims), smem(op.writes, dims))
+                          smem(op.reads, dims), smem(op.writes, dims),
+                          *work.op_work(op, dims, buffers, kernel), 0, 0)
             for c, v in zip(_COLUMNS, values):
                 cols[c].append(v)
         cta_start.append(len(cols["kind"]))
@@ -151,7 +173,7 @@ def build_trace(schedule) -> Trace:
         cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
         assert len(cta_start) == ctas_per_head * heads + 1
         kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
-                                   tensor_path=kernel.tensor_path,
+                                   tensor_path=kernel.tensor_path, kernel=kernel,
                                    smem_bytes_per_cta=kernel.smem_bytes(shape.head_dim,
                                                                         shape.seq_len),
                                    **columns))

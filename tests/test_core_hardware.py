@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 import iosim
 from iosim import Hardware, IosimError, SpecError, list_presets, load_hardware
 
-SECTIONS = ("hbm", "l2", "sram", "compute", "launch")
+SECTIONS = ("hbm", "l2", "sram", "compute", "launch", "sm", "latency")
 REQUIRED_PRESETS = {"a100-40gb", "h100-sxm", "h100-measured", "h200"}
 
 

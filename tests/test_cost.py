@@ -16,7 +16,7 @@ def test_sm_utilization_counts_idle_sms_in_the_last_wave():
 def test_flash2_time_is_the_roofline_of_its_own_counts():
     hw = iosim.load_hardware("h100-measured")
     shape = iosim.AttentionShape(4, 8, 2048, 64)
-    result = iosim.simulate("flash2", shape, hardware=hw)
+    result = iosim.simulate("flash2", shape, hardware=hw, time_model="roofline")
     k = result.kernels[0]
     n, d, bh = 2048, 64, 32
     # the two matmuls on tensor cores, at the mma.sync rate the flash kernels use
@@ -33,6 +33,7 @@ def test_flash2_time_is_the_roofline_of_its_own_counts():
                  (k.l2_read_bytes + k.l2_write_bytes) / hw.l2_bandwidth_bytes_per_s,
                  (k.sram_read_bytes + k.sram_write_bytes) / hw.sram_bandwidth_bytes_per_s)
     assert k.predicted_time_s == pytest.approx(max(compute, memory) + hw.launch_overhead_s)
+    assert k.times_s["roofline"] == k.predicted_time_s and k.time_model == "roofline"
     assert k.bound == ("compute" if compute > memory else "memory")
     assert k.arithmetic_intensity == pytest.approx(
         (k.flops_tensor + k.flops_scalar) / (k.hbm_read_bytes + k.hbm_write_bytes))

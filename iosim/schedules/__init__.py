@@ -19,14 +19,27 @@ def algorithm_module(algorithm: str):
                          f"{', '.join(ALGORITHMS)}") from None
 
 
+#: Algorithms whose fused kernel splits its query rows over warps (``rows_per_warp`` applies).
+WARP_TILED = ("flash1", "flash2")
+
+
 def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
-                   sram_bytes: int | None = None) -> Schedule:
+                   sram_bytes: int | None = None, rows_per_warp=None) -> Schedule:
     """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
 
     Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
     thread block (default: the h100-measured preset's). Given block sizes that do not fit are
-    refused with a :class:`~iosim.errors.TilingError` naming bytes needed and available."""
+    refused with a :class:`~iosim.errors.TilingError` naming bytes needed and available.
+    ``rows_per_warp`` (flash1, flash2) sets the query rows each warp owns, hence the warps per
+    CTA (default 16 rows: Br / 16 warps)."""
     module = algorithm_module(algorithm)
+    extra = {}
+    if rows_per_warp is not None:
+        if algorithm not in WARP_TILED:
+            raise IosimError(f"rows_per_warp applies to {', '.join(WARP_TILED)} only, "
+                             f"not {algorithm!r}")
+        extra["rows_per_warp"] = check_positive_int(
+            "rows_per_warp", rows_per_warp, "a positive integer (query rows per warp)")
     if sram_bytes is None:
         from ..hardware import load_hardware
 
@@ -42,14 +55,14 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     def fits(br, bc):
         br = block_rows if block_rows is not None else br
         bc = block_cols if block_cols is not None else bc
-        schedule = module.build(shape, br, bc, sram_bytes)
+        schedule = module.build(shape, br, bc, sram_bytes, **extra)
         return all(k.smem_bytes(shape.head_dim, n) <= sram_bytes for k in schedule.kernels)
 
     if block_rows is None or block_cols is None:
         default_rows, default_cols = module.default_blocks(shape, sram_bytes, fits)
         block_rows = default_rows if block_rows is None else block_rows
         block_cols = default_cols if block_cols is None else block_cols
-    schedule = module.build(shape, block_rows, block_cols, sram_bytes)
+    schedule = module.build(shape, block_rows, block_cols, sram_bytes, **extra)
     schedule.check_fits(sram_bytes)
     return schedule
 

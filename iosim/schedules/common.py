@@ -12,6 +12,17 @@ ROWWISE_ROWS_PER_CTA = 4
 #: Default GEMM output tile of the unfused pipelines (cuBLAS-like 128 x 128).
 GEMM_TILE = 128
 
+#: Warps of a library GEMM CTA (a cuBLAS-class 128 x 128 tile runs 256 threads).
+GEMM_WARPS = 8
+
+#: Query rows each warp of a fused (mma.sync) kernel owns by default: one m16 tensor-core tile.
+ROWS_PER_WARP = 16
+
+#: A row-wise kernel's threads per row hold at most this many 16-byte vectors each ...
+ROWWISE_VECTORS_PER_THREAD = 4
+#: ... with 32 to 512 threads per row.
+ROWWISE_THREADS_PER_ROW = (32, 512)
+
 F32 = 4
 
 
@@ -23,6 +34,24 @@ def qkv_tensors(shape) -> list[TensorSpec]:
 
 def score_tensor(name: str, shape) -> TensorSpec:
     return TensorSpec(name, "N", "N", shape.elem_bytes, "intermediate")
+
+
+def flash_warps(block_rows: int, rows_per_warp=None) -> int:
+    """Warps per CTA of a fused kernel whose warps own ``rows_per_warp`` query rows each."""
+    rows_per_warp = ROWS_PER_WARP if rows_per_warp is None else check_positive_int(
+        "rows_per_warp", rows_per_warp, "a positive integer (query rows per warp, e.g. 16 or 32)")
+    return max(1, -(-block_rows // rows_per_warp))
+
+
+def rowwise_warps(shape, rows: int) -> int:
+    """Warps of a row-wise kernel's CTA: each row is split over a power of two of threads
+    (32 to 512) that hold at most ROWWISE_VECTORS_PER_THREAD 16-byte vectors of it each."""
+    vectors = max(1, -(-shape.seq_len * shape.elem_bytes // 16))
+    low, high = ROWWISE_THREADS_PER_ROW
+    threads = low
+    while threads * ROWWISE_VECTORS_PER_THREAD < vectors and threads < high:
+        threads *= 2
+    return max(1, rows * threads // 32)
 
 
 def check_block(name: str, value, seq_len: int) -> int:
@@ -48,7 +77,8 @@ def qk_gemm(shape, block_rows: int, block_cols: int, scaled: bool) -> Kernel:
     buffers = (BufferSpec("Qi", "i", "d", e), BufferSpec("Kj", "j", "d", e),
                BufferSpec("S", "i", "j", F32, "reg"))
     return Kernel("qk_gemm", grid=("i", "j"), body=body, buffers=buffers,
-                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+                  warps=GEMM_WARPS)
 
 
 def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
@@ -61,7 +91,8 @@ def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
     buffers = (BufferSpec("Pij", "i", "j", e), BufferSpec("Vj", "j", "d", e),
                BufferSpec("O", "i", "d", F32, "reg"))
     return Kernel("pv_gemm", grid=("i",), body=body, buffers=buffers,
-                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j")
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+                  warps=GEMM_WARPS)
 
 
 def rowwise_rows(shape, sram_bytes: int, row_tiles: int = 1) -> int:
@@ -82,7 +113,7 @@ def rowwise_kernel(name: str, shape, rows: int, src: str, dst: str, ops: tuple) 
     e = shape.elem_bytes
     body = (Load("X", src, "i", "N"),) + tuple(ops) + (Store("X", dst, "i", "N"),)
     return Kernel(name, grid=("i",), body=body, buffers=(BufferSpec("X", "i", "N", e),),
-                  blocks={"i": rows}, row_var="i", col_var="N")
+                  blocks={"i": rows}, row_var="i", col_var="N", warps=rowwise_warps(shape, rows))
 
 
 def output_tensor(shape, float32: bool = False) -> TensorSpec:

@@ -22,7 +22,7 @@ def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
     return min(block_cols, d, n), min(block_cols, n)
 
 
-def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
+def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:
     e = shape.elem_bytes
     init = Kernel(
         "flash1_init", grid=("i",),
@@ -30,7 +30,7 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
               Store("Oi", "O", "i", "d"), Store("li", "l", "i", "1"), Store("mi", "m", "i", "1")),
         buffers=(BufferSpec("Oi", "i", "d", F32, "reg"), BufferSpec("li", "i", "1", F32, "reg"),
                  BufferSpec("mi", "i", "1", F32, "reg")),
-        blocks={"i": block_rows}, row_var="i")
+        blocks={"i": block_rows}, row_var="i", warps=common.flash_warps(block_rows, rows_per_warp))
     mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
     inner = (Load("Qi", "Q", "i", "d"), Load("Oi", "O", "i", "d"), Load("li", "l", "i", "1"),
              Load("mi", "m", "i", "1"),
@@ -51,7 +51,7 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
                  BufferSpec("m_blk", "i", "1", F32, "reg"),
                  BufferSpec("l_blk", "i", "1", F32, "reg")),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-        tensor_path="mma_sync")
+        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp))
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape, float32=True),
         TensorSpec("l", "N", "1", F32, "intermediate", float32=True),

@@ -1,7 +1,9 @@
 """FlashAttention-2 forward order: one CTA per (batch·head, Q block of Br rows); Q_i is loaded
 once, K/V blocks of Bc rows stream through SRAM, the output accumulator and the running max and
 sum stay on chip, and O and the log-sum-exp L are written once. K and V tiles are
-double-buffered in shared memory, as FlashAttention-2 does: (Br + 4·Bc)·d elements per CTA."""
+double-buffered in shared memory, as FlashAttention-2 does: (Br + 4·Bc)·d elements per CTA.
+Each warp owns ``rows_per_warp`` query rows (default 16: one m16 tensor-core tile), so a CTA
+has Br / rows_per_warp warps, and each warp reads the whole K and V tiles from shared memory."""
 from __future__ import annotations
 
 from ..schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
@@ -25,7 +27,7 @@ def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
     return block_rows, block_cols
 
 
-def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
+def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:
     e = shape.elem_bytes
     mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
     step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
@@ -47,7 +49,7 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
                  BufferSpec("l", "i", "1", F32, "reg"), BufferSpec("alpha", "i", "1", F32, "reg"),
                  BufferSpec("L", "i", "1", F32, "reg")),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-        tensor_path="mma_sync")
+        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp))
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape),
         TensorSpec("L", "N", "1", F32, "output", float32=True))

@@ -1,0 +1,104 @@
+"""Occupancy: how many CTAs (and warps) of a kernel one SM keeps resident at once.
+
+The rules are the CUDA occupancy calculator's: a CTA needs its warps, its registers (allocated
+per warp in units of ``register_allocation_unit``) and its shared memory (plus the bytes the
+driver reserves per CTA); an SM holds as many CTAs as the scarcest of warps, registers, shared
+memory and the CTA limit allows. The kernel's registers per thread are the ones it declares
+(``Kernel.registers_per_thread``, e.g. what ptxas or Nsight Compute reported) or, when it
+declares none, an estimate from its register tiles (:func:`estimate_registers`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import TilingError
+
+#: Registers a thread needs beyond its tiles: addresses, loop counters, indices, predicates.
+REGISTER_OVERHEAD = 32
+BYTES_PER_REGISTER = 4
+#: Threads one CTA may have (every CUDA GPU since compute capability 2.0).
+MAX_THREADS_PER_CTA = 1024
+LIMITERS = ("warps", "registers", "smem", "ctas")
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Resident CTAs and warps per SM for one kernel, and what limits them."""
+
+    ctas_per_sm: int
+    warps_per_cta: int
+    registers_per_thread: int
+    registers_estimated: bool  # True when the kernel declared none
+    smem_bytes_per_cta: int
+    limiter: str  # one of LIMITERS
+    limits: dict  # limiter -> CTAs per SM that resource alone allows
+
+    @property
+    def warps_per_sm(self) -> int:
+        return self.ctas_per_sm * self.warps_per_cta
+
+    def fraction(self, hardware) -> float:
+        """Resident warps over the SM's maximum (the 'theoretical occupancy')."""
+        return self.warps_per_sm / hardware.max_warps_per_sm
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["warps_per_sm"] = self.warps_per_sm
+        return out
+
+
+def estimate_registers(kernel, head_dim: int, seq_len: int, hardware) -> int:
+    """Registers per thread of ``kernel`` from its register tiles: every tile kept in registers
+    ("reg" buffers, 4-byte registers, split over the CTA's threads) plus REGISTER_OVERHEAD,
+    capped at the hardware's per-thread maximum and at what lets one CTA fit the SM's register
+    file (a compiler given those bounds spills past them)."""
+    from .schedule import full_dims
+
+    dims = full_dims(kernel, head_dim, seq_len)
+    tile_bytes = sum(dims[b.rows] * dims[b.cols] * b.elem_bytes
+                     for b in kernel.buffers if b.space == "reg")
+    per_thread = math.ceil(tile_bytes / BYTES_PER_REGISTER / kernel.threads)
+    unit = hardware.register_allocation_unit
+    fits_one_cta = hardware.registers_per_sm // kernel.warps // unit * unit // 32
+    return max(1, min(hardware.max_registers_per_thread, fits_one_cta,
+                      per_thread + REGISTER_OVERHEAD))
+
+
+def occupancy(kernel, head_dim: int, seq_len: int, hardware) -> Occupancy:
+    """Resident CTAs per SM of ``kernel`` on ``hardware`` (see the module docstring).
+
+    Raises :class:`TilingError` when not even one CTA fits an SM."""
+    warps = kernel.warps
+    if kernel.threads > MAX_THREADS_PER_CTA:
+        raise TilingError(f"kernel {kernel.name!r} has {kernel.threads} threads per CTA; at most "
+                          f"{MAX_THREADS_PER_CTA} are allowed (use larger rows_per_warp or "
+                          "smaller blocks)")
+    estimated = kernel.registers_per_thread is None
+    registers = (estimate_registers(kernel, head_dim, seq_len, hardware) if estimated
+                 else kernel.registers_per_thread)
+    if registers > hardware.max_registers_per_thread:
+        raise TilingError(f"kernel {kernel.name!r} declares {registers} registers per thread; "
+                          f"the hardware allows at most {hardware.max_registers_per_thread}")
+    smem = kernel.smem_bytes(head_dim, seq_len)
+    unit = hardware.register_allocation_unit
+    registers_per_warp = math.ceil(registers * 32 / unit) * unit
+    smem_per_cta = smem + hardware.smem_reserved_bytes_per_cta
+    limits = {
+        "warps": hardware.max_warps_per_sm // warps,
+        "registers": hardware.registers_per_sm // (registers_per_warp * warps),
+        "smem": hardware.sram_bytes_per_sm // smem_per_cta if smem > 0 else math.inf,
+        "ctas": hardware.max_ctas_per_sm,
+    }
+    limiter = min(LIMITERS, key=lambda name: limits[name])
+    ctas = limits[limiter]
+    if ctas < 1:
+        raise TilingError(
+            f"one CTA of kernel {kernel.name!r} ({warps} warps, {registers} registers per "
+            f"thread, {smem} bytes of shared memory) does not fit an SM of {hardware.name} "
+            f"(limited by {limiter})")
+    return Occupancy(ctas_per_sm=int(ctas), warps_per_cta=warps,
+                     registers_per_thread=registers, registers_estimated=estimated,
+                     smem_bytes_per_cta=smem, limiter=limiter,
+                     limits={k: (int(v) if math.isfinite(v) else None)
+                             for k, v in limits.items()})

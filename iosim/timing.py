@@ -1,0 +1,311 @@
+"""The timed model: a kernel's run time from its tile program replayed per CTA on modelled SMs.
+
+Where the roofline (:mod:`iosim.cost`) divides a kernel's totals by rates, this model follows
+the kernel the way the GPU runs it, in three steps.
+
+1. **One warp alone** (per CTA, in SM clock cycles, from :mod:`iosim.work` and the spec's
+   latencies). A ``mma_sync`` MatMul loads each operand fragment from shared memory and waits
+   for it before the MMAs that use it (``fragments x smem latency + MMAs x issue interval``,
+   at least its dependent chain ``k/16 x MMA latency``); a library GEMM is software-pipelined
+   (its loads hide behind its MMAs). Scalar work issues on the FP32 pipe and exp/log on the
+   special-function unit, plus the latency of its dependent steps (a row reduction's tree).
+   A tile load waits for its bytes (the L2 latency, or the DRAM latency for the share of its
+   bytes that the L2 replay says miss) unless its buffer has several stages: then it was
+   issued one iteration ahead and its latency hides behind the previous iteration. The first
+   load of a group ends in a CTA-wide barrier.
+2. **Resident warps hide each other's latency** (the MWP/CWP argument of Hong and Kim): with
+   ``k`` CTAs of ``W`` warps on an SM, each of its sub-partitions (warp schedulers) runs
+   ``ceil(k·W / sub-partitions)`` warps. A CTA then takes the longest of: its lone warp's
+   time; its warps' pipe time on a sub-partition (tensor, FP32, SFU or issue slots) times the
+   warps sharing it; the SM's shared-memory bandwidth over the bytes its ``k`` CTAs move; and
+   the SM's share of L2 and HBM bandwidth over the bytes they move (bandwidth is shared by
+   every SM that holds a CTA at that moment).
+3. **CTAs are dispatched in launch order** to SMs as slots free up (``occupancy`` slots per
+   SM): waves, the tail and causal imbalance come out of this, and the kernel ends when its
+   last CTA does. The launch overhead is added.
+
+Every figure comes from the hardware spec (``h100-measured``: the microbenchmarks of
+``gpu/calibrate.py``); nothing is fitted to the attention kernels it predicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from . import work
+from .occupancy import occupancy
+
+LOAD, STORE, COMPUTE = 0, 1, 2
+
+#: Names of the terms a CTA's duration is the maximum of, in the order of ``cta_limiter``.
+LIMITERS = ("latency", "tensor", "fp32", "sfu", "issue", "smem", "l2", "hbm")
+
+
+@dataclass
+class TimedKernel:
+    """The timed model's result for one kernel."""
+
+    time_s: float  # first CTA start to last CTA end, plus the launch overhead
+    occupancy: object  # iosim.occupancy.Occupancy
+    breakdown: dict  # limiter -> fraction of CTA-time it bounded; "sm_idle": idle SM fraction
+    cta_sm: np.ndarray = field(repr=False)  # per CTA: SM it ran on
+    cta_start_s: np.ndarray = field(repr=False)
+    cta_end_s: np.ndarray = field(repr=False)
+    cta_limiter: np.ndarray = field(repr=False)  # index into LIMITERS
+
+    def timeline(self) -> dict:
+        """Per CTA: SM, start and end time (seconds) and limiter, as plain lists."""
+        return {"sm": self.cta_sm.tolist(), "start_s": self.cta_start_s.tolist(),
+                "end_s": self.cta_end_s.tolist(),
+                "limiter": [LIMITERS[i] for i in self.cta_limiter]}
+
+
+def _per_cta(values: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` over each CTA's events (CTAs with no events get 0)."""
+    cums = np.concatenate(([0.0], np.cumsum(values, dtype=np.float64)))
+    return cums[cta_start[1:]] - cums[cta_start[:-1]]
+
+
+def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
+    """Per-CTA demands of one kernel trace: the lone warp's cycles and what the CTA asks of
+    each shared resource. ``hbm_by_event``: HBM bytes (read + written back) of each event."""
+    kernel = kt.kernel
+    warps = kernel.warps
+    hw = hardware
+    clock = hw.clock_hz
+    per_smsp = hw.sm_count * hw.sub_partitions_per_sm * clock
+    mma_rate = hw.tensor_rate(dtype, kt.tensor_path)
+    mma_issue = work.MMA_FLOPS / (mma_rate / per_smsp)  # cycles per MMA on one sub-partition
+    fp32_issue = work.WARP_SIZE / (hw.scalar_flops_per_s / 2 / per_smsp)  # FMA = 2 FLOP
+    sfu_issue = work.WARP_SIZE / (hw.special_ops_per_s / per_smsp)
+
+    kind = kt.kind
+    is_compute = kind == COMPUTE
+    is_load = kind == LOAD
+    tile_bytes = (kt.rows * kt.row_bytes).astype(np.float64)
+
+    # ---- one warp alone, cycles ----
+    mma_w = kt.mma / warps
+    frag_w = kt.smem_operand_bytes / warps / work.FRAGMENT_BYTES
+    tensor_w = mma_w * mma_issue
+    has_mma = kt.mma > 0
+    if kt.tensor_path == "mma_sync":
+        mma_alone = np.maximum(frag_w * hw.smem_latency_cycles + tensor_w,
+                               kt.mma_chain * hw.mma_latency_cycles)
+    else:  # software-pipelined library GEMM: loads hide behind the MMAs
+        mma_alone = tensor_w + hw.smem_latency_cycles
+    mma_alone = np.where(has_mma, mma_alone + hw.mma_latency_cycles, 0.0)
+    fp32_w = kt.fp32 / warps * fp32_issue
+    sfu_w = kt.sfu / warps * sfu_issue
+    scalar_alone = (fp32_w + sfu_w + kt.depth * hw.fp32_latency_cycles
+                    + np.where(kt.sfu > 0, hw.special_latency_cycles, 0.0))
+    # loads: latency from where the bytes come from, hidden when issued an iteration ahead
+    miss = np.divide(hbm_by_event, tile_bytes, out=np.zeros_like(tile_bytes),
+                     where=is_load & (tile_bytes > 0))
+    load_latency = hw.l2_latency_cycles + np.minimum(miss, 1.0) * (
+        hw.dram_latency_cycles - hw.l2_latency_cycles)
+    exposed = is_load & (kt.prefetched == 0)
+    alone = (np.where(is_compute, mma_alone + scalar_alone, 0.0)
+             + np.where(exposed, load_latency, 0.0)
+             + kt.sync * hw.barrier_cycles)
+    issue_w = np.where(is_compute, mma_w + frag_w + kt.fp32 / warps + kt.sfu / warps, 0.0)
+
+    # shared-memory bytes the SM moves for the CTA: MMA operands (with per-warp re-reads),
+    # other ops' buffers, and tiles copied in or out
+    smem_bytes = np.where(has_mma, kt.smem_operand_bytes,
+                          kt.sram_read + kt.sram_write).astype(np.float64)
+    memory = ~is_compute
+    starts = kt.cta_start
+    return {
+        "alone_cycles": _per_cta(alone, starts),
+        "tensor_cycles": _per_cta(np.where(is_compute, tensor_w, 0.0), starts),
+        "fp32_cycles": _per_cta(np.where(is_compute, fp32_w, 0.0), starts),
+        "sfu_cycles": _per_cta(np.where(is_compute, sfu_w, 0.0), starts),
+        "issue_cycles": _per_cta(issue_w, starts),
+        "smem_bytes": _per_cta(smem_bytes, starts),
+        "l2_bytes": _per_cta(np.where(memory, tile_bytes, 0.0), starts),
+        "hbm_bytes": _per_cta(np.where(memory, hbm_by_event, 0.0), starts),
+        "exposed_l2_bytes": _per_cta(np.where(exposed, tile_bytes, 0.0), starts),
+        "exposed_hbm_bytes": _per_cta(np.where(exposed, hbm_by_event, 0.0), starts),
+    }
+
+
+@njit(cache=True)
+def _heap_push(heap_t, heap_s, n, t, s):
+    i = n
+    heap_t[i] = t
+    heap_s[i] = s
+    while i > 0:
+        parent = (i - 1) // 2
+        if heap_t[parent] <= heap_t[i]:
+            break
+        heap_t[parent], heap_t[i] = heap_t[i], heap_t[parent]
+        heap_s[parent], heap_s[i] = heap_s[i], heap_s[parent]
+        i = parent
+    return n + 1
+
+
+@njit(cache=True)
+def _heap_pop(heap_t, heap_s, n):
+    t = heap_t[0]
+    s = heap_s[0]
+    n -= 1
+    heap_t[0] = heap_t[n]
+    heap_s[0] = heap_s[n]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            break
+        child = left
+        if left + 1 < n and heap_t[left + 1] < heap_t[left]:
+            child = left + 1
+        if heap_t[i] <= heap_t[child]:
+            break
+        heap_t[child], heap_t[i] = heap_t[i], heap_t[child]
+        heap_s[child], heap_s[i] = heap_s[i], heap_s[child]
+        i = child
+    return t, s, n
+
+
+@njit(cache=True)
+def _duration(c, k, active_sms, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
+              exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap, terms):
+    """A CTA's duration with ``k`` CTAs on its SM and ``active_sms`` SMs busy (see the module
+    docstring, step 2); fills ``terms`` (the LIMITERS' times) and returns the largest."""
+    per_smsp = (k * warps + sub_partitions - 1) // sub_partitions
+    if per_smsp < 1:
+        per_smsp = 1
+    l2_share = min(l2_bw / active_sms, sm_bw_cap)
+    hbm_share = min(hbm_bw / active_sms, sm_bw_cap)
+    terms[0] = alone_s[c] + exposed_l2[c] / l2_share + exposed_hbm[c] / hbm_share
+    for p in range(4):  # tensor, fp32, sfu, issue
+        terms[1 + p] = per_smsp * pipe_s[c, p]
+    terms[5] = k * smem_s[c]
+    terms[6] = k * l2_bytes[c] / l2_share
+    terms[7] = k * hbm_bytes[c] / hbm_share
+    best = 0
+    for i in range(8):
+        if terms[i] > terms[best]:
+            best = i
+    return terms[best], best
+
+
+@njit(cache=True)
+def dispatch(n_sms, slots_per_sm, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
+             exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap,
+             cta_sm, cta_start, cta_end, cta_limiter):
+    """CTAs in launch order onto ``n_sms`` SMs of ``slots_per_sm`` slots each: the first
+    fill every slot (round-robin over the SMs), each later one takes the slot that frees first
+    (the SM whose CTA ends earliest). Fills the per-CTA arrays; returns the kernel's end."""
+    n = alone_s.shape[0]
+    terms = np.zeros(8)
+    resident = np.zeros(n_sms, dtype=np.int64)
+    first = min(n, n_sms * slots_per_sm)
+    for c in range(first):
+        resident[c % n_sms] += 1
+    active = 0
+    for s in range(n_sms):
+        if resident[s] > 0:
+            active += 1
+    heap_t = np.empty(first + 1)
+    heap_s = np.empty(first + 1, dtype=np.int64)
+    heap_c = 0
+    for c in range(first):
+        s = c % n_sms
+        d, lim = _duration(c, resident[s], active, alone_s, pipe_s, smem_s, l2_bytes,
+                           hbm_bytes, exposed_l2, exposed_hbm, warps, sub_partitions, l2_bw,
+                           hbm_bw, sm_bw_cap, terms)
+        cta_sm[c] = s
+        cta_start[c] = 0.0
+        cta_end[c] = d
+        cta_limiter[c] = lim
+        heap_c = _heap_push(heap_t, heap_s, heap_c, d, s)
+    end = 0.0
+    for c in range(first, n):
+        t, s, heap_c = _heap_pop(heap_t, heap_s, heap_c)
+        d, lim = _duration(c, resident[s], active, alone_s, pipe_s, smem_s, l2_bytes,
+                           hbm_bytes, exposed_l2, exposed_hbm, warps, sub_partitions, l2_bw,
+                           hbm_bw, sm_bw_cap, terms)
+        cta_sm[c] = s
+        cta_start[c] = t
+        cta_end[c] = t + d
+        cta_limiter[c] = lim
+        heap_c = _heap_push(heap_t, heap_s, heap_c, t + d, s)
+    for c in range(n):
+        if cta_end[c] > end:
+            end = cta_end[c]
+    return end
+
+
+def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape) -> TimedKernel:
+    """Run the timed model on one kernel trace of a workload of ``shape`` (see the module
+    docstring). ``hbm_by_event``: each event's HBM bytes, read and written back."""
+    hw = hardware
+    occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
+    demand = cta_demands(kt, hbm_by_event, hw, shape.dtype)
+    clock = hw.clock_hz
+    n = kt.n_ctas
+    pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"], demand["sfu_cycles"],
+                     demand["issue_cycles"]], axis=1) / clock
+    smem_per_sm = hw.sram_bandwidth_bytes_per_s / hw.sm_count
+    cta_sm = np.zeros(n, dtype=np.int64)
+    start = np.zeros(n)
+    end = np.zeros(n)
+    limiter = np.zeros(n, dtype=np.int64)
+    if n:
+        dispatch(hw.sm_count, occ.ctas_per_sm, demand["alone_cycles"] / clock,
+                 np.ascontiguousarray(pipe), demand["smem_bytes"] / smem_per_sm,
+                 demand["l2_bytes"], demand["hbm_bytes"], demand["exposed_l2_bytes"],
+                 demand["exposed_hbm_bytes"], occ.warps_per_cta, hw.sub_partitions_per_sm,
+                 hw.l2_bandwidth_bytes_per_s, hw.hbm_bandwidth_bytes_per_s, smem_per_sm,
+                 cta_sm, start, end, limiter)
+    span = float(end.max()) if n else 0.0
+    busy = end - start
+    breakdown = {name: 0.0 for name in LIMITERS}
+    total = float(busy.sum())
+    if total > 0:
+        by = np.bincount(limiter, weights=busy, minlength=len(LIMITERS))
+        breakdown = {name: float(by[i] / total) for i, name in enumerate(LIMITERS)}
+    # SM time left idle: SM-seconds with no CTA resident over all SM-seconds of the span
+    idle = 0.0
+    if span > 0:
+        covered = np.zeros(hw.sm_count)
+        order = np.lexsort((start, cta_sm))
+        _covered_time(cta_sm[order], start[order], end[order], covered)
+        idle = float(1.0 - covered.sum() / (hw.sm_count * span))
+    breakdown["sm_idle"] = idle
+    return TimedKernel(time_s=span + hw.launch_overhead_s, occupancy=occ, breakdown=breakdown,
+                       cta_sm=cta_sm, cta_start_s=start, cta_end_s=end, cta_limiter=limiter)
+
+
+@njit(cache=True)
+def _covered_time(sm, start, end, covered):
+    """Per SM, the length of the union of its CTAs' [start, end) intervals (sorted by SM,
+    then start)."""
+    i = 0
+    n = sm.shape[0]
+    while i < n:
+        s = sm[i]
+        lo = start[i]
+        hi = end[i]
+        i += 1
+        while i < n and sm[i] == s:
+            if start[i] > hi:
+                covered[s] += hi - lo
+                lo = start[i]
+                hi = end[i]
+            elif end[i] > hi:
+                hi = end[i]
+            i += 1
+        covered[s] += hi - lo
+
+
+def fraction_bound(breakdown: dict) -> str:
+    """The limiter that bounded the largest share of CTA-time."""
+    names = [n for n in LIMITERS if n in breakdown]
+    return max(names, key=lambda n: breakdown[n]) if names else ""
+
+
