@@ -18,6 +18,7 @@ Run alone: ``python -m experiments.validation [results_dir]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,9 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "h100"
 HARDWARE = "h100-measured"
 BEST_PAIR_TOLERANCE = 0.05
 LARGE_DATA_FACTOR = 4  # byte targets cover kernels whose data is at least 4x the L2
+#: Shapes with N at or above this were held out while the timed model was developed (against
+#: N <= 4096 only); their errors are reported apart.
+HELD_OUT_SEQ_LEN = 8192
 
 
 def load_bench(data_dir: Path = DATA_DIR) -> dict:
@@ -68,14 +72,52 @@ def _ape(predicted: float, measured: float) -> float:
     return abs(predicted - measured) / measured * 100.0
 
 
-def predict(run: dict, hardware: str = HARDWARE) -> dict:
-    """iosim's per-kernel predictions for one measured run, under both memory models."""
+def load_registers(data_dir: Path = DATA_DIR) -> dict:
+    """Registers per thread of the real kernels, as Nsight Compute reported them
+    (``occupancy.json``): (algorithm, head_dim, block_rows, block_cols, warp_rows) -> registers
+    for the flash kernels, kernel name -> registers for the others. Empty without the file."""
+    path = data_dir / "occupancy.json"
+    if not path.is_file():
+        return {}
+    table = {}
+    for rec in json.loads(path.read_text()).get("records", []):
+        registers = rec.get("launch__registers_per_thread")
+        if not registers:
+            continue
+        if rec.get("algorithm") in ("flash1", "flash2"):
+            key = (rec["algorithm"], rec["head_dim"], rec["block_rows"], rec["block_cols"],
+                   rec.get("warp_rows"))
+        else:
+            key = rec.get("kernel")
+        table[key] = int(registers)
+    return table
+
+
+def _declare_registers(schedule, run: dict, registers: dict):
+    """The schedule with the real kernels' measured registers per thread declared."""
+    kernels = []
+    for kernel in schedule.kernels:
+        key = (run["algorithm"], run["head_dim"], run["block_rows"], run["block_cols"],
+               run.get("warp_rows")) if kernel.tensor_path == "mma_sync" else kernel.name
+        if key in registers:
+            kernel = dataclasses.replace(kernel, registers_per_thread=registers[key])
+        kernels.append(kernel)
+    return dataclasses.replace(schedule, kernels=tuple(kernels))
+
+
+def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) -> dict:
+    """iosim's per-kernel predictions for one measured run, under both memory models and both
+    time models. The schedule is the real kernel's: its block sizes, its rows per warp (hence
+    warps per CTA) and, where ``registers`` has them, its measured registers per thread."""
     from iosim.simulate import simulate_trace
     from iosim.trace import build_trace
 
     hw = iosim.load_hardware(hardware)
+    rows_per_warp = run.get("warp_rows") if run["algorithm"] in ("flash1", "flash2") else None
     schedule = iosim.build_schedule(run["algorithm"], _shape(run), run["block_rows"],
-                                    run["block_cols"], hw.sram_bytes_per_block)
+                                    run["block_cols"], hw.sram_bytes_per_block,
+                                    rows_per_warp=rows_per_warp)
+    schedule = _declare_registers(schedule, run, registers or {})
     trace = build_trace(schedule)  # one trace, replayed under both models
     sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
     l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
@@ -83,32 +125,52 @@ def predict(run: dict, hardware: str = HARDWARE) -> dict:
     kernels = {}
     for k in l2.kernels:
         data = _footprint_bytes(schedule, k)
-        kernels[k.name] = {"predicted_time_s": k.predicted_time_s, "predicted_bound": k.bound,
-                           "predicted_limiter": k.limiter, "flops": k.flops,
+        occ = k.occupancy
+        kernels[k.name] = {"predicted_time_s": k.times_s["timed"],
+                           "predicted_time_roofline_s": k.times_s["roofline"],
+                           "predicted_bound": k.bound, "predicted_limiter": k.limiter,
+                           "timed_limiter": k.timed_limiter,
+                           "model_warps_per_sm": occ["warps_per_sm"],
+                           "model_ctas_per_sm": occ["ctas_per_sm"],
+                           "model_registers": occ["registers_per_thread"],
+                           "registers_measured": not occ["registers_estimated"],
+                           "flops": k.flops,
                            "data_bytes": data, "large_data": data >= large,
                            "predicted_hbm_bytes_l2": k.hbm_bytes,
                            "predicted_hbm_bytes_two_level": two[k.name].hbm_bytes}
     return {"block_rows": l2.block_rows, "block_cols": l2.block_cols, "kernels": kernels}
 
 
-def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None) -> list[dict]:
+def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
+            registers: dict | None = None, progress: bool = False) -> list[dict]:
     """One row per measured kernel of every passing run: predictions beside measurements.
 
     The runs are simulated in parallel over ``workers`` processes (default: every core)."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
+    from tqdm import tqdm
+
     runs = [r for r in doc["runs"] if r.get("passed") and r.get("time_s")]
     workers = workers or os.cpu_count() or 1
+    job = partial(predict, hardware=hardware, registers=registers)
+    bar = tqdm(total=len(runs), desc="validation", unit="run", file=sys.stderr,
+               disable=not progress, leave=False)
     if workers > 1 and len(runs) > 1:
         # the largest first, so that no worker is left with a long one at the end
         order = sorted(range(len(runs)), key=lambda i: -runs[i]["batch"] * runs[i]["seq_len"] ** 2)
+        done = {}
         with ProcessPoolExecutor(workers) as pool:
-            done = dict(zip(order, pool.map(partial(predict, hardware=hardware),
-                                            [runs[i] for i in order])))
+            for i, prediction in zip(order, pool.map(job, [runs[i] for i in order])):
+                done[i] = prediction
+                bar.update(1)
         predictions = [done[i] for i in range(len(runs))]
     else:
-        predictions = [predict(r, hardware) for r in runs]
+        predictions = []
+        for r in runs:
+            predictions.append(job(r))
+            bar.update(1)
+    bar.close()
     rows = []
     for run, prediction in zip(runs, predictions):
         for measured in run["kernels"]:
@@ -120,16 +182,20 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None) -> 
                    "seq_len": run["seq_len"], "head_dim": run["head_dim"],
                    "causal": run["causal"], "block_rows": prediction["block_rows"],
                    "block_cols": prediction["block_cols"], "kernel": name,
+                   "held_out": run["seq_len"] >= HELD_OUT_SEQ_LEN,
                    "measured_time_s": timing.get("median"),
                    "ncu_duration_s": measured.get("ncu_duration_s"),
                    **prediction["kernels"][name], "measured_dram_bytes": None,
                    # the real kernel's resources, where the harness recorded them
-                   "kernel_smem_bytes": run.get("smem_bytes"), "threads": run.get("threads")}
+                   "kernel_smem_bytes": run.get("smem_bytes"), "threads": run.get("threads"),
+                   "warp_rows": run.get("warp_rows")}
             if measured.get("dram_read_bytes") is not None:
                 row["measured_dram_bytes"] = (measured["dram_read_bytes"]
                                               + measured["dram_write_bytes"])
             if row["measured_time_s"]:
                 row["time_ape"] = _ape(row["predicted_time_s"], row["measured_time_s"])
+                row["time_ape_roofline"] = _ape(row["predicted_time_roofline_s"],
+                                                row["measured_time_s"])
             if row["measured_dram_bytes"]:
                 row["bytes_ape_l2"] = _ape(row["predicted_hbm_bytes_l2"],
                                            row["measured_dram_bytes"])
@@ -147,18 +213,28 @@ def _stats(values) -> tuple:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per algorithm (and overall): median and worst APE of time and of DRAM bytes."""
+    """Per algorithm (and overall): median and worst APE of time (timed model, roofline beside
+    it; all shapes, then the shapes below and at/above HELD_OUT_SEQ_LEN apart) and of DRAM
+    bytes."""
     table = []
     for algorithm in list(iosim.ALGORITHMS) + ["all"]:
         mine = [r for r in rows if algorithm in ("all", r["algorithm"])]
         if not mine:
             continue
         t_med, t_max, t_n = _stats(r.get("time_ape") for r in mine)
+        f_med, f_max, _ = _stats(r.get("time_ape_roofline") for r in mine)
+        d_med, d_max, _ = _stats(r.get("time_ape") for r in mine if not r["held_out"])
+        h_med, h_max, _ = _stats(r.get("time_ape") for r in mine if r["held_out"])
         large = [r for r in mine if r["large_data"]]
         b_med, b_max, b_n = _stats(r.get("bytes_ape_l2") for r in large)
         w_med, w_max, _ = _stats(r.get("bytes_ape_two_level") for r in large)
         table.append({"algorithm": algorithm, "kernels_timed": t_n,
                       "time_ape_median_pct": t_med, "time_ape_worst_pct": t_max,
+                      "time_ape_median_pct_roofline": f_med,
+                      "time_ape_worst_pct_roofline": f_max,
+                      "time_ape_median_pct_dev": d_med, "time_ape_worst_pct_dev": d_max,
+                      "time_ape_median_pct_held_out": h_med,
+                      "time_ape_worst_pct_held_out": h_max,
                       "kernels_profiled_large": b_n,
                       "bytes_ape_median_pct_l2": b_med, "bytes_ape_worst_pct_l2": b_max,
                       "bytes_ape_median_pct_two_level": w_med,
@@ -166,30 +242,40 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
-def occupancy(rows: list[dict], sram_bytes_per_sm: int, sm_count: int) -> list[dict]:
-    """Time error of the flash kernels against the warps the real kernel keeps on an SM
-    (CTAs per SM as its shared memory and its grid allow, times its warps per CTA): the cost
-    model has no latency-hiding term, so it misses most where few warps are resident."""
+def occupancy(rows: list[dict]) -> list[dict]:
+    """Time error of the flash kernels, timed model and roofline, against the warps the model
+    keeps resident per SM (the occupancy calculator on the real kernel's warps, shared memory
+    and, where measured, registers)."""
     groups = {}
     for r in rows:
-        if r["algorithm"] in ("flash1", "flash2") and r.get("kernel_smem_bytes") \
-                and r.get("threads") and r.get("time_ape") is not None:
-            grid = r["batch"] * r["heads"]  # flash1: one CTA per batch·head
-            if r["algorithm"] == "flash2":
-                grid *= math.ceil(r["seq_len"] / r["block_rows"])
-            ctas = max(1, min(sram_bytes_per_sm // r["kernel_smem_bytes"],
-                              math.ceil(grid / sm_count)))
-            warps = ctas * r["threads"] // 32
-            groups.setdefault((r["algorithm"], warps), []).append(r["time_ape"])
+        if r["algorithm"] in ("flash1", "flash2") and r.get("time_ape") is not None:
+            groups.setdefault((r["algorithm"], r["model_warps_per_sm"]), []).append(r)
     return [{"algorithm": a, "resident_warps_per_sm": w, "kernels": len(v),
-             "time_ape_median_pct": statistics.median(v), "time_ape_worst_pct": max(v)}
+             "time_ape_median_pct": statistics.median(x["time_ape"] for x in v),
+             "time_ape_worst_pct": max(x["time_ape"] for x in v),
+             "time_ape_median_pct_roofline": statistics.median(x["time_ape_roofline"] for x in v),
+             "time_ape_worst_pct_roofline": max(x["time_ape_roofline"] for x in v)}
             for (a, w), v in sorted(groups.items())]
 
 
-def block_choice(rows: list[dict]) -> list[dict]:
-    """Per (algorithm, shape) with several block pairs: does the model rank them right?"""
+def _rank_agreement(members: list[dict], key: str) -> tuple:
+    """(Spearman rho, predicted best, measured best, slowdown of the predicted best) of the
+    predictions in ``key`` against the measured times."""
     from scipy.stats import spearmanr
 
+    predicted = [m[key] for m in members]
+    measured = [m["measured_time_s"] for m in members]
+    rho = spearmanr(predicted, measured).statistic if len(members) > 2 else (
+        1.0 if (predicted[0] - predicted[1]) * (measured[0] - measured[1]) > 0 else -1.0)
+    best_predicted = members[int(np.argmin(predicted))]
+    best_measured = members[int(np.argmin(measured))]
+    ratio = best_predicted["measured_time_s"] / best_measured["measured_time_s"]
+    return float(rho), best_predicted, best_measured, ratio
+
+
+def block_choice(rows: list[dict]) -> list[dict]:
+    """Per (algorithm, shape) with several block pairs: does the model rank them right?
+    The timed model's ranking, and the roofline's beside it."""
     groups = {}
     for r in rows:
         if r["algorithm"] in ("flash1", "flash2") and r["measured_time_s"]:
@@ -200,53 +286,53 @@ def block_choice(rows: list[dict]) -> list[dict]:
     for key, members in sorted(groups.items()):
         if len(members) < 2:
             continue
-        predicted = [m["predicted_time_s"] for m in members]
-        measured = [m["measured_time_s"] for m in members]
-        rho = spearmanr(predicted, measured).statistic if len(members) > 2 else (
-            1.0 if (predicted[0] - predicted[1]) * (measured[0] - measured[1]) > 0 else -1.0)
-        best_predicted = members[int(np.argmin(predicted))]
-        best_measured = members[int(np.argmin(measured))]
-        ratio = best_predicted["measured_time_s"] / best_measured["measured_time_s"]
+        rho, best_predicted, best_measured, ratio = _rank_agreement(members, "predicted_time_s")
+        rho_roof, _, _, ratio_roof = _rank_agreement(members, "predicted_time_roofline_s")
         table.append({"algorithm": key[0], "batch": key[1], "heads": key[2], "seq_len": key[3],
                       "head_dim": key[4], "causal": key[5], "pairs": len(members),
-                      "spearman": float(rho),
+                      "held_out": key[3] >= HELD_OUT_SEQ_LEN,
+                      "spearman": rho,
                       "predicted_best": f"{best_predicted['block_rows']}x{best_predicted['block_cols']}",
                       "measured_best": f"{best_measured['block_rows']}x{best_measured['block_cols']}",
                       "predicted_best_slowdown_pct": (ratio - 1) * 100,
-                      "within_5pct": ratio <= 1 + BEST_PAIR_TOLERANCE})
+                      "within_5pct": ratio <= 1 + BEST_PAIR_TOLERANCE,
+                      "spearman_roofline": rho_roof,
+                      "within_5pct_roofline": ratio_roof <= 1 + BEST_PAIR_TOLERANCE})
     return table
 
 
-def _scatter(path: Path, rows, x_key, y_key, label, title):
+def _scatter(path: Path, rows, x_key, panels, label):
+    """Predicted against measured, one log-log panel per (y key, title) in ``panels``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False)
     markers = {"standard": "o", "hf": "s", "megatron": "^", "flash1": "D", "flash2": "*"}
-    values = []
-    for algorithm, marker in markers.items():
-        pts = [(r[x_key], r[y_key]) for r in rows
-               if r["algorithm"] == algorithm and r.get(x_key) and r.get(y_key)]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker=marker, label=algorithm, alpha=0.75, s=28)
-            values += list(xs) + list(ys)
-    if values:
-        lo, hi = min(values) / 1.5, max(values) * 1.5
-        ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x")
-        ax.fill_between([lo, hi], [lo / 1.25, hi / 1.25], [lo * 1.25, hi * 1.25],
-                        color="0.85", zorder=0, label="±25%")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"measured {label}")
-    ax.set_ylabel(f"predicted {label}")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    for ax, (y_key, title) in zip(axes[0], panels):
+        values = []
+        for algorithm, marker in markers.items():
+            pts = [(r[x_key], r[y_key]) for r in rows
+                   if r["algorithm"] == algorithm and r.get(x_key) and r.get(y_key)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, marker=marker, label=algorithm, alpha=0.75, s=28)
+                values += list(xs) + list(ys)
+        if values:
+            lo, hi = min(values) / 1.5, max(values) * 1.5
+            ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x")
+            ax.fill_between([lo, hi], [lo / 1.25, hi / 1.25], [lo * 1.25, hi * 1.25],
+                            color="0.85", zorder=0, label="±25%")
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -311,20 +397,20 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
     """Write the validation tables and figures; return the report section (markdown)."""
     results_dir = Path(results_dir)
     doc = load_bench(data_dir)
-    rows = compare(doc)
+    rows = compare(doc, registers=load_registers(data_dir), progress=True)
     summary = summarise(rows)
     blocks = block_choice(rows)
-    hw = iosim.load_hardware(HARDWARE)
-    resident = occupancy(rows, hw.sram_bytes_per_sm, hw.sm_count)
+    resident = occupancy(rows)
     mma_by_warps = _mma_by_warps(data_dir)
     write_csv(results_dir / "validation_kernels.csv", rows)
     write_csv(results_dir / "validation_occupancy.csv", resident)
     write_csv(results_dir / "validation_summary.csv", summary)
     write_csv(results_dir / "validation_blocks.csv", blocks)
-    _scatter(results_dir / "validation_time.png", rows, "measured_time_s", "predicted_time_s",
-             "time (s)", "Kernel time: iosim (l2 model) vs H100 (CUDA events)")
+    _scatter(results_dir / "validation_time.png", rows, "measured_time_s",
+             [("predicted_time_s", "Kernel time: timed model vs H100 (CUDA events)"),
+              ("predicted_time_roofline_s", "Kernel time: roofline vs H100")], "time (s)")
     _scatter(results_dir / "validation_bytes.png", rows, "measured_dram_bytes",
-             "predicted_hbm_bytes_l2", "DRAM bytes", "HBM bytes: iosim l2 model vs ncu")
+             [("predicted_hbm_bytes_l2", "HBM bytes: iosim l2 model vs ncu")], "DRAM bytes")
     _roofline(results_dir / "validation_roofline.png", rows, HARDWARE)
     device = doc["device"]
     within = sum(1 for b in blocks if b["within_5pct"])

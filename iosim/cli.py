@@ -11,7 +11,7 @@ from .errors import IosimError
 from .formatting import format_bytes, format_intensity, format_time, text_table
 from .schedules import ALGORITHMS
 from .shape import DTYPE_BYTES, AttentionShape
-from .simulate import MODELS, simulate
+from .simulate import MODELS, TIME_MODELS, simulate
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,6 +35,12 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    help="SRAM per thread block in bytes (the paper's M); default: the spec's")
     p.add_argument("--model", default="l2", choices=list(MODELS),
                    help="memory model: l2 (default) or two-level (the paper's)")
+    p.add_argument("--time-model", default="timed", choices=list(TIME_MODELS),
+                   help="time prediction: timed (default; per-CTA replay with occupancy, "
+                        "latency and overlap) or roofline (totals over rates)")
+    p.add_argument("--rows-per-warp", type=int, default=None,
+                   help="flash1/flash2: query rows each warp owns (default 16), which sets "
+                        "the warps per CTA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,15 +70,19 @@ def _shape(args) -> AttentionShape:
 def format_table(result) -> str:
     """The per-kernel table ``iosim simulate`` prints."""
     header = ("kernel", "HBM read", "HBM write", "L2 read", "L2 write", "SRAM r+w",
-              "TC GFLOP", "scalar GFLOP", "FLOP/B", "bound", "predicted")
+              "TC GFLOP", "scalar GFLOP", "FLOP/B", "roofline bound", "warps/SM",
+              "timed limiter", "roofline", "timed")
     rows = []
     for k in result.kernels + [result.totals]:
+        occ = k.occupancy
         rows.append((k.name, format_bytes(k.hbm_read_bytes), format_bytes(k.hbm_write_bytes),
                      format_bytes(k.l2_read_bytes), format_bytes(k.l2_write_bytes),
                      format_bytes(k.sram_read_bytes + k.sram_write_bytes),
                      f"{k.flops_tensor / 1e9:.2f}", f"{k.flops_scalar / 1e9:.2f}",
                      format_intensity(k.arithmetic_intensity), f"{k.bound} ({k.limiter})",
-                     format_time(k.predicted_time_s)))
+                     f"{occ['warps_per_sm']} ({occ['limiter']})" if occ else "",
+                     k.timed_limiter, format_time(k.times_s["roofline"]),
+                     format_time(k.times_s["timed"])))
     label = "HBM traffic" if result.model == "two-level" else "L2 requests"
     accesses = []
     for k in result.kernels:
@@ -80,7 +90,8 @@ def format_table(result) -> str:
                  for verb, key in (("read", "read_bytes"), ("write", "write_bytes")) if t[key]]
         accesses.append(f"  {k.name}: " + ", ".join(moves))
     title = (f"{result.algorithm} on {result.hardware.name}, {result.shape.describe()}, "
-             f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}")
+             f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}, "
+             f"predicted time: {result.time_model} model")
     count = sum(1 for k in result.kernels for t in k.tensors.values()
                 for key in ("read_bytes", "write_bytes") if t[key])
     return "\n".join([title, text_table(header, rows, left_columns=1)]
@@ -90,7 +101,8 @@ def format_table(result) -> str:
 def _simulate(args) -> None:
     result = simulate(args.algorithm, _shape(args), block_rows=args.block_rows,
                       block_cols=args.block_cols, hardware=args.hardware,
-                      sram_bytes=args.sram_bytes, model=args.model)
+                      sram_bytes=args.sram_bytes, model=args.model,
+                      time_model=args.time_model, rows_per_warp=args.rows_per_warp)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -98,14 +110,18 @@ def _simulate(args) -> None:
 
 
 def _explore(args) -> None:
-    from .explore import explore, format_ranking, write_csv
+    from .explore import explore, format_ranking, occupancy_warning, write_csv
 
     if args.top < 1:
         raise IosimError(f"--top must be a positive integer, got {args.top}")
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, time_model=args.time_model,
+                   rows_per_warp=args.rows_per_warp)
     print(format_ranking(rows[: args.top]))
+    warning = occupancy_warning(rows[: args.top])
+    if warning:
+        print(warning, file=sys.stderr)
     if args.out:
         write_csv(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")

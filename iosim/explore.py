@@ -31,7 +31,7 @@ from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .shape import AttentionShape
-from .simulate import check_model
+from .simulate import check_model, check_time_model
 
 POW2_SIZES = (16, 32, 64, 128, 256)
 MULT16_LIMIT = 512
@@ -55,6 +55,13 @@ class BlockChoice:
     bound: str
     limiter: str
     sram_bytes_per_cta: int  # the largest of the kernels' live shared-memory tiles
+    time_model: str  # which model predicted_time_s comes from
+    predicted_time_roofline_s: float
+    predicted_time_timed_s: float
+    timed_limiter: str  # what bounded most CTA-time (timed model)
+    warps_per_sm: int  # resident warps per SM of the slowest kernel (the occupancy)
+    ctas_per_sm: int
+    occupancy_limiter: str  # what limits that kernel's resident CTAs
 
     @property
     def hbm_bytes(self) -> int:
@@ -105,14 +112,21 @@ def candidate_sizes(seq_len: int, candidates="pow2") -> list[int]:
     return sorted(sizes)
 
 
-def fitting_pairs(algorithm: str, shape: AttentionShape, sram_bytes: int,
-                  sizes: list[int]) -> list[tuple[int, int, int]]:
-    """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits ``sram_bytes``."""
+def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[int],
+                  rows_per_warp=None) -> list[tuple[int, int, int]]:
+    """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits the hardware's
+    SRAM per thread block and whose CTAs fit an SM (warps, registers: the occupancy rules)."""
+    from .occupancy import occupancy
+
     pairs = []
     for br in sizes:
         for bc in sizes:
             try:
-                schedule = build_schedule(algorithm, shape, br, bc, sram_bytes=sram_bytes)
+                schedule = build_schedule(algorithm, shape, br, bc,
+                                          sram_bytes=hardware.sram_bytes_per_block,
+                                          rows_per_warp=rows_per_warp)
+                for kernel in schedule.kernels:
+                    occupancy(kernel, shape.head_dim, shape.seq_len, hardware)
             except TilingError:
                 continue
             need = max(k.smem_bytes(shape.head_dim, shape.seq_len) for k in schedule.kernels)
@@ -123,16 +137,23 @@ def fitting_pairs(algorithm: str, shape: AttentionShape, sram_bytes: int,
 def _simulate_pair(job) -> BlockChoice:
     from .simulate import simulate
 
-    algorithm, shape, hw, model, br, bc, need = job
-    total = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
-                     model=model).totals
+    algorithm, shape, hw, model, time_model, rows_per_warp, br, bc, need = job
+    result = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
+                      model=model, time_model=time_model, rows_per_warp=rows_per_warp)
+    total = result.totals
+    slowest = max(result.kernels, key=lambda k: k.times_s["timed"])
+    occ = slowest.occupancy
     return BlockChoice(
         block_rows=br, block_cols=bc, predicted_time_s=total.predicted_time_s,
         hbm_read_bytes=total.hbm_read_bytes, hbm_write_bytes=total.hbm_write_bytes,
         l2_read_bytes=total.l2_read_bytes, l2_write_bytes=total.l2_write_bytes,
         flops_tensor=total.flops_tensor, flops_scalar=total.flops_scalar, flops=total.flops,
         arithmetic_intensity=total.arithmetic_intensity, bound=total.bound,
-        limiter=total.limiter, sram_bytes_per_cta=need)
+        limiter=total.limiter, sram_bytes_per_cta=need, time_model=time_model,
+        predicted_time_roofline_s=total.times_s["roofline"],
+        predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
+        warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
+        occupancy_limiter=occ["limiter"])
 
 
 def rank_key(row: BlockChoice):
@@ -142,15 +163,19 @@ def rank_key(row: BlockChoice):
 
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
-            candidates=None) -> list[BlockChoice]:
+            candidates=None, time_model: str = "timed",
+            rows_per_warp=None) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
 
     ``hardware``: preset name, TOML path or :class:`Hardware`; ``sram_bytes`` overrides its SRAM
     per thread block; ``model``: "l2" or "two-level"; ``workers``: processes (default
     ``os.cpu_count()``; 1 runs in this process); ``progress``: a tqdm bar on stderr;
-    ``candidates``: see the module docstring (None means "pow2"). Raises
-    :class:`IosimError` for bad input or when no pair fits."""
+    ``candidates``: see the module docstring (None means "pow2"); ``time_model``: "timed"
+    (default) or "roofline", the prediction the pairs are ranked by; ``rows_per_warp``
+    (flash1, flash2): query rows per warp, hence warps per CTA. Raises :class:`IosimError` for
+    bad input or when no pair fits."""
     algorithm_module(algorithm)
+    check_time_model(time_model)
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
     check_model(model)
@@ -162,13 +187,14 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
     sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
-    pairs = fitting_pairs(algorithm, shape, hw.sram_bytes_per_block, sizes)
+    pairs = fitting_pairs(algorithm, shape, hw, sizes, rows_per_warp)
     if not pairs:
         raise IosimError(
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    jobs = [(algorithm, shape, hw, model, br, bc, need) for br, bc, need in pairs]
+    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, br, bc, need)
+            for br, bc, need in pairs]
     bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
     rows = []
     try:
@@ -198,18 +224,34 @@ def format_ranking(rows) -> str:
     """A plain-text table of ranked rows: rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound."""
     if not rows:
         return "(no block sizes)"
-    header = ("rank", "Br", "Bc", "predicted", "HBM read", "HBM write", "L2 r+w", "GFLOP",
-              "FLOP/B", "bound (limiter)", "SRAM/CTA")
+    header = ("rank", "Br", "Bc", "predicted", "roofline", "warps/SM", "occupancy by",
+              "timed limiter", "HBM read", "HBM write", "L2 r+w", "GFLOP", "FLOP/B",
+              "roofline bound", "SRAM/CTA")
     table = []
     for rank, r in enumerate(rows, 1):
         ai = r.arithmetic_intensity
         table.append((str(rank), str(r.block_rows), str(r.block_cols),
-                      format_time(r.predicted_time_s), format_bytes(r.hbm_read_bytes),
+                      format_time(r.predicted_time_s), format_time(r.predicted_time_roofline_s),
+                      str(r.warps_per_sm), f"{r.occupancy_limiter} ({r.ctas_per_sm} CTA)",
+                      r.timed_limiter, format_bytes(r.hbm_read_bytes),
                       format_bytes(r.hbm_write_bytes),
                       format_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
                       format_intensity(ai), f"{r.bound} ({r.limiter})",
                       f"{r.sram_bytes_per_cta / 1024:.1f} KiB"))
     return text_table(header, table)
+
+
+def occupancy_warning(rows) -> str | None:
+    """A warning when the ranked pairs keep different numbers of warps resident per SM: their
+    times then hinge on latency hiding, the part of the model least certain; None otherwise."""
+    levels = sorted({r.warps_per_sm for r in rows})
+    if len(levels) < 2:
+        return None
+    low = [f"{r.block_rows}x{r.block_cols}" for r in rows if r.warps_per_sm == levels[0]]
+    return (f"warning: the pairs differ in occupancy ({', '.join(map(str, levels))} resident "
+            f"warps per SM); the fewest ({levels[0]}: {', '.join(low[:6])}"
+            f"{', ...' if len(low) > 6 else ''}) hide latency least, and their ranking rests on "
+            "the timed model's latency terms: measure the close calls")
 
 
 def write_csv(rows, path) -> None:
