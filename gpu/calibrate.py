@@ -4,10 +4,21 @@ Never fitted to attention data. Measures: device-to-device copy bandwidth (bytes
 bandwidth (a buffer of ~1/4 of L2 read over and over with ld.global.cg), shared-memory bandwidth (ld.shared.v4,
 conflict-free), fp16 tensor-core matmul rate (2-D cupy.matmul 8192^3 and the cuBLAS strided-batched path of the
 unfused pipelines), mma.sync tensor-core rate (operands in registers), CUDA-core fp32 FMA rate, exp rate (ex2.approx and expf), and kernel launch overhead.
+
+Latency microbenchmarks (``_LAT_SRC``; each result gives ``cycles`` and ``latency_s``, converted with the SM clock
+measured in the same run, ``results["sm_clock"]``): DRAM and L2 latency (single-thread pointer chase,
+ld.global.cg, one 128-byte line per hop), shared-memory latency (ld.shared chase), mma.sync m16n8k16 latency and
+issue interval (1, 2, 4, 8 independent chains in one warp), fp32 FMA and ex2.approx latency (dependent chains),
+__syncthreads() cost against warps per CTA, and DRAM bandwidth against bytes in flight per SM (Little's law).
+
+``python -m gpu.calibrate --merge-from NEW.json --out OLD.json`` adds the result keys of NEW that OLD lacks to
+OLD (existing results are kept; NEW's values of them are stored under ``rerun_of_existing_results``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
 import time
 
@@ -106,6 +117,159 @@ extern "C" __global__ void mma_rate(int iters, float* __restrict__ sink) {
 extern "C" __global__ void empty_kernel() { }
 """
 
+_LAT_SRC = r"""
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// SM clock: clock64() against %globaltimer (ns) over a spin of spin_ns.
+extern "C" __global__ void sm_clock(long long spin_ns, long long* __restrict__ out) {
+    u64 g0, g1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g0));
+    const long long c0 = clock64();
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g1)); } while ((long long)(g1 - g0) < spin_ns);
+    const long long c1 = clock64();
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g1));
+    out[0] = c1 - c0;
+    out[1] = (long long)(g1 - g0);
+}
+
+// Single-thread pointer chase through global memory; each hop is one ld.global.cg.u64 of the next address.
+extern "C" __global__ void chase_global(u64 start, int hops, u64* __restrict__ out, long long* __restrict__ cyc) {
+    u64 p = start;
+    const long long t0 = clock64();
+    for (int i = 0; i < hops; i += 8) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) asm volatile("ld.global.cg.u64 %0, [%0];" : "+l"(p) :: "memory");
+    }
+    out[0] = p;                      // the store waits for the last load; the clock is read after it
+    const long long t1 = clock64();
+    cyc[0] = t1 - t0;
+}
+
+// One warp chases one chain through shared memory (all lanes the same address: a broadcast, no conflict).
+extern "C" __global__ void chase_smem(const u32* __restrict__ nxt, int n, int hops, u32* __restrict__ out,
+                                      long long* __restrict__ cyc) {
+    __shared__ u32 s[8192];
+    u32 base;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(base) : "l"(s));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = base + 4u * nxt[i];
+    __syncthreads();
+    u32 p = base;
+    const long long t0 = clock64();
+    for (int i = 0; i < hops; i += 8) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) asm volatile("ld.shared.u32 %0, [%0];" : "+r"(p) :: "memory");
+    }
+    out[threadIdx.x] = (p - base) >> 2;   // the index reached (checked on the host)
+    const long long t1 = clock64();
+    if (threadIdx.x == 0) cyc[0] = t1 - t0;
+}
+
+// C independent chains of dependent mma.sync m16n8k16 (f16 x f16 + f32; D of one is C of the next), one warp.
+template <int C>
+__device__ __forceinline__ void mma_chains(int iters, float* __restrict__ sink, long long* __restrict__ cyc) {
+    const u32 t = threadIdx.x;
+    const u32 a0 = 0x3c003c00u ^ (t & 0x3ffu), a1 = a0 ^ 0x00010001u, a2 = a0 ^ 0x00020002u, a3 = a0 ^ 0x00030003u;
+    const u32 b0 = 0x38003800u ^ (t & 0x1ffu), b1 = b0 ^ 0x00040004u;
+    float c[C][4];
+#pragma unroll
+    for (int u = 0; u < C; ++u) { c[u][0] = c[u][1] = c[u][2] = c[u][3] = 1e-3f * (u + 1); }
+    __syncwarp();
+    const long long t0 = clock64();
+#pragma unroll 4
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+        for (int u = 0; u < C; ++u) {
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                         : "+f"(c[u][0]), "+f"(c[u][1]), "+f"(c[u][2]), "+f"(c[u][3])
+                         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        }
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < C; ++u) s += c[u][0] + c[u][1] + c[u][2] + c[u][3];
+    sink[t] = s;                     // waits for every chain
+    const long long t1 = clock64();
+    if (t == 0) cyc[0] = t1 - t0;
+}
+extern "C" __global__ void mma_chain1(int iters, float* sink, long long* cyc) { mma_chains<1>(iters, sink, cyc); }
+extern "C" __global__ void mma_chain2(int iters, float* sink, long long* cyc) { mma_chains<2>(iters, sink, cyc); }
+extern "C" __global__ void mma_chain4(int iters, float* sink, long long* cyc) { mma_chains<4>(iters, sink, cyc); }
+extern "C" __global__ void mma_chain8(int iters, float* sink, long long* cyc) { mma_chains<8>(iters, sink, cyc); }
+
+// One dependent chain of fp32 FMAs per thread, one warp.
+extern "C" __global__ void fma_chain(int iters, float a, float b, float* __restrict__ sink, long long* __restrict__ cyc) {
+    float x = threadIdx.x * 1e-3f;
+    const long long t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+        for (int u = 0; u < 16; ++u) x = fmaf(x, a, b);
+    }
+    sink[threadIdx.x] = x;
+    const long long t1 = clock64();
+    if (threadIdx.x == 0) cyc[0] = t1 - t0;
+}
+
+// One dependent chain of ex2.approx.ftz.f32 (MUFU.EX2) per thread, one warp.
+extern "C" __global__ void ex2_chain(int iters, float* __restrict__ sink, long long* __restrict__ cyc) {
+    float x = threadIdx.x * -1e-3f;
+    const long long t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+        for (int u = 0; u < 16; ++u) asm volatile("ex2.approx.ftz.f32 %0, %0;" : "+f"(x));
+    }
+    sink[threadIdx.x] = x;
+    const long long t1 = clock64();
+    if (threadIdx.x == 0) cyc[0] = t1 - t0;
+}
+
+// __syncthreads() in a loop; thread 0 of each CTA records the cycles (launched with enough dynamic shared memory
+// that one CTA fits per SM).
+extern "C" __global__ void barrier_loop(int iters, long long* __restrict__ cyc) {
+    __syncthreads();
+    const long long t0 = clock64();
+    for (int i = 0; i < iters; ++i) __syncthreads();
+    const long long t1 = clock64();
+    if (threadIdx.x == 0) cyc[blockIdx.x] = t1 - t0;
+}
+
+// DRAM bandwidth against bytes in flight: every thread issues U independent 16-byte ld.global.cg.v4 per round,
+// then consumes them; the next round's addresses depend on the consumed value, so rounds do not overlap.
+// The clock read between the loads and their use keeps ptxas from interleaving the two (without it, ptxas 13.0
+// consumes each load right after issuing it for U >= 8: only ~4 loads in flight); SASS checked with nvcc 13.0.
+template <int U>
+__device__ __forceinline__ void bw_rounds(const uint4* __restrict__ buf, int rounds, u32 zero, u32* __restrict__ sink) {
+    const long long nth = (long long)gridDim.x * blockDim.x;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    u32 acc = 0;
+    for (int r = 0; r < rounds; ++r) {
+        u32 v[U][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(v[u][0]), "=r"(v[u][1]), "=r"(v[u][2]), "=r"(v[u][3]) : "l"(buf + i + u * nth));
+        acc ^= (u32)clock() & zero;
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc ^= v[u][0] ^ v[u][1] ^ v[u][2] ^ v[u][3];
+        i += U * nth + (long long)(acc & zero);
+    }
+    if (acc == 0x12345678u) sink[0] = acc;
+}
+extern "C" __global__ void bw_u1(const uint4* b, int r, u32 z, u32* s) { bw_rounds<1>(b, r, z, s); }
+extern "C" __global__ void bw_u2(const uint4* b, int r, u32 z, u32* s) { bw_rounds<2>(b, r, z, s); }
+extern "C" __global__ void bw_u4(const uint4* b, int r, u32 z, u32* s) { bw_rounds<4>(b, r, z, s); }
+extern "C" __global__ void bw_u8(const uint4* b, int r, u32 z, u32* s) { bw_rounds<8>(b, r, z, s); }
+extern "C" __global__ void bw_u16(const uint4* b, int r, u32 z, u32* s) { bw_rounds<16>(b, r, z, s); }
+"""
+_LAT_OPTIONS = ("-std=c++17",)
+
+# plausible ranges (cycles) for H100-class SMs: a result outside is flagged (``sane: false``) and printed
+EXPECTED_CYCLES = {
+    "dram_latency": (400, 1500), "l2_latency": (150, 500), "smem_latency": (20, 60),
+    "mma_sync_latency": (15, 80), "fp32_latency": (2, 10), "ex2_latency": (6, 60), "barrier": (5, 300),
+}
+EXPECTED_SM_CLOCK_HZ = (0.8e9, 2.2e9)
+
 
 def _time(fn, reps=20, warm=3):
     import cupy as cp
@@ -123,16 +287,401 @@ def _time(fn, reps=20, warm=3):
     return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
 
 
-def calibrate(quick: bool = False) -> dict:
+def _stats(xs) -> dict:
+    xs = [float(x) for x in xs]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def cycle_chain(n: int, seed: int, xp=None):
+    """A random cyclic permutation of range(n) as a successor array: ``nxt[i]`` follows i, and following nxt from
+    any index visits all n before returning (one cycle). Returns (nxt, first). NumPy or CuPy (``xp``)."""
+    import numpy as np
+
+    xp = xp or np
+    perm = xp.argsort(xp.random.RandomState(seed).random_sample(n))
+    nxt = xp.empty_like(perm)
+    nxt[perm] = xp.roll(perm, -1)
+    return nxt, int(perm[0])
+
+
+def _latency_entry(key: str, per_op: list, method: str, **extra) -> dict:
+    st = _stats(per_op)
+    lo, hi = EXPECTED_CYCLES[key]
+    return dict({"cycles": st["median"], "latency_s": None, "cycles_repeats": st, "method": method,
+                 "expected_cycles": [lo, hi], "sane": bool(lo <= st["median"] <= hi)}, **extra)
+
+
+def latency_benchmarks(dev: dict, log=print) -> dict:
+    """The latency / Little's-law microbenchmarks (see the module doc). Returns new result entries by key."""
     import numpy as np
     import cupy as cp
-    from . import bench as BN, kernels as KR
+
+    sm, l2 = dev["sm_count"], dev["l2_bytes"]
+    kern = {}
+
+    def K(name):
+        if name not in kern:
+            kern[name] = cp.RawKernel(_LAT_SRC, name, options=_LAT_OPTIONS)
+        return kern[name]
+
+    res: dict = {}
+    i64 = cp.zeros(max(64, sm), dtype=cp.int64)
+
+    def clock_samples(n=5, spin_ns=10_000_000):
+        hz = []
+        for _ in range(n):
+            K("sm_clock")((1,), (1,), (np.int64(spin_ns), i64))
+            c, ns = (int(x) for x in i64[:2].get())
+            hz.append(c / ns * 1e9)
+        return hz
+
+    def guarded(key, fn):
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- one broken benchmark must not lose the others
+            res[key] = {"error": repr(e)[:1000]}
+            log(f"  {key}: FAILED {e!r}"[:500])
+        log(f"  [{key}: {time.monotonic() - t0:.1f} s]")
+
+    K("sm_clock")((1,), (1,), (np.int64(1_000_000), i64))
+    cp.cuda.runtime.deviceSynchronize()
+    hz_before = clock_samples()
+
+    scratch = cp.empty(4 * l2, dtype=cp.uint8)
+
+    def flush_l2():
+        scratch.fill(1)
+        cp.cuda.runtime.deviceSynchronize()
+
+    LINE = 128
+
+    def global_chase(nbytes, hops, reps, seed, warm_all):
+        n = nbytes // LINE
+        buf = cp.empty(n * (LINE // 8), dtype=cp.uint64)
+        nxt, first = cycle_chain(n, seed, xp=cp)
+        base = int(buf.data.ptr)
+        buf.reshape(n, LINE // 8)[:, 0] = cp.uint64(base) + nxt.astype(cp.uint64) * cp.uint64(LINE)
+        del nxt
+        flush_l2()
+        out = cp.zeros(1, dtype=cp.uint64)
+        cyc = cp.zeros(1, dtype=cp.int64)
+        k = K("chase_global")
+        p = base + first * LINE
+        warm = ((n + 7) // 8) * 8 if warm_all else hops
+        k((1,), (1,), (np.uint64(p), np.int32(warm), out, cyc))
+        p = int(out.get()[0])
+        per_hop = []
+        for _ in range(reps):
+            k((1,), (1,), (np.uint64(p), np.int32(hops), out, cyc))
+            p = int(out.get()[0])
+            per_hop.append(int(cyc.get()[0]) / hops)
+            if not (base <= p < base + n * LINE and (p - base) % LINE == 0):
+                raise RuntimeError(f"pointer chase left the buffer: {p:#x}")
+        del buf
+        cp.get_default_memory_pool().free_all_blocks()
+        return per_hop
+
+    # --- DRAM latency: 2 GiB (>> L2), a fresh part of the cycle for every repeat
+    def dram():
+        hops, reps = 8192, 9
+        per = global_chase(2 << 30, hops, reps, seed=11, warm_all=False)
+        res["dram_latency"] = _latency_entry(
+            "dram_latency", per, "single-thread pointer chase, random cyclic permutation of the 128-byte lines of "
+            "a 2 GiB buffer, one ld.global.cg.u64 (L1 bypassed) per hop; L2 flushed (200 MB written) after "
+            "building the chain, one warm-up pass of the same length, then each repeat continues along the "
+            "cycle (never-visited lines: every hop misses L2). Includes whatever TLB misses random 2 GiB hops "
+            "take (see dram_latency_by_footprint). clock64() around the loop / hops",
+            buffer_bytes=2 << 30, stride_bytes=LINE, hops=hops, repeats=reps)
+        by, rep = {}, {}
+        for mib in (128, 512):
+            st = _stats(global_chase(mib << 20, hops, 5, seed=12 + mib, warm_all=False))
+            by[str(mib << 20)], rep[str(mib << 20)] = st["median"], st
+        by[str(2 << 30)] = res["dram_latency"]["cycles"]
+        rep[str(2 << 30)] = res["dram_latency"]["cycles_repeats"]
+        res["dram_latency_by_footprint"] = {
+            "cycles": by, "latency_s": None, "cycles_repeats": rep, "hops": hops,
+            "method": "as dram_latency, over buffers of the given bytes (keys); a smaller footprint needs fewer "
+                      "TLB entries"}
+
+    def l2_lat():
+        hops, reps = 8192, 9
+        nbytes = (l2 // 8) // LINE * LINE
+        per = global_chase(nbytes, hops, reps, seed=21, warm_all=True)
+        res["l2_latency"] = _latency_entry(
+            "l2_latency", per, "single-thread pointer chase as dram_latency over a buffer of L2/8 (fits in L2), "
+                               "warmed by one pass over the whole cycle first; ld.global.cg (L1 bypassed). Random "
+                               "lines: an average over the near and far L2 partitions",
+            buffer_bytes=nbytes, stride_bytes=LINE, hops=hops, repeats=reps)
+
+    def smem_lat():
+        n, hops, reps = 4096, 16384, 9
+        nxt, _ = cycle_chain(n, 31)
+        nxt32 = cp.asarray(nxt.astype(np.uint32))
+        want = 0
+        for _ in range(hops):
+            want = int(nxt[want])
+        out = cp.zeros(32, dtype=cp.uint32)
+        k = K("chase_smem")
+        per = []
+        for _ in range(reps + 1):
+            out.fill(0xFFFFFFFF)
+            k((1,), (32,), (nxt32, np.int32(n), np.int32(hops), out, i64))
+            per.append(int(i64.get()[0]) / hops)
+            got = out.get()
+            if not (got == want).all():
+                raise RuntimeError(f"shared-memory chase ended at {got[:4]}, expected {want}")
+        per = per[1:]
+        res["smem_latency"] = _latency_entry(
+            "smem_latency", per, "one warp, every lane chasing the same random cycle of 4096 32-bit words in "
+                                 "shared memory (broadcast, no bank conflict), ld.shared.u32 of the next address "
+                                 "per hop; first launch dropped", hops=hops, words=n, repeats=reps)
+
+    def mma_lat():
+        iters, reps = 8192, 7
+        sink = cp.zeros(32, dtype=cp.float32)
+        by, rep, raw = {}, {}, {}
+        for c in (1, 2, 4, 8):
+            k = K(f"mma_chain{c}")
+            per = []
+            for _ in range(reps + 1):
+                k((1,), (32,), (np.int32(iters), sink, i64))
+                per.append(int(i64.get()[0]) / (iters * c))
+            if not bool(cp.isfinite(sink).all()):
+                raise RuntimeError("mma chain produced non-finite values")
+            raw[c] = per[1:]
+            by[str(c)] = statistics.median(raw[c])
+            rep[str(c)] = _stats(raw[c])
+        res["mma_sync_latency"] = _latency_entry(
+            "mma_sync_latency", raw[1],
+            "one warp, one dependent chain of mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 (the "
+            "accumulator of each is the C input of the next; A, B constant in registers): cycles per mma "
+            "(SASS: HMMA.16816.F32); first launch dropped", iters=iters, repeats=reps)
+        res["mma_sync_by_chains"] = {
+            "cycles_per_mma": by, "latency_s_per_mma": None, "repeats": rep, "iters": iters,
+            "method": "one warp, C independent dependent chains (C = the keys) of mma.sync m16n8k16 f16/f32: "
+                      "cycles per mma = cycles / (iters * C); C = 1 is the latency, large C the warp's issue "
+                      "interval"}
+
+    def alu_lat():
+        iters, reps = 4096, 7
+        sink = cp.zeros(32, dtype=cp.float32)
+        for key, name, args, what in (
+                ("fp32_latency", "fma_chain", (np.float32(0.999), np.float32(0.001)), "fmaf(x, a, b) (FFMA)"),
+                ("ex2_latency", "ex2_chain", (), "ex2.approx.ftz.f32 x, x (MUFU.EX2; the chain runs into +inf "
+                                                 "after a few steps, the unit's timing does not depend on it)")):
+            k = K(name)
+            per = []
+            for _ in range(reps + 1):
+                k((1,), (32,), (np.int32(iters), *args, sink, i64))
+                per.append(int(i64.get()[0]) / (iters * 16))
+            res[key] = _latency_entry(key, per[1:], f"one warp, one dependent chain per thread of {what}, 16 per "
+                                                   "loop iteration; cycles per operation; first launch dropped",
+                                      iters=iters, ops=iters * 16, repeats=reps)
+
+    def barrier():
+        iters, reps = 20000, 5
+        k = K("barrier_loop")
+        smem = 120 * 1024
+        k.max_dynamic_shared_size_bytes = smem
+        cyc, rep = {}, {}
+        for w in (1, 2, 4, 8, 16, 32):
+            per = []
+            for _ in range(reps + 1):
+                i64.fill(0)
+                k((sm,), (32 * w,), (np.int32(iters), i64), shared_mem=smem)
+                c = i64[:sm].get()
+                per.append(float(np.median(c)) / iters)
+            cyc[str(w)] = statistics.median(per[1:])
+            rep[str(w)] = _stats(per[1:])
+        lo, hi = EXPECTED_CYCLES["barrier"]
+        res["barrier"] = {
+            "cycles": cyc, "latency_s": None, "cycles_repeats": rep, "iters": iters, "grid": sm,
+            "dynamic_smem_bytes": smem, "expected_cycles": [lo, hi],
+            "sane": all(lo <= cyc[w] <= hi for w in ("4", "8", "16")),
+            "method": "__syncthreads() (BAR.SYNC) in a loop with nothing else, one CTA of W warps per SM (W = the "
+                      "keys; 120 KiB of dynamic shared memory requested so that only one CTA fits per SM), "
+                      "grid = SM count; thread 0's clock64() cycles / iterations, median over the CTAs, median "
+                      "over repeats (first launch dropped)"}
+
+    def bandwidth():
+        nbytes = 2 << 30
+        buf = cp.empty(nbytes // 4, dtype=cp.uint32)
+        buf[:] = cp.arange(nbytes // 4, dtype=cp.uint32) * cp.uint32(2654435761)
+        nvec = nbytes // 16
+        sink = cp.zeros(4, dtype=cp.uint32)
+        smem = 120 * 1024
+        points, best, skipped = [], {}, []
+        regs_per_sm = 65536
+        for u in (1, 2, 4, 8, 16):
+            k = K(f"bw_u{u}")
+            k.max_dynamic_shared_size_bytes = smem
+            regs = int(getattr(k, "num_regs", 0) or 0)
+            for w in (1, 2, 4, 8, 16, 32):
+                bif = 32 * 16 * u * w
+                if regs and regs * 32 * w > regs_per_sm:
+                    skipped.append({"warps": w, "loads_per_thread": u, "bytes_in_flight_per_sm": bif,
+                                    "reason": f"{regs} registers x {32 * w} threads > {regs_per_sm} per SM"})
+                    continue
+                nth = sm * 32 * w
+                rounds = nvec // (u * nth)
+                try:
+                    t = _time(lambda: k((sm,), (32 * w,), (buf, np.int32(rounds), np.uint32(0), sink),
+                                        shared_mem=smem), reps=5, warm=1)
+                except Exception as e:  # noqa: BLE001 -- e.g. too many resources: record, go on
+                    skipped.append({"warps": w, "loads_per_thread": u, "bytes_in_flight_per_sm": bif,
+                                    "reason": repr(e)[:300]})
+                    continue
+                read = rounds * u * nth * 16
+                bw = read / t["median"]
+                points.append({"warps": w, "loads_per_thread": u, "bytes_in_flight_per_sm": bif,
+                               "registers_per_thread": regs or None, "bytes_read": read, "time_s": t,
+                               "bytes_per_s": bw, "implied_latency_s": bif * sm / bw})
+                if bw > best.get(bif, 0.0):
+                    best[bif] = bw
+        del buf
+        cp.get_default_memory_pool().free_all_blocks()
+        res["dram_bandwidth_by_bytes_in_flight"] = {
+            "bytes_per_s": {str(b): best[b] for b in sorted(best)}, "points": points, "skipped": skipped,
+            "grid": sm,
+            "buffer_bytes": nbytes, "dynamic_smem_bytes": smem,
+            "settings": {"warps": [1, 2, 4, 8, 16, 32], "loads_per_thread": [1, 2, 4, 8, 16], "load_bytes": 16,
+                         "timer": "CUDA events, median of 5 after 1 warm-up"},
+            "method": "one CTA per SM (grid = SM count, 120 KiB dynamic shared memory requested so one fits per "
+                      "SM) of W warps; per round every thread issues U independent ld.global.cg.v4 (16 B, "
+                      "coalesced, the whole grid reading consecutive bytes), consumes them, and the next round's "
+                      "addresses depend on the result: bytes in flight per SM = W*32*16*U. Each launch reads the "
+                      "2 GiB buffer once (>> L2). bytes_per_s (keys: bytes in flight per SM) is the best (W, U) "
+                      "with that product, total over the GPU; every (W, U) point is in points; "
+                      "implied_latency_s = bytes in flight (all SMs) / bandwidth (Little's law). 256 KiB per SM "
+                      "(W=32, U=16) cannot be held in registers (it is the whole register file; the kernel needs "
+                      "~78 registers x 1024 threads): the curve ends at 128 KiB, see skipped"}
+
+    log("latency / Little's-law microbenchmarks:")
+    for key, fn in (("dram_latency", dram), ("l2_latency", l2_lat), ("smem_latency", smem_lat),
+                    ("mma_sync_latency", mma_lat), ("fp32_latency", alu_lat), ("barrier", barrier),
+                    ("dram_bandwidth_by_bytes_in_flight", bandwidth)):
+        guarded(key, fn)
+    del scratch
+    hz_after = clock_samples()
+    hz = statistics.median(hz_before + hz_after)
+    res["sm_clock"] = {
+        "hz": hz, "samples_hz_before": hz_before, "samples_hz_after": hz_after, "spin_s": 0.01,
+        "sane": bool(EXPECTED_SM_CLOCK_HZ[0] <= hz <= EXPECTED_SM_CLOCK_HZ[1]),
+        "method": "one thread reads clock64() and %globaltimer at the start and end of a 10 ms spin on "
+                  "%globaltimer: SM cycles / ns; 5 samples before and 5 after the latency benchmarks, median of "
+                  "all 10; latency_s = cycles / hz"}
+    to_seconds(res, hz)
+    return res
+
+
+def to_seconds(res: dict, hz: float) -> None:
+    """Fill ``latency_s`` (and ``latency_s_per_mma``) of every latency entry from its cycles."""
+    for v in res.values():
+        if not isinstance(v, dict):
+            continue
+        if "latency_s" in v and v.get("cycles") is not None:
+            c = v["cycles"]
+            v["latency_s"] = {k: x / hz for k, x in c.items()} if isinstance(c, dict) else c / hz
+        if "latency_s_per_mma" in v:
+            v["latency_s_per_mma"] = {k: x / hz for k, x in v["cycles_per_mma"].items()}
+
+
+LATENCY_KEYS = ("sm_clock", "dram_latency", "dram_latency_by_footprint", "l2_latency", "smem_latency",
+                "mma_sync_latency", "mma_sync_by_chains", "fp32_latency", "ex2_latency", "barrier",
+                "dram_bandwidth_by_bytes_in_flight")
+
+
+def summary_lines(res: dict) -> list[str]:
+    """One line per new (latency) result."""
+    out = []
+    hz = res.get("sm_clock", {}).get("hz")
+    if hz:
+        out.append(f"SM clock          {hz/1e9:.3f} GHz{'' if res['sm_clock'].get('sane') else '  OUT OF RANGE'}")
+    for key in ("dram_latency", "l2_latency", "smem_latency", "mma_sync_latency", "fp32_latency", "ex2_latency"):
+        e = res.get(key)
+        if not e:
+            continue
+        if "error" in e:
+            out.append(f"{key:17s} FAILED {e['error'][:200]}")
+            continue
+        ns = e["latency_s"] * 1e9 if e.get("latency_s") is not None else float("nan")
+        out.append(f"{key:17s} {e['cycles']:8.1f} cycles  {ns:8.2f} ns  (min {e['cycles_repeats']['min']:.1f}, "
+                   f"max {e['cycles_repeats']['max']:.1f}){'' if e['sane'] else '  OUT OF RANGE ' + str(e['expected_cycles'])}")
+    e = res.get("dram_latency_by_footprint")
+    if e and "error" not in e:
+        out.append("DRAM lat by bytes " + ", ".join(f"{int(k) >> 20} MiB: {v:.0f}" for k, v in e["cycles"].items()))
+    e = res.get("mma_sync_by_chains")
+    if e and "error" not in e:
+        out.append("mma.sync chains   " + ", ".join(f"{c}: {v:.2f}" for c, v in e["cycles_per_mma"].items())
+                   + " cycles/mma")
+    e = res.get("barrier")
+    if e and "error" not in e:
+        out.append("__syncthreads     " + ", ".join(f"{w} warps: {v:.1f}" for w, v in e["cycles"].items())
+                   + f" cycles{'' if e['sane'] else '  OUT OF RANGE'}")
+    elif e:
+        out.append(f"barrier           FAILED {e['error'][:200]}")
+    e = res.get("dram_bandwidth_by_bytes_in_flight")
+    if e and "error" not in e:
+        out.append("DRAM BW by B/SM   " + ", ".join(f"{int(b) // 1024 if int(b) >= 1024 else int(b)}"
+                                                    f"{'K' if int(b) >= 1024 else ''}: {v/1e12:.2f}"
+                                                    for b, v in e["bytes_per_s"].items()) + " TB/s")
+    elif e:
+        out.append(f"DRAM BW by B/SM   FAILED {e['error'][:200]}")
+    return out
+
+
+def merge_calibration(old: dict, new: dict) -> dict:
+    """``old`` with the result keys of ``new`` that it lacks added. Existing results keep their values (the
+    h100-measured preset is generated from them); ``new``'s values of those are kept beside them under
+    ``rerun_of_existing_results``, with ``new``'s date and device."""
+    for d, w in ((old, "old"), (new, "new")):
+        if d.get("schema") != "iosim-gpu-calibration/1":
+            raise ValueError(f"{w} document is not iosim-gpu-calibration/1")
+    doc = copy.deepcopy(old)
+    added = [k for k in new["results"] if k not in old["results"]]
+    for k in added:
+        doc["results"][k] = copy.deepcopy(new["results"][k])
+    prev = doc["settings"].get("added_results", [])
+    doc["settings"]["added_results"] = [a for a in prev if not set(a.get("keys", ())) & set(added)] + [
+        {"keys": added, "date": new["date"], "device": new["device"], "settings": new.get("settings", {})}]
+    doc["rerun_of_existing_results"] = {
+        "date": new["date"], "device_name": new["device"].get("name"),
+        "note": "the same run's values of the results kept above (not used by the preset)",
+        "results": {k: copy.deepcopy(v) for k, v in new["results"].items() if k in old["results"]}}
+    return doc
+
+
+def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True) -> dict:
+    """Run the microbenchmarks: ``rates`` the bandwidth / throughput / launch ones, ``latencies`` the latency
+    and Little's-law ones (``latency_benchmarks``)."""
+    from . import bench as BN
 
     dev = BN.device_info()
+    res: dict = {}
+    settings: dict = {"nvrtc_options": ["-std=c++17"], "timer": "CUDA events, median of repeats after warm-up",
+                      "rates": rates, "latencies": latencies}
+    t0 = time.monotonic()
+    if rates:
+        _rate_benchmarks(dev, res)
+        settings["rates_elapsed_s"] = time.monotonic() - t0
+    if latencies:
+        t1 = time.monotonic()
+        res.update(latency_benchmarks(dev))
+        settings["latencies_elapsed_s"] = time.monotonic() - t1
+        settings["latency_timer"] = "clock64() inside the kernels (SM cycles), converted with results.sm_clock.hz"
+    settings["quick"] = quick
+    return {"schema": "iosim-gpu-calibration/1", "date": BN.now_iso(), "device": dev, "settings": settings,
+            "results": res}
+
+
+def _rate_benchmarks(dev: dict, res: dict) -> None:
+    import numpy as np
+    import cupy as cp
+    from . import kernels as KR
+
     sm = dev["sm_count"]
     mod = cp.RawModule(code=_SRC, options=("-std=c++17",))
-    res: dict = {}
-    settings: dict = {"nvrtc_options": ["-std=c++17"], "timer": "CUDA events, median of repeats after warm-up"}
 
     # 1) D2D copy, >= 1 GiB
     n = 1 << 30
@@ -263,33 +812,55 @@ def calibrate(quick: bool = False) -> dict:
         "per_launch_back_to_back_events_s": gpu_per, "per_launch_host_wall_s": (h1 - h0) / nl,
         "single_empty_kernel_event_gap_s": {"median": statistics.median(gaps), "min": min(gaps), "max": max(gaps)},
         "launches": nl, "method": "CuPy RawKernel launches of an empty kernel, 1 block of 32 threads"}
-    settings["quick"] = quick
-    return {"schema": "iosim-gpu-calibration/1", "date": BN.now_iso(), "device": dev, "settings": settings,
-            "results": res}
+
+
+def rate_summary_lines(r: dict) -> list[str]:
+    out = []
+    if "d2d_copy" not in r:
+        return out
+    out.append(f"D2D copy          {r['d2d_copy']['bytes_per_s']/1e12:.3f} TB/s")
+    out.append(f"L2 read           {r['l2_read']['bytes_per_s']/1e12:.3f} TB/s")
+    out.append(f"smem read         {r['smem_read']['bytes_per_s']/1e12:.3f} TB/s")
+    out.append(f"cupy.matmul 8192  {r['matmul_fp16_2d_cupy']['flops_per_s']/1e12:.1f} TFLOP/s")
+    out.append(f"cuBLAS sb 8192    {r['matmul_fp16_cublas_strided_batched_8192']['flops_per_s']/1e12:.1f} TFLOP/s")
+    a = r["matmul_fp16_cublas_attention_shapes"]
+    out.append(f"cuBLAS qk / pv    {a['qk_flops_per_s']/1e12:.1f} / {a['pv_flops_per_s']/1e12:.1f} TFLOP/s")
+    out.append(f"mma.sync f16/f32  {r['mma_sync_fp16_f32']['flops_per_s']/1e12:.1f} TFLOP/s")
+    out.append("mma.sync by warps " + ", ".join(f"{w}: {f/1e12:.0f}" for w, f in
+                                                r['mma_sync_by_resident_warps']['flops_per_s'].items()))
+    out.append(f"fp32 FMA          {r['fp32_fma']['flops_per_s']/1e12:.1f} TFLOP/s")
+    out.append(f"ex2 / expf        {r['exp2_approx']['exp_per_s']/1e12:.3f} / {r['expf']['exp_per_s']/1e12:.3f} T/s")
+    lo = r["launch_overhead"]
+    out.append(f"launch            {lo['per_launch_back_to_back_events_s']*1e6:.2f} us/launch (events), "
+               f"{lo['per_launch_host_wall_s']*1e6:.2f} us (host), gap "
+               f"{lo['single_empty_kernel_event_gap_s']['median']*1e6:.2f} us")
+    return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpu.calibrate", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m gpu.calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/data/h100/calibration.json")
+    ap.add_argument("--only", choices=["rates", "latencies"], default=None,
+                    help="run one group of microbenchmarks only (default: both)")
+    ap.add_argument("--merge-from", default=None, metavar="NEW.json",
+                    help="measure nothing: add the result keys of NEW.json that --out lacks to --out")
     args = ap.parse_args(argv)
-    doc = calibrate()
+    if args.merge_from:
+        with open(args.merge_from) as f:
+            new = json.load(f)
+        with open(args.out) as f:
+            old = json.load(f)
+        doc = merge_calibration(old, new)
+        S.write_json_atomic(args.out, doc)
+        print(f"added {doc['settings']['added_results'][-1]['keys']} to {args.out}")
+        return 0
+    doc = calibrate(rates=args.only != "latencies", latencies=args.only != "rates")
     S.write_json_atomic(args.out, doc)
     r = doc["results"]
-    print(f"D2D copy          {r['d2d_copy']['bytes_per_s']/1e12:.3f} TB/s")
-    print(f"L2 read           {r['l2_read']['bytes_per_s']/1e12:.3f} TB/s")
-    print(f"smem read         {r['smem_read']['bytes_per_s']/1e12:.3f} TB/s")
-    print(f"cupy.matmul 8192  {r['matmul_fp16_2d_cupy']['flops_per_s']/1e12:.1f} TFLOP/s")
-    print(f"cuBLAS sb 8192    {r['matmul_fp16_cublas_strided_batched_8192']['flops_per_s']/1e12:.1f} TFLOP/s")
-    a = r["matmul_fp16_cublas_attention_shapes"]
-    print(f"cuBLAS qk / pv    {a['qk_flops_per_s']/1e12:.1f} / {a['pv_flops_per_s']/1e12:.1f} TFLOP/s")
-    print(f"mma.sync f16/f32  {r['mma_sync_fp16_f32']['flops_per_s']/1e12:.1f} TFLOP/s")
-    print("mma.sync by warps " + ", ".join(f"{w}: {f/1e12:.0f}" for w, f in
-                                           r['mma_sync_by_resident_warps']['flops_per_s'].items()))
-    print(f"fp32 FMA          {r['fp32_fma']['flops_per_s']/1e12:.1f} TFLOP/s")
-    print(f"ex2 / expf        {r['exp2_approx']['exp_per_s']/1e12:.3f} / {r['expf']['exp_per_s']/1e12:.3f} T/s")
-    lo = r["launch_overhead"]
-    print(f"launch            {lo['per_launch_back_to_back_events_s']*1e6:.2f} us/launch (events), "
-          f"{lo['per_launch_host_wall_s']*1e6:.2f} us (host), gap {lo['single_empty_kernel_event_gap_s']['median']*1e6:.2f} us")
+    print(f"device {doc['device']['name']}; wrote {args.out}")
+    for line in rate_summary_lines(r) + summary_lines(r):
+        print(line)
     return 0
 
 

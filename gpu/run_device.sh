@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device-side driver: bash gpu/run_device.sh STAGE...   (writes under $OUT; see gpu/NOTES.md)
-# Stages: info smoke precompile calibrate bench ncu sass sanitize
+# Stages: info smoke precompile calibrate occupancy bench ncu sass sanitize
 set -u
 export PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy_cache}
@@ -20,6 +20,8 @@ for st in "$@"; do
     precompile) $PY -m gpu.bench --precompile --sweep full --jobs 14 2>&1 | tail -3 ;;
     smoke) $PY -m gpu.bench --sweep smoke --repeats 5 --warmup 2 --out $OUT/smoke.json --deadline-s ${SMOKE_DEADLINE:-200} 2>&1 | tee $OUT/smoke.log ;;
     calibrate) $PY -m gpu.calibrate --out $OUT/calibration.json 2>&1 | tee /tmp/calibrate.log ;;
+    occupancy) $PY -m gpu.occupancy --out $OUT/occupancy.json --raw-csv $OUT/occupancy_ncu.csv \
+                 --deadline-s ${OCC_DEADLINE:-240} 2>&1 | tee /tmp/occupancy.log ;;
     bench) $PY -m gpu.bench --sweep ${SWEEP:-full} --out ${BENCH_OUT:-$OUT/bench.json} --deadline-s ${BENCH_DEADLINE:-300} 2>&1 | tee /tmp/bench.log
            [ "${BENCH_OUT:-$OUT/bench.json}" != "$OUT/bench.json" ] && cp ${BENCH_OUT} $OUT/bench.json ;;
     ncu-smoke) $PY -m gpu.bench --ncu --sweep ncu --max-n 1024 --algorithms standard hf flash2 --out $OUT/ncu_smoke.json --deadline-s 60 2>&1 | tail -25 ;;

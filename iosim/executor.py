@@ -161,7 +161,7 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
     tensors["Q"][...], tensors["K"][...], tensors["V"][...] = q, k, v
     captured = {name: np.full((bh, n), np.nan) for name in capture}
     for kernel in schedule.kernels:
-        points = sch.grid_points(kernel, n)
+        points = sch.grid_points(kernel, n, schedule.shape.causal)
         for head in range(bh):
             head_tensors = {name: t[head] for name, t in tensors.items()}
             for point in points:

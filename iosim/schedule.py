@@ -371,6 +371,9 @@ class Kernel:
     col_var: str | None = None
     tensor_path: str = "library"  # "library" (cuBLAS-class GEMM) or "mma_sync" (warp-level mma)
     warps: int = 4  # warps per CTA; a mma_sync kernel's warps split the rows of its tiles
+    # causal: launch the row blocks with the most work (the last ones) first, as
+    # FlashAttention-2 does, so that the short ones fill the tail
+    longest_first: bool = False
     registers_per_thread: int | None = None  # declared; None: estimated (iosim.occupancy)
 
     @property
@@ -472,10 +475,14 @@ def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
     yield from run(kernel.body)
 
 
-def grid_points(kernel: Kernel, seq_len: int) -> list[dict]:
-    """Every CTA's grid index (excluding batch·head), in launch order."""
+def grid_points(kernel: Kernel, seq_len: int, causal: bool = False) -> list[dict]:
+    """Every CTA's grid index (excluding batch·head), in launch order (the row blocks in
+    reverse when the shape is ``causal`` and the kernel launches the longest first)."""
     points = [{}]
     for var in kernel.grid:
         count = n_blocks(seq_len, kernel.blocks[var])
-        points = [dict(p, **{var: b}) for p in points for b in range(count)]
+        order = range(count)
+        if causal and kernel.longest_first and var == kernel.row_var:
+            order = reversed(order)
+        points = [dict(p, **{var: b}) for p in points for b in order]
     return points

@@ -115,7 +115,7 @@ def _head_template(kernel, schedule, base, tensor_ids):
         return sum(dims[buffers[b].rows] * dims[buffers[b].cols] * buffers[b].elem_bytes
                    for b in names if buffers[b].space == "smem")
 
-    for point in sch.grid_points(kernel, n):
+    for point in sch.grid_points(kernel, n, shape.causal):
         previous_load = False
         for step in sch.walk(kernel, point, n, d, shape.causal):
             op, index, dims = step.op, step.index, step.dims

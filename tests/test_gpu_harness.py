@@ -333,3 +333,202 @@ def test_kernel_sources_are_self_contained():
     assert '#include "common.cuh"' not in src and "#pragma once" not in src
     assert src.index("#define BC 64") < src.index("#ifndef HEAD_DIM")
     assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "cp.async" in src
+
+
+# ------------------------------------------------------------------------------------------- occupancy (ncu)
+from gpu import occupancy as OCC  # noqa: E402
+from gpu import calibrate as CAL  # noqa: E402
+
+
+def _occ_rows(kid, name, grid, block, regs, dyn, static, lims, theo, ach, waves, ns):
+    pre = (f'"{kid}","898","python3","127.0.0.1","898  ""<default domain>:iosim_prof:none"" ","",'
+           f'"{name}","1","7","{block}","{grid}","0","9.0","Command line profiler metrics",')
+    vals = [("launch__registers_per_thread", "register/thread", regs), ("launch__block_size", "", block[1:].split(",")[0]),
+            ("launch__grid_size", "", grid), ("launch__shared_mem_per_block_dynamic", "byte", dyn),
+            ("launch__shared_mem_per_block_static", "byte", static),
+            ("launch__occupancy_limit_registers", "block", lims[0]),
+            ("launch__occupancy_limit_shared_mem", "block", lims[1]),
+            ("launch__occupancy_limit_warps", "block", lims[2]), ("launch__occupancy_limit_blocks", "block", lims[3]),
+            ("sm__maximum_warps_per_active_cycle_pct", "%", theo),
+            ("sm__warps_active.avg.pct_of_peak_sustained_active", "%", ach),
+            ("launch__waves_per_multiprocessor", "", waves), ("gpu__time_duration.sum", "nsecond", ns)]
+    rows = []
+    for metric, unit, v in vals:
+        if metric == "launch__grid_size":
+            v = v.strip("()").split(",")[0].strip()
+        rows.append(pre + f'"{metric}","{unit}","{v}"')
+    return rows
+
+
+def _occ_csv():
+    lines = ["==PROF== Connected to process 898", "d=64: fp16 reference error 4.5e-04", CSV_HEADER]
+    lines += _occ_rows(0, "iosim_marker", "(2, 1, 1)", "(32, 1, 1)", 16, 0, 0, (64, 32, 64, 32), 100, 3.1, 0.01, 1900)
+    lines += _occ_rows(1, "flash2_fwd", "(32, 64, 1)", "(128, 1, 1)", 255, "81,920", 0, (2, 2, 16, 32), 12.5, 12.1,
+                       "7.76", "1,234,567")
+    lines += _occ_rows(2, "iosim_marker", "(1, 1, 1)", "(32, 1, 1)", 16, 0, 0, (64, 32, 64, 32), 100, 3.1, 0.01, 1900)
+    lines += _occ_rows(3, "iosim_marker", "(3, 1, 1)", "(32, 1, 1)", 16, 0, 0, (64, 32, 64, 32), 100, 3.1, 0.01, 1900)
+    lines += _occ_rows(4, "nvjet_sm90_hsh_256x128_64x4_2x1_v_bz_coopB_TNT", "(2, 66, 1)", "(384, 1, 1)", 168,
+                       "213,000", 0, (1, 1, 5, 32), 9.38, 9.2, "1.03", "1,600,000")
+    lines += _occ_rows(5, "softmax", "(32768, 1, 1)", "(512, 1, 1)", 128, 0, 0, (1, 32, 4, 32), 25, 23.4, "248.24",
+                       "3,470,000")
+    lines += _occ_rows(6, "nvjet_sm90_pv", "(1, 64, 1)", "(384, 1, 1)", 168, "213,000", 0, (1, 1, 5, 32), 9.38, 9.0,
+                       "0.48", "1,590,000")
+    lines += _occ_rows(7, "iosim_marker", "(1, 1, 1)", "(32, 1, 1)", 16, 0, 0, (64, 32, 64, 32), 100, 3.1, 0.01, 1900)
+    return "\n".join(lines) + "\n==PROF== Disconnected from process 898\n"
+
+
+def _occ_manifest():
+    flash = dict(algorithm="flash2", head_dim=64, block_rows=64, block_cols=64, warp_rows=32, q_in_registers=True,
+                 threads=64, smem_bytes=40960, expected=["flash2_fwd"], tag=1, rel_error=2.5e-4,
+                 rel_error_fp16_reference=4.5e-4, error_bound=1.0e-3, passed=True)
+    std = dict(algorithm="standard", head_dim=64, block_rows=None, block_cols=None, warp_rows=None,
+               q_in_registers=None, expected=["qk_gemm", "softmax", "pv_gemm"], tag=2, rel_error=5e-4,
+               rel_error_fp16_reference=4.5e-4, error_bound=1.0e-3, passed=True)
+    failed = dict(algorithm="flash1", head_dim=64, block_rows=64, block_cols=64, warp_rows=16, q_in_registers=True,
+                  expected=["flash1_fwd"], tag=None, reason="check failed")
+    return [flash, std, failed]
+
+
+def test_occupancy_csv_parse():
+    ks = OCC.parse_metrics_csv(_occ_csv())
+    assert [k["base"] for k in ks] == ["iosim_marker", "flash2_fwd", "iosim_marker", "iosim_marker",
+                                      "nvjet_sm90_hsh_256x128_64x4_2x1_v_bz_coopB_TNT", "softmax", "nvjet_sm90_pv",
+                                      "iosim_marker"]
+    m = ks[1]["metrics"]
+    assert set(OCC.METRICS) <= set(m)
+    assert m["launch__registers_per_thread"] == 255 and m["launch__block_size"] == 128
+    assert m["launch__grid_size"] == 32 and m["launch__shared_mem_per_block_dynamic"] == 81920
+    assert m["sm__maximum_warps_per_active_cycle_pct"] == 12.5
+    assert m["gpu__time_duration.sum"] == pytest.approx(1.234567e-3)
+    assert OCC.parse_metrics_csv("no csv here\n") == []
+
+
+def test_occupancy_records_from_csv_and_manifest():
+    recs, problems, n = OCC.build_records(_occ_csv(), _occ_manifest())
+    assert n == 8
+    assert len(problems) == 1 and "flash1" in problems[0]          # the failed check is reported, not profiled
+    assert [(r["algorithm"], r["kernel"]) for r in recs] == [
+        ("flash2", "flash2_fwd"), ("standard", "qk_gemm"), ("standard", "softmax"), ("standard", "pv_gemm")]
+    f = recs[0]
+    assert (f["threads"], f["smem_bytes"], f["warp_rows"], f["q_in_registers"]) == (64, 40960, 32, True)
+    assert f["launch__occupancy_limit_registers"] == 2 and f["sm__warps_active.avg.pct_of_peak_sustained_active"] == 12.1
+    qk = recs[1]
+    assert qk["threads"] == 384 and qk["smem_bytes"] == 213000            # unfused: from ncu (dynamic + static)
+    assert qk["kernel_name"].startswith("nvjet") and recs[3]["kernel_name"] == "nvjet_sm90_pv"
+    assert recs[2]["launch__waves_per_multiprocessor"] == pytest.approx(248.24)
+    doc = {"schema": OCC.SCHEMA, "date": "x", "device": {k: None for k in S.DEVICE_KEYS},
+           "settings": {"shape": OCC.SHAPE, "ncu_command": "ncu", "metrics": list(OCC.METRICS)}, "records": recs}
+    assert OCC.validate(doc) == []
+    bad = json.loads(json.dumps(doc))
+    bad["records"][0]["launch__registers_per_thread"] = None
+    bad["records"][1]["passed"] = False
+    errs = OCC.validate(bad)
+    assert any("registers_per_thread" in e for e in errs) and any("did not pass" in e for e in errs)
+
+
+def test_occupancy_labels_need_the_expected_kernels():
+    segs = NCU.segments(OCC.parse_metrics_csv(_occ_csv()))
+    with pytest.raises(ValueError):
+        OCC.label_kernels(segs[2], ["flash2_fwd"])                 # cuBLAS kernels where a flash kernel belongs
+    with pytest.raises(ValueError):
+        OCC.label_kernels(segs[1], ["qk_gemm", "softmax", "pv_gemm"])
+
+
+def test_occupancy_variants_cover_the_sweep():
+    vs = OCC.variants()
+    for d in (64, 128):
+        for alg in SW.FLASH:
+            got = {(v["block_rows"], v["block_cols"]) for v in vs if v["algorithm"] == alg and v["head_dim"] == d}
+            assert got == set(SW.pairs_for(alg, d))
+        for v in vs:
+            if v["algorithm"] == "flash2" and v["head_dim"] == d:
+                wm, qreg = K.flash2_tiling(d, v["block_rows"], v["block_cols"])
+                assert (v["warp_rows"], v["q_in_registers"]) == (16 * wm, bool(qreg))
+        assert {v["algorithm"] for v in vs if v["block_rows"] is None and v["head_dim"] == d} == set(OCC.UNFUSED)
+
+
+def test_occupancy_imports_without_cupy():
+    import subprocess
+
+    code = "import sys; sys.modules['cupy'] = None; sys.modules['torch'] = None\nimport gpu.occupancy\nprint('ok')"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+# ------------------------------------------------------------------------------------------- calibration (new keys)
+def test_cycle_chain_is_one_cycle():
+    for n in (1, 2, 7, 1000):
+        nxt, first = CAL.cycle_chain(n, seed=n)
+        seen, i = set(), first
+        for _ in range(n):
+            seen.add(i)
+            i = int(nxt[i])
+        assert i == first and seen == set(range(n))
+
+
+def test_calibration_to_seconds_and_merge():
+    res = {"dram_latency": {"cycles": 800.0, "latency_s": None},
+           "barrier": {"cycles": {"4": 20.0, "8": 30.0}, "latency_s": None},
+           "mma_sync_by_chains": {"cycles_per_mma": {"1": 32.0, "8": 8.0}, "latency_s_per_mma": None},
+           "sm_clock": {"hz": 2.0e9}}
+    CAL.to_seconds(res, 2.0e9)
+    assert res["dram_latency"]["latency_s"] == pytest.approx(4e-7)
+    assert res["barrier"]["latency_s"] == {"4": pytest.approx(1e-8), "8": pytest.approx(1.5e-8)}
+    assert res["mma_sync_by_chains"]["latency_s_per_mma"]["8"] == pytest.approx(4e-9)
+    old = {"schema": "iosim-gpu-calibration/1", "date": "old", "device": {"name": "A"}, "settings": {},
+           "results": {"d2d_copy": {"bytes_per_s": 1.0}}}
+    new = {"schema": "iosim-gpu-calibration/1", "date": "new", "device": {"name": "B"}, "settings": {"x": 1},
+           "results": {"d2d_copy": {"bytes_per_s": 2.0}, **res}}
+    m = CAL.merge_calibration(old, new)
+    assert m["results"]["d2d_copy"] == {"bytes_per_s": 1.0}                  # kept: the preset comes from it
+    assert m["rerun_of_existing_results"]["results"]["d2d_copy"] == {"bytes_per_s": 2.0}
+    assert set(m["settings"]["added_results"][-1]["keys"]) == set(res)
+    assert m["settings"]["added_results"][-1]["device"] == {"name": "B"} and old["results"].keys() == {"d2d_copy"}
+    with pytest.raises(ValueError):
+        CAL.merge_calibration(old, {"schema": "other"})
+
+
+def test_committed_calibration_has_the_latency_results():
+    doc = json.loads((DATA / "calibration.json").read_text())
+    assert doc["schema"] == "iosim-gpu-calibration/1"
+    r = doc["results"]
+    for key in CAL.LATENCY_KEYS:
+        assert key in r and "error" not in r[key], key
+    hz = r["sm_clock"]["hz"]
+    assert 0.8e9 < hz < 2.2e9 and r["sm_clock"]["method"]
+    for key in ("dram_latency", "l2_latency", "smem_latency", "mma_sync_latency", "fp32_latency", "ex2_latency"):
+        e = r[key]
+        assert e["method"] and e["cycles"] > 0 and e["latency_s"] == pytest.approx(e["cycles"] / hz)
+        rep = e["cycles_repeats"]
+        assert rep["min"] <= rep["median"] <= rep["max"] and rep["median"] == e["cycles"]
+    assert r["l2_latency"]["cycles"] < r["dram_latency"]["cycles"]
+    assert r["smem_latency"]["cycles"] < r["l2_latency"]["cycles"]
+    for w in ("4", "8", "16"):
+        assert r["barrier"]["cycles"][w] > 0
+        assert r["barrier"]["latency_s"][w] == pytest.approx(r["barrier"]["cycles"][w] / hz)
+    ch = r["mma_sync_by_chains"]["cycles_per_mma"]
+    assert set(ch) == {"1", "2", "4", "8"} and ch["1"] == r["mma_sync_latency"]["cycles"]
+    bw = r["dram_bandwidth_by_bytes_in_flight"]["bytes_per_s"]
+    keys = [int(b) for b in bw]                                            # 512 B .. >= 128 KiB per SM
+    assert keys == [512 << i for i in range(len(keys))] and keys[-1] >= 128 << 10
+    assert all(0 < v < 5e12 for v in bw.values())
+    # the results the h100-measured preset is generated from are untouched by the merge
+    assert "d2d_copy" in r and "rerun_of_existing_results" in doc
+
+
+def test_committed_occupancy_is_valid():
+    doc = json.loads((DATA / "occupancy.json").read_text())
+    assert OCC.validate(doc) == []
+    assert doc["settings"]["shape"] == OCC.SHAPE
+    got = {(r["algorithm"], r["head_dim"], r["block_rows"], r["block_cols"]) for r in doc["records"]}
+    want = {(v["algorithm"], v["head_dim"], v["block_rows"], v["block_cols"]) for v in OCC.variants()}
+    assert got == want
+    for r in doc["records"]:
+        assert 0 < r["sm__warps_active.avg.pct_of_peak_sustained_active"] <= 100.5
+        assert 0 < r["sm__maximum_warps_per_active_cycle_pct"] <= 100
+        assert r["launch__registers_per_thread"] <= 255
+        if r["algorithm"] in SW.FLASH:
+            assert r["launch__block_size"] == r["threads"]
+            assert r["launch__shared_mem_per_block_dynamic"] == r["smem_bytes"]

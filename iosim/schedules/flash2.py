@@ -3,7 +3,8 @@ once, K/V blocks of Bc rows stream through SRAM, the output accumulator and the 
 sum stay on chip, and O and the log-sum-exp L are written once. K and V tiles are
 double-buffered in shared memory, as FlashAttention-2 does: (Br + 4·Bc)·d elements per CTA.
 Each warp owns ``rows_per_warp`` query rows (default 16: one m16 tensor-core tile), so a CTA
-has Br / rows_per_warp warps, and each warp reads the whole K and V tiles from shared memory."""
+has Br / rows_per_warp warps, and each warp reads the whole K and V tiles from shared memory.
+Causal: the row blocks with the most work are launched first, as FlashAttention-2 does."""
 from __future__ import annotations
 
 from ..schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
@@ -49,7 +50,8 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Sche
                  BufferSpec("l", "i", "1", F32, "reg"), BufferSpec("alpha", "i", "1", F32, "reg"),
                  BufferSpec("L", "i", "1", F32, "reg")),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp))
+        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp),
+        longest_first=True)
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape),
         TensorSpec("L", "N", "1", F32, "output", float32=True))
