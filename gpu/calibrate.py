@@ -496,11 +496,13 @@ def latency_benchmarks(dev: dict, log=print) -> dict:
             rep[str(w)] = _stats(per[1:])
         lo, hi = EXPECTED_CYCLES["barrier"]
         res["barrier"] = {
-            "cycles": cyc, "latency_s": None, "cycles_repeats": rep, "iters": iters, "grid": sm,
+            "cycles": cyc, "cycles_by_warps": dict(cyc), "latency_s": None, "cycles_repeats": rep,
+            "iters": iters, "grid": sm,
             "dynamic_smem_bytes": smem, "expected_cycles": [lo, hi],
             "sane": all(lo <= cyc[w] <= hi for w in ("4", "8", "16")),
             "method": "__syncthreads() (BAR.SYNC) in a loop with nothing else, one CTA of W warps per SM (W = the "
-                      "keys; 120 KiB of dynamic shared memory requested so that only one CTA fits per SM), "
+                      "keys of cycles and of its copy cycles_by_warps; 120 KiB of dynamic shared memory requested "
+                      "so that only one CTA fits per SM), "
                       "grid = SM count; thread 0's clock64() cycles / iterations, median over the CTAs, median "
                       "over repeats (first launch dropped)"}
 
