@@ -40,7 +40,7 @@ from .occupancy import occupancy
 LOAD, STORE, COMPUTE = 0, 1, 2
 
 #: Names of the terms a CTA's duration is the maximum of, in the order of ``cta_limiter``.
-LIMITERS = ("latency", "tensor", "fp32", "sfu", "issue", "smem", "l2", "hbm")
+LIMITERS = ("latency", "tensor", "fp32", "sfu", "smem", "l2", "hbm")
 
 
 @dataclass
@@ -110,7 +110,9 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     alone = (np.where(is_compute, mma_alone + scalar_alone, 0.0)
              + np.where(exposed, load_latency, 0.0)
              + kt.sync * hw.barrier_cycles)
-    issue_w = np.where(is_compute, mma_w + frag_w + kt.fp32 / warps + kt.sfu / warps, 0.0)
+    # what is left of the lone warp's time once the pipes' service is taken out: waiting
+    pipes_w = np.where(is_compute, tensor_w + fp32_w + sfu_w, 0.0)
+    latency = alone - pipes_w
 
     # shared-memory bytes the SM moves for the CTA: MMA operands (with per-warp re-reads),
     # other ops' buffers, and tiles copied in or out
@@ -120,10 +122,10 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     starts = kt.cta_start
     return {
         "alone_cycles": _per_cta(alone, starts),
+        "latency_cycles": _per_cta(latency, starts),
         "tensor_cycles": _per_cta(np.where(is_compute, tensor_w, 0.0), starts),
         "fp32_cycles": _per_cta(np.where(is_compute, fp32_w, 0.0), starts),
         "sfu_cycles": _per_cta(np.where(is_compute, sfu_w, 0.0), starts),
-        "issue_cycles": _per_cta(issue_w, starts),
         "smem_bytes": _per_cta(smem_bytes, starts),
         "l2_bytes": _per_cta(np.where(memory, tile_bytes, 0.0), starts),
         "hbm_bytes": _per_cta(np.where(memory, hbm_by_event, 0.0), starts),
@@ -171,37 +173,75 @@ def _heap_pop(heap_t, heap_s, n):
 
 
 @njit(cache=True)
-def _duration(c, k, active_sms, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
+def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
               exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap, terms):
     """A CTA's duration with ``k`` CTAs on its SM and ``active_sms`` SMs busy (see the module
-    docstring, step 2); fills ``terms`` (the LIMITERS' times) and returns the largest."""
-    per_smsp = (k * warps + sub_partitions - 1) // sub_partitions
-    if per_smsp < 1:
-        per_smsp = 1
+    docstring, step 2), by mean value analysis of a closed queueing network: each warp of a
+    sub-partition cycles through its program, waiting out its latencies (a delay) and queueing
+    at the shared stations (its sub-partition's tensor, FP32 and SFU pipes; the SM's shared
+    memory; the SM's share of L2 and HBM bandwidth for the loads it waits for). Loads issued
+    ahead do not block a warp but still take bandwidth: the CTA takes at least its SM's bytes
+    over its bandwidth share. Fills ``terms`` (each limiter's part) and returns the duration
+    and the index of the limiter."""
+    resident_warps = k * warps
+    groups = min(sub_partitions, resident_warps)  # sub-partitions holding warps
     l2_share = min(l2_bw / active_sms, sm_bw_cap)
     hbm_share = min(hbm_bw / active_sms, sm_bw_cap)
-    terms[0] = alone_s[c] + exposed_l2[c] / l2_share + exposed_hbm[c] / hbm_share
-    for p in range(4):  # tensor, fp32, sfu, issue
-        terms[1 + p] = per_smsp * pipe_s[c, p]
-    terms[5] = k * smem_s[c]
-    terms[6] = k * l2_bytes[c] / l2_share
-    terms[7] = k * hbm_bytes[c] / hbm_share
+    # per-warp service demands; the first three stations are a sub-partition's own pipes
+    # (shared by the warps pinned to it), the others are the SM's
+    demand = np.empty(6)
+    demand[0] = pipe_s[c, 0]
+    demand[1] = pipe_s[c, 1]
+    demand[2] = pipe_s[c, 2]
+    demand[3] = smem_s[c] / warps
+    demand[4] = exposed_l2[c] / warps / l2_share
+    demand[5] = exposed_hbm[c] / warps / hbm_share
+    queue = np.zeros(6)  # customers at each station, over the whole SM
+    residence = np.zeros(6)
+    cycle = latency_s[c]
+    for n in range(1, resident_warps + 1):
+        cycle = latency_s[c]
+        for i in range(6):
+            # an arriving warp finds the queue of its own sub-partition at a pipe station
+            seen = queue[i] / groups if i < 3 else queue[i]
+            residence[i] = demand[i] * (1.0 + seen)
+            cycle += residence[i]
+        if cycle <= 0.0:
+            break
+        throughput = n / cycle
+        for i in range(6):
+            queue[i] = throughput * residence[i]
+    # LIMITERS: latency, tensor, fp32, sfu, smem, l2, hbm
+    terms[0] = latency_s[c]
+    for i in range(4):
+        terms[1 + i] = residence[i]
+    terms[5] = residence[4]
+    terms[6] = residence[5]
+    duration = cycle
     best = 0
-    for i in range(8):
+    for i in range(7):
         if terms[i] > terms[best]:
             best = i
-    return terms[best], best
+    l2_floor = k * l2_bytes[c] / l2_share
+    hbm_floor = k * hbm_bytes[c] / hbm_share
+    if l2_floor > duration:
+        duration = l2_floor
+        best = 5
+    if hbm_floor > duration:
+        duration = hbm_floor
+        best = 6
+    return duration, best
 
 
 @njit(cache=True)
-def dispatch(n_sms, slots_per_sm, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
+def dispatch(n_sms, slots_per_sm, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
              exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap,
              cta_sm, cta_start, cta_end, cta_limiter):
     """CTAs in launch order onto ``n_sms`` SMs of ``slots_per_sm`` slots each: the first
     fill every slot (round-robin over the SMs), each later one takes the slot that frees first
     (the SM whose CTA ends earliest). Fills the per-CTA arrays; returns the kernel's end."""
-    n = alone_s.shape[0]
-    terms = np.zeros(8)
+    n = latency_s.shape[0]
+    terms = np.zeros(7)
     resident = np.zeros(n_sms, dtype=np.int64)
     first = min(n, n_sms * slots_per_sm)
     for c in range(first):
@@ -215,7 +255,7 @@ def dispatch(n_sms, slots_per_sm, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     heap_c = 0
     for c in range(first):
         s = c % n_sms
-        d, lim = _duration(c, resident[s], active, alone_s, pipe_s, smem_s, l2_bytes,
+        d, lim = _duration(c, resident[s], active, latency_s, pipe_s, smem_s, l2_bytes,
                            hbm_bytes, exposed_l2, exposed_hbm, warps, sub_partitions, l2_bw,
                            hbm_bw, sm_bw_cap, terms)
         cta_sm[c] = s
@@ -226,7 +266,7 @@ def dispatch(n_sms, slots_per_sm, alone_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     end = 0.0
     for c in range(first, n):
         t, s, heap_c = _heap_pop(heap_t, heap_s, heap_c)
-        d, lim = _duration(c, resident[s], active, alone_s, pipe_s, smem_s, l2_bytes,
+        d, lim = _duration(c, resident[s], active, latency_s, pipe_s, smem_s, l2_bytes,
                            hbm_bytes, exposed_l2, exposed_hbm, warps, sub_partitions, l2_bw,
                            hbm_bw, sm_bw_cap, terms)
         cta_sm[c] = s
@@ -248,15 +288,15 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape) -> TimedKernel:
     demand = cta_demands(kt, hbm_by_event, hw, shape.dtype)
     clock = hw.clock_hz
     n = kt.n_ctas
-    pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"], demand["sfu_cycles"],
-                     demand["issue_cycles"]], axis=1) / clock
+    pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"],
+                     demand["sfu_cycles"]], axis=1) / clock
     smem_per_sm = hw.sram_bandwidth_bytes_per_s / hw.sm_count
     cta_sm = np.zeros(n, dtype=np.int64)
     start = np.zeros(n)
     end = np.zeros(n)
     limiter = np.zeros(n, dtype=np.int64)
     if n:
-        dispatch(hw.sm_count, occ.ctas_per_sm, demand["alone_cycles"] / clock,
+        dispatch(hw.sm_count, occ.ctas_per_sm, demand["latency_cycles"] / clock,
                  np.ascontiguousarray(pipe), demand["smem_bytes"] / smem_per_sm,
                  demand["l2_bytes"], demand["hbm_bytes"], demand["exposed_l2_bytes"],
                  demand["exposed_hbm_bytes"], occ.warps_per_cta, hw.sub_partitions_per_sm,
