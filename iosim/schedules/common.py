@@ -12,6 +12,9 @@ ROWWISE_ROWS_PER_CTA = 4
 #: Default GEMM output tile of the unfused pipelines (cuBLAS-like 128 x 128).
 GEMM_TILE = 128
 
+#: Shared-memory stages of a library GEMM's k loop (copy of tile k+1 overlaps tile k's MMAs).
+GEMM_STAGES = 2
+
 #: Warps of a library GEMM CTA (a cuBLAS-class 128 x 128 tile runs 256 threads).
 GEMM_WARPS = 8
 
@@ -88,7 +91,10 @@ def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
             Loop("j", (Load("Pij", "P", "i", "j"), Load("Vj", "V", "j", "d"),
                        MatMul("O", "Pij", "Vj", accumulate=True))),
             Store("O", "O", "i", "d"))
-    buffers = (BufferSpec("Pij", "i", "j", e), BufferSpec("Vj", "j", "d", e),
+    # a library GEMM pipelines its k loop: the next P and V tiles are copied in while these
+    # are multiplied (GEMM_STAGES buffers each)
+    buffers = (BufferSpec("Pij", "i", "j", e, stages=GEMM_STAGES),
+               BufferSpec("Vj", "j", "d", e, stages=GEMM_STAGES),
                BufferSpec("O", "i", "d", F32, "reg"))
     return Kernel("pv_gemm", grid=("i",), body=body, buffers=buffers,
                   blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
