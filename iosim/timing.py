@@ -13,13 +13,17 @@ the kernel the way the GPU runs it, in three steps.
    bytes that the L2 replay says miss) unless its buffer has several stages: then it was
    issued one iteration ahead and its latency hides behind the previous iteration. The first
    load of a group ends in a CTA-wide barrier.
-2. **Resident warps hide each other's latency** (the MWP/CWP argument of Hong and Kim): with
-   ``k`` CTAs of ``W`` warps on an SM, each of its sub-partitions (warp schedulers) runs
-   ``ceil(k·W / sub-partitions)`` warps. A CTA then takes the longest of: its lone warp's
-   time; its warps' pipe time on a sub-partition (tensor, FP32, SFU or issue slots) times the
-   warps sharing it; the SM's shared-memory bandwidth over the bytes its ``k`` CTAs move; and
-   the SM's share of L2 and HBM bandwidth over the bytes they move (bandwidth is shared by
-   every SM that holds a CTA at that moment).
+2. **Resident warps hide each other's latency** (the MWP/CWP argument of Hong and Kim, in
+   queueing form): the ``k·W`` warps resident on an SM (``k`` CTAs of ``W`` warps, as
+   :mod:`iosim.occupancy` allows) cycle through their programs in a closed queueing network:
+   each waits out its latencies (a delay) and queues at the shared stations — its
+   sub-partition's tensor, FP32 and special-function pipes (shared with the warps pinned to the
+   same warp scheduler), the SM's shared memory, and the SM's share of L2 and HBM bandwidth for
+   the loads it waits for. Mean value analysis gives the cycle time: a CTA's duration. Few
+   warps: the lone warp's latency; many: the busiest station's throughput; in between, the
+   queueing a ``max()`` of the two would miss. Loads issued ahead block no warp but still take
+   bandwidth, so a CTA lasts at least its SM's bytes over the SM's bandwidth share (bandwidth
+   is shared by every SM holding a CTA at that moment).
 3. **CTAs are dispatched in launch order** to SMs as slots free up (``occupancy`` slots per
    SM): waves, the tail and causal imbalance come out of this, and the kernel ends when its
    last CTA does. The launch overhead is added.
@@ -184,7 +188,6 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     over its bandwidth share. Fills ``terms`` (each limiter's part) and returns the duration
     and the index of the limiter."""
     resident_warps = k * warps
-    groups = min(sub_partitions, resident_warps)  # sub-partitions holding warps
     l2_share = min(l2_bw / active_sms, sm_bw_cap)
     hbm_share = min(hbm_bw / active_sms, sm_bw_cap)
     # per-warp service demands; the first three stations are a sub-partition's own pipes
@@ -196,6 +199,9 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     demand[3] = smem_s[c] / warps
     demand[4] = exposed_l2[c] / warps / l2_share
     demand[5] = exposed_hbm[c] / warps / hbm_share
+    # of the other resident warps, the share pinned to the same sub-partition as this one
+    per_smsp = (resident_warps + sub_partitions - 1) // sub_partitions
+    mates = (per_smsp - 1) / (resident_warps - 1) if resident_warps > 1 else 0.0
     queue = np.zeros(6)  # customers at each station, over the whole SM
     residence = np.zeros(6)
     cycle = latency_s[c]
@@ -203,7 +209,7 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
         cycle = latency_s[c]
         for i in range(6):
             # an arriving warp finds the queue of its own sub-partition at a pipe station
-            seen = queue[i] / groups if i < 3 else queue[i]
+            seen = queue[i] * mates if i < 3 else queue[i]
             residence[i] = demand[i] * (1.0 + seen)
             cycle += residence[i]
         if cycle <= 0.0:

@@ -23,9 +23,14 @@ def test_json_has_the_promised_keys(algorithm, model, capsys):
     assert out["algorithm"] == algorithm and out["model"] == model
     assert out["hardware"] == "h100-measured"
     assert COUNTS | {"predicted_time_s", "arithmetic_intensity", "bound"} <= set(out["totals"])
+    assert out["time_model"] == "timed"
     for kernel in out["kernels"]:
-        assert COUNTS | {"name", "predicted_time_s", "bound"} <= set(kernel)
+        assert COUNTS | {"name", "predicted_time_s", "bound", "occupancy", "time_breakdown",
+                         "timed_limiter"} <= set(kernel)
         assert kernel["bound"] in ("memory", "compute")
+        assert kernel["predicted_time_s"] == kernel["times_s"]["timed"]
+        assert kernel["times_s"]["roofline"] > 0
+        assert kernel["occupancy"]["warps_per_sm"] >= 1
     for key in COUNTS:
         assert out["totals"][key] == sum(k[key] for k in out["kernels"])
     # matmul FLOPs of QKᵀ and PV: 4·B·H·N²·d
@@ -36,6 +41,25 @@ def test_l2_model_never_reads_more_than_it_requests(capsys):
     main(BASE + ["--algorithm", "flash2", "--json"])
     totals = json.loads(capsys.readouterr().out)["totals"]
     assert 0 < totals["hbm_read_bytes"] <= totals["l2_read_bytes"]
+
+
+def test_time_model_flag_switches_the_prediction(capsys):
+    assert main(BASE + ["--algorithm", "flash2", "--json", "--time-model", "roofline",
+                        "--rows-per-warp", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (kernel,) = out["kernels"]
+    assert out["time_model"] == "roofline"
+    assert kernel["predicted_time_s"] == kernel["times_s"]["roofline"]
+    assert kernel["occupancy"]["warps_per_cta"] == 64 // 32  # Br = 64 at N = 256, d = 64
+
+
+def test_explore_warns_when_pairs_differ_in_occupancy(capsys):
+    argv = ["explore", "--algorithm", "flash2", "--seq-len", "256", "--head-dim", "128",
+            "--workers", "1", "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "warps/SM" in captured.out
+    assert "differ in occupancy" in captured.err
 
 
 def test_table_lists_every_kernel(capsys):
@@ -55,6 +79,8 @@ def test_table_lists_every_kernel(capsys):
     (["--sram-bytes", "0"], "sram_bytes must be a positive integer"),
     (["--algorithm", "flash3"], "invalid choice: 'flash3'"),
     (["--seq-len", "abc"], "invalid int value"),
+    (["--time-model", "cycles"], "invalid choice: 'cycles'"),
+    (["--rows-per-warp", "0"], "rows_per_warp must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     argv = ["simulate", "--algorithm", "flash2", "--seq-len", "256", "--head-dim", "64"]

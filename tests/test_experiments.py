@@ -17,6 +17,7 @@ EXPECTED_FILES = {
     "seq_len_sweep": ["seq_len_sweep.csv", "seq_len_sweep.png"],
     "roofline": ["roofline_points.csv", "roofline_a100-40gb.png",
                  "roofline_h100-measured.png"],
+    "timeline": ["timeline.csv", "timeline.png"],
 }
 
 
@@ -104,6 +105,17 @@ def test_roofline_points(quick_results):
         names = {r["name"] for r in rows if r["hardware"] == hw}
         assert {"flash2:flash2_fwd", "standard:qk_gemm", "hf:softmax", "relu",
                 "matmul", "batch_norm"} <= names
+
+
+def test_timeline_puts_every_cta_on_an_sm_without_overlap(quick_results):
+    out, _ = quick_results
+    rows = _csv(out / "timeline.csv")
+    assert {(r["block_rows"], r["block_cols"]) for r in rows} == {("128", "64"), ("64", "128")}
+    for pair in {(r["block_rows"], r["block_cols"]) for r in rows}:
+        mine = [r for r in rows if (r["block_rows"], r["block_cols"]) == pair]
+        assert all(float(r["end_s"]) > float(r["start_s"]) >= 0 for r in mine)
+        # causal and longest first: the first CTA visits the most K/V blocks
+        assert int(mine[0]["kv_blocks"]) == max(int(r["kv_blocks"]) for r in mine)
 
 
 def test_runner_writes_report(tmp_path, monkeypatch):

@@ -104,20 +104,44 @@ def test_a_malformed_bench_file_is_refused(tmp_path):
         validation.load_bench(tmp_path)
 
 
-def test_occupancy_groups_flash_errors_by_resident_warps():
-    def row(algorithm, smem, threads, ape, batch=8, n=4096, br=128):
-        return {"algorithm": algorithm, "kernel_smem_bytes": smem, "threads": threads,
-                "time_ape": ape, "batch": batch, "heads": 16, "seq_len": n, "block_rows": br}
-    rows = [row("flash2", 147456, 128, 60.0), row("flash2", 147456, 128, 70.0),
-            row("flash2", 40960, 64, 10.0), row("standard", 1, 1, 5.0),
-            row("flash1", 40960, 128, 50.0)]
-    table = validation.occupancy(rows, sram_bytes_per_sm=233472, sm_count=132)
+def test_occupancy_groups_flash_errors_by_the_models_resident_warps():
+    def row(algorithm, warps, ape, roof):
+        return {"algorithm": algorithm, "model_warps_per_sm": warps, "time_ape": ape,
+                "time_ape_roofline": roof}
+    rows = [row("flash2", 4, 10.0, 60.0), row("flash2", 4, 20.0, 70.0),
+            row("flash2", 8, 5.0, 30.0), row("standard", 16, 5.0, 5.0),
+            row("flash1", 8, 12.0, 50.0)]
+    table = validation.occupancy(rows)
     by_key = {(t["algorithm"], t["resident_warps_per_sm"]): t for t in table}
-    # 147 KiB of shared memory: one CTA of 4 warps per SM
     assert by_key[("flash2", 4)]["kernels"] == 2
-    assert by_key[("flash2", 4)]["time_ape_median_pct"] == 65.0
-    # 40 KiB: five CTAs of 2 warps fit
-    assert by_key[("flash2", 10)]["time_ape_worst_pct"] == 10.0
-    # flash1's grid is batch x heads = 128 CTAs on 132 SMs: one CTA per SM whatever fits
-    assert ("flash1", 4) in by_key
+    assert by_key[("flash2", 4)]["time_ape_median_pct"] == 15.0
+    assert by_key[("flash2", 4)]["time_ape_median_pct_roofline"] == 65.0
+    assert by_key[("flash2", 8)]["time_ape_worst_pct"] == 5.0
+    assert ("flash1", 8) in by_key
     assert all(t["algorithm"] != "standard" for t in table)
+
+
+def test_measured_registers_are_declared_on_the_matching_flash_kernel(tmp_path):
+    (tmp_path / "occupancy.json").write_text(json.dumps({"records": [
+        {"algorithm": "flash2", "kernel": "flash2_fwd", "head_dim": 64, "block_rows": 64,
+         "block_cols": 64, "warp_rows": 16, "launch__registers_per_thread": 200},
+        {"algorithm": "standard", "kernel": "softmax", "launch__registers_per_thread": 40}]}))
+    registers = validation.load_registers(tmp_path)
+    assert registers == {("flash2", 64, 64, 64, 16): 200}
+    run = _run("flash2", 512, block=(64, 64))
+    run["warp_rows"] = 16
+    prediction = validation.predict(run, registers=registers)["kernels"]["flash2_fwd"]
+    assert prediction["model_registers"] == 200 and prediction["registers_measured"]
+    run["warp_rows"] = 32  # another variant: the registers are estimated
+    prediction = validation.predict(run, registers=registers)["kernels"]["flash2_fwd"]
+    assert not prediction["registers_measured"]
+
+
+def test_rows_carry_both_time_models_and_the_held_out_flag():
+    sim = _predicted("flash2", 512, (64, 64))
+    kernels = [_kernel("flash2_fwd", sim.kernels[0].times_s["roofline"])]
+    (row,) = validation.compare(_doc([_run("flash2", 512, block=(64, 64), kernels=kernels)]))
+    assert row["time_ape_roofline"] == pytest.approx(0.0, abs=1e-9)
+    assert row["time_ape"] == pytest.approx(
+        abs(row["predicted_time_s"] - row["measured_time_s"]) / row["measured_time_s"] * 100)
+    assert row["held_out"] is False

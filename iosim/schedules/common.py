@@ -23,8 +23,9 @@ ROWS_PER_WARP = 16
 
 #: A row-wise kernel's threads per row hold at most this many 16-byte vectors each ...
 ROWWISE_VECTORS_PER_THREAD = 4
-#: ... with 32 to 512 threads per row.
+#: ... with 32 to 512 threads per row, and at most this many threads per CTA.
 ROWWISE_THREADS_PER_ROW = (32, 512)
+ROWWISE_MAX_THREADS = 1024
 
 F32 = 4
 
@@ -48,13 +49,14 @@ def flash_warps(block_rows: int, rows_per_warp=None) -> int:
 
 def rowwise_warps(shape, rows: int) -> int:
     """Warps of a row-wise kernel's CTA: each row is split over a power of two of threads
-    (32 to 512) that hold at most ROWWISE_VECTORS_PER_THREAD 16-byte vectors of it each."""
+    (32 to 512) that hold at most ROWWISE_VECTORS_PER_THREAD 16-byte vectors of it each, up to
+    ROWWISE_MAX_THREADS per CTA (past that, each thread holds more)."""
     vectors = max(1, -(-shape.seq_len * shape.elem_bytes // 16))
     low, high = ROWWISE_THREADS_PER_ROW
     threads = low
     while threads * ROWWISE_VECTORS_PER_THREAD < vectors and threads < high:
         threads *= 2
-    return max(1, rows * threads // 32)
+    return max(1, min(rows * threads, ROWWISE_MAX_THREADS) // 32)
 
 
 def check_block(name: str, value, seq_len: int) -> int:
