@@ -50,7 +50,7 @@ def test_time_model_flag_switches_the_prediction(capsys):
     (kernel,) = out["kernels"]
     assert out["time_model"] == "roofline"
     assert kernel["predicted_time_s"] == kernel["times_s"]["roofline"]
-    assert kernel["occupancy"]["warps_per_cta"] == 64 // 32  # Br = 64 at N = 256, d = 64
+    assert kernel["occupancy"]["warps_per_cta"] == out["block_rows"] // 32
 
 
 def test_explore_warns_when_pairs_differ_in_occupancy(capsys):
