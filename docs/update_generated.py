@@ -12,7 +12,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 FIGURES = ("roofline_a100-40gb.png", "roofline_h100-measured.png", "figure2_blocksize.png",
            "sram_sweep.png", "seq_len_sweep.png", "validation_time.png", "validation_bytes.png",
-           "validation_roofline.png")
+           "validation_roofline.png", "timeline.png")
 
 VALIDATION_INTRO = """# Validation on the H100
 
@@ -20,9 +20,13 @@ iosim's predictions for the kernels it models, beside what an H100 SXM measured.
 measurements are committed under `experiments/data/h100/` (`bench.json`: timings by CUDA
 events, median of 20 runs over rotated inputs, with Nsight Compute DRAM bytes per kernel;
 `calibration.json`: the microbenchmarks behind the `h100-measured` preset; `sanitizers.json`,
-`sass.json`). The cost model's figures come only from `calibration.json` — copy bandwidth,
-L2 and shared-memory bandwidth, GEMM and `mma.sync` rates, fp32 FMA and `ex2` rates, launch
-overhead — never from the attention runs it predicts; nothing is fitted.
+`sass.json`; `occupancy.json`: registers per thread and achieved occupancy of every kernel
+variant, by Nsight Compute). Both time models take their figures only from `calibration.json`
+— copy bandwidth, L2 and shared-memory bandwidth, GEMM and `mma.sync` rates, fp32 FMA and `ex2`
+rates, launch overhead, and for the timed model the SM clock and the latencies of DRAM, L2,
+shared memory, a dependent `mma.sync`, FMA, `ex2` and a barrier — never from the attention runs
+they predict; nothing is fitted. The only figure taken from the real kernels is their
+registers per thread (what ptxas chose), declared on the schedule as a kernel writer would.
 
 ## Re-run it
 
@@ -34,6 +38,7 @@ python -m iosim.calibration experiments/data/<gpu>/calibration.json > iosim/pres
 python -m gpu.bench --sweep full --out experiments/data/<gpu>/bench.json
 python -m gpu.bench --ncu --sweep ncu --out experiments/data/<gpu>/ncu.json \\
     --merge-into experiments/data/<gpu>/bench.json
+python -m gpu.occupancy --out experiments/data/<gpu>/occupancy.json
 ```
 
 then anywhere, `python -m experiments` (or `python -m experiments.validation`) renders the
@@ -47,20 +52,32 @@ VALIDATION_READING = """
 * **DRAM bytes.** Compare the `l2` and `two-level` columns: the two-level (paper) model
   counts every K/V tile FlashAttention-2 streams as HBM traffic, while on a real GPU the tiles
   that the concurrent CTAs of one head share are served by the L2 — which the `l2` model
-  reproduces. The largest
-  remaining byte errors are flash kernels whose own data is close to the L2's size.
-* **Time.** The unfused pipelines' kernels are HBM-bound; their softmax kernels move data
-  somewhat below the copy bandwidth the model assumes, so they run a little slower than
-  predicted. The flash kernels are where the model is weakest. FlashAttention-2's error
-  falls as the real kernel keeps more warps on an SM (the occupancy table): the cost model
-  has no latency-hiding term, so a variant whose double-buffered tiles let only one 4-warp
-  CTA sit on an SM runs about twice as slow as predicted. FlashAttention-1 runs one CTA per
-  SM by design (its grid is batch × heads) and issues its loads, compute and stores one step
-  at a time, so DRAM latency is exposed on every (K/V block, Q block) step — again outside a
-  roofline model.
-* **Block sizes.** For the same reason the model's ranking of block pairs is reliable where
-  occupancy does not change between pairs and wrong where it does (FlashAttention-2 at
-  d = 128 with 64 x 128 tiles).
+  reproduces. The largest remaining byte errors are flash kernels whose own data is close to
+  the L2's size, and flash2 at N = 16k, where real CTAs drift apart and re-fetch K/V tiles that
+  the lock-step replay shares.
+* **Time, flash2.** The roofline misses most where an SM holds few warps (the occupancy
+  table): a variant whose double-buffered tiles leave room for one 4-warp CTA per SM runs
+  about twice as slow as its FLOPs say, because each warp waits for every fragment it loads
+  from shared memory and nothing else on its sub-partition fills the gap. The timed model
+  charges exactly that latency and lets resident warps queue for the pipes, so its error no
+  longer grows with falling occupancy. What it still misses is within one occupancy level:
+  the real kernels' register allocation (255 registers, small spills in some variants) and
+  how far the compiler software-pipelines fragment loads, which the model does not see.
+* **Time, flash1.** One CTA per (batch, head) and, in our kernel, each warp's O update
+  round-trips HBM every (K/V block, Q block) step. The timed model takes the step's
+  latencies and the SM's share of bandwidth into account and halves the roofline's error, but
+  still predicts the steps about a third too fast: the measured step is longer than the loads,
+  the compute and their latencies add up to under the model's assumption that a tile's loads
+  are issued together. That is a property of our kernel's code, which a tile-level model
+  cannot see without a finer description of the load order.
+* **Time, unfused pipelines.** HBM-bound; the row-wise softmax kernels move data at about
+  83% of the copy bandwidth, which neither model predicts (no microbenchmark of a
+  read-compute-write row kernel's achievable bandwidth is in the calibration), and the
+  smallest kernels are dominated by launch and tail effects.
+* **Block sizes.** flash1's ranking is right on every shape. flash2's pairs that keep the same
+  number of warps resident lie within about 15% of one another, the size of the model's own
+  per-kernel error, so its best pick is often a close second; the pair that halves the
+  occupancy (64 x 128 at d = 128) is always ranked last, as measured.
 
 """
 

@@ -42,16 +42,12 @@ def base_name(kernel_name: str) -> str:
     return s.strip()
 
 
-def parse_csv(text: str) -> list[dict]:
-    """Rows of ``ncu --csv --metrics ...`` (the 'details' page, one row per kernel and metric) as a list
-    of kernels in launch order: {id, name, base, grid, dram_read_bytes, dram_write_bytes, duration_s}.
+def parse_metrics_csv(text: str) -> list[dict]:
+    """ncu ``--csv`` details rows (one row per kernel and metric) as kernels in launch order:
+    {id, name, base, grid, block, metrics: {metric name: value in base units (seconds for times)}}.
     Lines before the CSV header (==PROF== messages, program output) are skipped."""
     lines = text.splitlines()
-    start = None
-    for i, ln in enumerate(lines):
-        if ln.startswith('"ID"') and "Metric Name" in ln:
-            start = i
-            break
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"') and "Metric Name" in ln), None)
     if start is None:
         return []
     reader = csv.DictReader(io.StringIO("\n".join(ln for ln in lines[start:] if ln.startswith('"'))))
@@ -61,19 +57,30 @@ def parse_csv(text: str) -> list[dict]:
             kid = int(row["ID"])
         except (KeyError, ValueError, TypeError):
             continue
-        k = kernels.setdefault(kid, {"id": kid, "name": row.get("Kernel Name", ""),
-                                     "base": base_name(row.get("Kernel Name", "")),
+        name = row.get("Kernel Name", "") or ""
+        k = kernels.setdefault(kid, {"id": kid, "name": name, "base": base_name(name),
                                      "grid": row.get("Grid Size", ""), "block": row.get("Block Size", ""),
-                                     "dram_read_bytes": None, "dram_write_bytes": None, "duration_s": None})
-        metric = row.get("Metric Name", "")
-        val = _value(row.get("Metric Value", ""), row.get("Metric Unit", ""))
-        if metric == "dram__bytes_read.sum":
-            k["dram_read_bytes"] = val
-        elif metric == "dram__bytes_write.sum":
-            k["dram_write_bytes"] = val
-        elif metric == "gpu__time_duration.sum":
-            k["duration_s"] = val
+                                     "metrics": {}})
+        metric = (row.get("Metric Name") or "").strip()
+        if metric:
+            try:
+                k["metrics"][metric] = _value(row.get("Metric Value", ""), row.get("Metric Unit", ""))
+            except ValueError:
+                k["metrics"][metric] = None
     return [kernels[i] for i in sorted(kernels)]
+
+
+def parse_csv(text: str) -> list[dict]:
+    """The harness's three metrics per kernel, in launch order: {id, name, base, grid, block,
+    dram_read_bytes, dram_write_bytes, duration_s} (see :func:`parse_metrics_csv`)."""
+    out = []
+    for k in parse_metrics_csv(text):
+        m = k.pop("metrics")
+        k.update(dram_read_bytes=m.get("dram__bytes_read.sum"),
+                 dram_write_bytes=m.get("dram__bytes_write.sum"),
+                 duration_s=m.get("gpu__time_duration.sum"))
+        out.append(k)
+    return out
 
 
 def grid_x(grid: str) -> int | None:

@@ -8,14 +8,12 @@ softmax; hf: + scale; megatron: scale_mask_softmax). The module runs itself unde
 does): the child checks each pipeline the way the harness does (fresh standard-normal inputs, output poisoned with
 NaN, two runs that must give the same error, error rule of ``reference.check_error``), runs it once as warm-up
 and once inside the NVTX range ``iosim_prof`` after an ``iosim_marker`` launch of ``tag + 1`` blocks; the parent
-parses ncu's CSV (``parse_metrics_csv``), splits it at the markers (``ncu.segments``), labels each kernel
+parses ncu's CSV (``ncu.parse_metrics_csv``), splits it at the markers (``ncu.segments``), labels each kernel
 (``label_kernels``) and writes one record per profiled kernel (schema ``iosim-gpu-occupancy/1``).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -63,34 +61,6 @@ def variants(head_dims=HEAD_DIMS) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- parsing (CPU)
-def parse_metrics_csv(text: str) -> list[dict]:
-    """ncu ``--csv`` details rows (one row per kernel and metric) as kernels in launch order:
-    {id, name, base, grid, block, metrics: {metric name: value in base units (seconds for times)}}.
-    Lines before the CSV header (==PROF== messages, program output) are skipped."""
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"') and "Metric Name" in ln), None)
-    if start is None:
-        return []
-    reader = csv.DictReader(io.StringIO("\n".join(ln for ln in lines[start:] if ln.startswith('"'))))
-    kernels: dict[int, dict] = {}
-    for row in reader:
-        try:
-            kid = int(row["ID"])
-        except (KeyError, ValueError, TypeError):
-            continue
-        name = row.get("Kernel Name", "") or ""
-        k = kernels.setdefault(kid, {"id": kid, "name": name, "base": NCU.base_name(name),
-                                     "grid": row.get("Grid Size", ""), "block": row.get("Block Size", ""),
-                                     "metrics": {}})
-        metric = (row.get("Metric Name") or "").strip()
-        if metric:
-            try:
-                k["metrics"][metric] = NCU._value(row.get("Metric Value", ""), row.get("Metric Unit", ""))
-            except ValueError:
-                k["metrics"][metric] = None
-    return [kernels[i] for i in sorted(kernels)]
-
-
 def label_kernels(seg: list[dict], expected: list[str]) -> list[tuple[str, dict]]:
     """(label, kernel) for each kernel of one segment: our kernels by name, library (cuBLAS) kernels as
     qk_gemm before our first kernel and pv_gemm after it. Raises ValueError when the segment does not hold
@@ -112,7 +82,7 @@ def _int_or_none(x):
 
 def build_records(csv_text: str, manifest: list[dict]) -> tuple[list[dict], list[str], int]:
     """Records (one per profiled kernel) from ncu's CSV and the child's manifest; problems; kernels parsed."""
-    kernels = parse_metrics_csv(csv_text)
+    kernels = NCU.parse_metrics_csv(csv_text)
     segs = NCU.segments(kernels)
     records, problems = [], []
     for m in manifest:
@@ -202,23 +172,6 @@ def _fp16_reference_error(q, k, v, ref, out, causal):
         return R.rel_error(o16, ref, xp=cp), "cupy_fp16_plain"
 
 
-def check_pipeline(pipe, q, k, v, out, ref, fp16_err) -> dict:
-    """The harness's check: output poisoned with NaN, run twice, error rule, the two errors must be equal."""
-    import cupy as cp
-
-    errs = []
-    for _ in range(2):
-        out.fill(float("nan"))
-        pipe.run(q, k, v, out)
-        cp.cuda.runtime.deviceSynchronize()
-        errs.append(R.rel_error(out, ref, xp=cp))
-    chk = R.check_error(errs[0], fp16_err)
-    if errs[0] != errs[1]:
-        chk["passed"] = False
-        chk["nondeterministic_error"] = errs
-    return chk
-
-
 def cmd_child(args) -> int:
     import cupy as cp
     from cupy.cuda import nvtx
@@ -249,7 +202,7 @@ def cmd_child(args) -> int:
                 if alg in SW.FLASH:
                     entry.update(warp_rows=16 * pipe.wm, q_in_registers=bool(pipe.qreg), threads=pipe.threads,
                                  smem_bytes=pipe.smem)
-                chk = check_pipeline(pipe, q, k, v, out, ref, fp16_err)
+                chk = BN.check_pipeline(pipe, q, k, v, out, ref, fp16_err)
                 entry.update(chk)
                 if not chk["passed"]:
                     entry["reason"] = f"check failed: {chk}"

@@ -390,7 +390,7 @@ def _occ_manifest():
 
 
 def test_occupancy_csv_parse():
-    ks = OCC.parse_metrics_csv(_occ_csv())
+    ks = NCU.parse_metrics_csv(_occ_csv())
     assert [k["base"] for k in ks] == ["iosim_marker", "flash2_fwd", "iosim_marker", "iosim_marker",
                                       "nvjet_sm90_hsh_256x128_64x4_2x1_v_bz_coopB_TNT", "softmax", "nvjet_sm90_pv",
                                       "iosim_marker"]
@@ -400,7 +400,7 @@ def test_occupancy_csv_parse():
     assert m["launch__grid_size"] == 32 and m["launch__shared_mem_per_block_dynamic"] == 81920
     assert m["sm__maximum_warps_per_active_cycle_pct"] == 12.5
     assert m["gpu__time_duration.sum"] == pytest.approx(1.234567e-3)
-    assert OCC.parse_metrics_csv("no csv here\n") == []
+    assert NCU.parse_metrics_csv("no csv here\n") == []
 
 
 def test_occupancy_records_from_csv_and_manifest():
@@ -427,7 +427,7 @@ def test_occupancy_records_from_csv_and_manifest():
 
 
 def test_occupancy_labels_need_the_expected_kernels():
-    segs = NCU.segments(OCC.parse_metrics_csv(_occ_csv()))
+    segs = NCU.segments(NCU.parse_metrics_csv(_occ_csv()))
     with pytest.raises(ValueError):
         OCC.label_kernels(segs[2], ["flash2_fwd"])                 # cuBLAS kernels where a flash kernel belongs
     with pytest.raises(ValueError):
