@@ -242,7 +242,7 @@ def run_group(group: list[dict], args, deadline: float, log) -> tuple[list, list
                                "ncu_duration_s": None} for n, p in zip(names, per)]
             blk = f"({cfg['block_rows']},{cfg['block_cols']})" if cfg["block_rows"] else ""
             log(f"  {alg:8s} {blk:11s} {t['median']*1e3:9.3f} ms {rec['tflops']:7.1f} TFLOP/s "
-                f"err {chk['rel_error']:.2e} (bound {chk['error_bound']:.2e}) {'PASS' if rec['passed'] else 'FAIL'} "
+                f"err {chk['rel_error'] if chk['rel_error'] is not None else float('nan'):.2e} (bound {chk['error_bound']:.2e}) {'PASS' if rec['passed'] else 'FAIL'} "
                 + " ".join(f"{n}={p['median']*1e3:.3f}" for n, p in zip(names, per)))
         except Exception as e:  # noqa: BLE001
             rec.update(dict(R.check_error(None, fp16_err), time_s=None, tflops=None, error=repr(e)[:2000],
