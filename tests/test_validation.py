@@ -145,3 +145,12 @@ def test_rows_carry_both_time_models_and_the_held_out_flag():
     assert row["time_ape"] == pytest.approx(
         abs(row["predicted_time_s"] - row["measured_time_s"]) / row["measured_time_s"] * 100)
     assert row["held_out"] is False
+
+
+def test_the_occupancy_calculator_agrees_with_nsight_compute_on_every_real_kernel():
+    table = validation.occupancy_check()
+    assert len(table) >= 20  # every flash variant of the sweep, d = 64 and 128
+    for row in table:
+        assert row["model_threads"] == row["threads"]
+        assert row["warps_per_sm_model"] == pytest.approx(row["warps_per_sm_ncu_theoretical"])
+        assert row["warps_per_sm_ncu_achieved"] <= row["warps_per_sm_ncu_theoretical"] + 0.5
