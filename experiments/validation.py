@@ -154,7 +154,9 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
     rows_per_warp = run.get("warp_rows") if run["algorithm"] in ("flash1", "flash2") else None
     schedule = iosim.build_schedule(run["algorithm"], _shape(run), run["block_rows"],
                                     run["block_cols"], hw.sram_bytes_per_block,
-                                    rows_per_warp=rows_per_warp)
+                                    rows_per_warp=rows_per_warp,
+                                    q_in_registers=(run["algorithm"] == "flash2"
+                                                    and bool(run.get("q_in_registers"))))
     schedule = _declare_registers(schedule, run, registers or {})
     trace = build_trace(schedule)  # one trace, replayed under both models
     sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
@@ -465,7 +467,8 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         f"{len(rows)} kernels compared with iosim's `{HARDWARE}` preset, whose every figure "
         "comes from the microbenchmarks in `calibration.json` (rates, latencies, the SM clock), "
         "never from these runs. Each kernel is simulated as the real one was built: its block "
-        "sizes, its warps per CTA (`warp_rows`) and, where Nsight Compute measured them "
+        "sizes, its warps per CTA (`warp_rows`), whether it keeps Q in registers and, where "
+        "Nsight Compute measured them "
         "(`occupancy.json`), its registers per thread. Byte errors cover kernels whose data is "
         f"at least {LARGE_DATA_FACTOR}x the L2. The timed model was developed against the "
         f"shapes with N < {HELD_OUT_SEQ_LEN}; the columns `held_out` give its error on "

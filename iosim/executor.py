@@ -91,6 +91,8 @@ class _CTA:
             spec = self.specs[op.buffer]
             buf[op.buffer] = np.full((dims[spec.rows], dims[spec.cols]), op.value,
                                      dtype=self.compute_dtype)
+        elif isinstance(op, sch.Copy):
+            buf[op.dst] = buf[op.src].copy()
         elif isinstance(op, sch.MatMul):
             b = buf[op.b].T if op.transpose_b else buf[op.b]
             product = buf[op.a] @ b

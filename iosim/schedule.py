@@ -99,6 +99,26 @@ class Fill:
 
 
 @dataclass(frozen=True)
+class Copy:
+    """dst = src between on-chip buffers (e.g. a shared-memory tile into registers, where a
+    kernel keeps an operand for its whole loop)."""
+
+    dst: str
+    src: str
+
+    @property
+    def reads(self):
+        return (self.src,)
+
+    @property
+    def writes(self):
+        return (self.dst,)
+
+    def flops(self, dims, buffers):
+        return 0, 0
+
+
+@dataclass(frozen=True)
 class MatMul:
     """out = [out +] [scale ·] a @ b (bᵀ when ``transpose_b``). Tensor-core FLOPs 2·m·n·k."""
 
@@ -351,7 +371,7 @@ class Loop:
     causal_skip: bool = False
 
 
-Op = Union[Load, Store, Fill, MatMul, Scale, CausalMask, Softmax, OnlineSoftmax, BlockSoftmax,
+Op = Union[Load, Store, Fill, Copy, MatMul, Scale, CausalMask, Softmax, OnlineSoftmax, BlockSoftmax,
            Flash1Merge, RowScale, RowDivide, LogSumExp]
 
 

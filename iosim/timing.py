@@ -43,6 +43,11 @@ from .occupancy import occupancy
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 
+#: In the mean value analysis, the share of its service a job in service still has ahead of it
+#: when another arrives, taken off the queue the arrival sees: 1/2 for deterministic service
+#: (exponential service, MVA's textbook case, would leave all of it: 0).
+DETERMINISTIC_RESIDUAL = 0.5
+
 #: Names of the terms a CTA's duration is the maximum of, in the order of ``cta_limiter``.
 LIMITERS = ("latency", "tensor", "fp32", "sfu", "smem", "l2", "hbm")
 
@@ -203,20 +208,25 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     per_smsp = (resident_warps + sub_partitions - 1) // sub_partitions
     mates = (per_smsp - 1) / (resident_warps - 1) if resident_warps > 1 else 0.0
     queue = np.zeros(6)  # customers at each station, over the whole SM
+    busy = np.zeros(6)  # utilisation of each station
     residence = np.zeros(6)
     cycle = latency_s[c]
     for n in range(1, resident_warps + 1):
         cycle = latency_s[c]
         for i in range(6):
-            # an arriving warp finds the queue of its own sub-partition at a pipe station
-            seen = queue[i] * mates if i < 3 else queue[i]
-            residence[i] = demand[i] * (1.0 + seen)
+            # an arriving warp finds the queue of its own sub-partition at a pipe station;
+            # service is deterministic (a pipe's issue interval, a transfer's bytes over a
+            # rate), so the one in service has half its time left on average
+            share = mates if i < 3 else 1.0
+            seen = share * (queue[i] - DETERMINISTIC_RESIDUAL * busy[i])
+            residence[i] = demand[i] * (1.0 + max(seen, 0.0))
             cycle += residence[i]
         if cycle <= 0.0:
             break
         throughput = n / cycle
         for i in range(6):
             queue[i] = throughput * residence[i]
+            busy[i] = throughput * demand[i]
     # LIMITERS: latency, tensor, fp32, sfu, smem, l2, hbm
     terms[0] = latency_s[c]
     for i in range(4):
@@ -228,6 +238,12 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     for i in range(7):
         if terms[i] > terms[best]:
             best = i
+    # no station serves faster than its rate: the busiest one's throughput bounds the cycle
+    for i in range(6):
+        bound = (per_smsp if i < 3 else resident_warps) * demand[i]
+        if bound > duration:
+            duration = bound
+            best = 1 + i
     l2_floor = k * l2_bytes[c] / l2_share
     hbm_floor = k * hbm_bytes[c] / hbm_share
     if l2_floor > duration:

@@ -24,14 +24,16 @@ WARP_TILED = ("flash1", "flash2")
 
 
 def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
-                   sram_bytes: int | None = None, rows_per_warp=None) -> Schedule:
+                   sram_bytes: int | None = None, rows_per_warp=None,
+                   q_in_registers: bool = False) -> Schedule:
     """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
 
     Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
     thread block (default: the h100-measured preset's). Given block sizes that do not fit are
     refused with a :class:`~iosim.errors.TilingError` naming bytes needed and available.
     ``rows_per_warp`` (flash1, flash2) sets the query rows each warp owns, hence the warps per
-    CTA (default 16 rows: Br / 16 warps)."""
+    CTA (default 16 rows: Br / 16 warps). ``q_in_registers`` (flash2) keeps each warp's rows of
+    Q in registers for the whole K/V loop instead of re-reading them from shared memory."""
     module = algorithm_module(algorithm)
     extra = {}
     if rows_per_warp is not None:
@@ -40,6 +42,10 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
                              f"not {algorithm!r}")
         extra["rows_per_warp"] = check_positive_int(
             "rows_per_warp", rows_per_warp, "a positive integer (query rows per warp)")
+    if q_in_registers:
+        if algorithm != "flash2":
+            raise IosimError(f"q_in_registers applies to flash2 only, not {algorithm!r}")
+        extra["q_in_registers"] = True
     if sram_bytes is None:
         from ..hardware import load_hardware
 

@@ -4,10 +4,13 @@ sum stay on chip, and O and the log-sum-exp L are written once. K and V tiles ar
 double-buffered in shared memory, as FlashAttention-2 does: (Br + 4·Bc)·d elements per CTA.
 Each warp owns ``rows_per_warp`` query rows (default 16: one m16 tensor-core tile), so a CTA
 has Br / rows_per_warp warps, and each warp reads the whole K and V tiles from shared memory.
-Causal: the row blocks with the most work are launched first, as FlashAttention-2 does."""
+Causal: the row blocks with the most work are launched first, as FlashAttention-2 does.
+With ``q_in_registers`` each warp keeps its rows of Q in registers for the whole loop
+(FlashAttention-2's ``Is_Q_in_regs``), instead of re-reading them from shared memory for every
+K/V block."""
 from __future__ import annotations
 
-from ..schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
+from ..schedule import (BufferSpec, CausalMask, Copy, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
                         OnlineSoftmax, RowDivide, RowScale, Schedule, Store, TensorSpec)
 from . import common
 
@@ -28,15 +31,21 @@ def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
     return block_rows, block_cols
 
 
-def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:
+def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
+          q_in_registers=False) -> Schedule:
     e = shape.elem_bytes
     mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
+    # with q_in_registers each warp copies its rows of Q into registers once, and the QKᵀ
+    # MMAs of every K/V block take them from there instead of re-reading shared memory
+    q_operand = "Qr" if q_in_registers else "Qi"
     step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
-            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
+            MatMul("S", q_operand, "Kj", transpose_b=True, scaled=True)) + mask + (
             OnlineSoftmax("S", "P", "m", "l", "alpha"),
             RowScale("O", "alpha"),
             MatMul("O", "P", "Vj", accumulate=True))
-    body = (Load("Qi", "Q", "i", "d"), Fill("O", 0.0), Fill("m", float("-inf")),
+    keep_q = (Copy("Qr", "Qi"),) if q_in_registers else ()
+    body = (Load("Qi", "Q", "i", "d"),) + keep_q + (
+            Fill("O", 0.0), Fill("m", float("-inf")),
             Fill("l", 0.0), Loop("j", step, causal_skip=True),
             RowDivide("O", "l"), LogSumExp("L", "m", "l"),
             Store("O", "O", "i", "d"), Store("L", "L", "i", "1"))
@@ -48,7 +57,8 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Sche
                  BufferSpec("S", "i", "j", F32, "reg"), BufferSpec("P", "i", "j", F32, "reg"),
                  BufferSpec("O", "i", "d", F32, "reg"), BufferSpec("m", "i", "1", F32, "reg"),
                  BufferSpec("l", "i", "1", F32, "reg"), BufferSpec("alpha", "i", "1", F32, "reg"),
-                 BufferSpec("L", "i", "1", F32, "reg")),
+                 BufferSpec("L", "i", "1", F32, "reg"))
+        + ((BufferSpec("Qr", "i", "d", e, "reg"),) if q_in_registers else ()),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
         tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp),
         longest_first=True)
