@@ -79,7 +79,11 @@ def _per_cta(values: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
 
 def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     """Per-CTA demands of one kernel trace: the lone warp's cycles and what the CTA asks of
-    each shared resource. ``hbm_by_event``: HBM bytes (read + written back) of each event."""
+    each shared resource. ``hbm_by_event``: HBM bytes (read + written back) of each event.
+
+    What does not depend on the L2 replay is worked out on one batch·head's events
+    (``kt.head``) and repeated for the others; only the HBM bytes and the loads' latencies
+    (L2 or DRAM, as the replay says) are taken per event."""
     kernel = kt.kernel
     warps = kernel.warps
     hw = hardware
@@ -90,57 +94,67 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     fp32_issue = work.WARP_SIZE / (hw.scalar_flops_per_s / 2 / per_smsp)  # FMA = 2 FLOP
     sfu_issue = work.WARP_SIZE / (hw.special_ops_per_s / per_smsp)
 
-    kind = kt.kind
-    is_compute = kind == COMPUTE
-    is_load = kind == LOAD
-    tile_bytes = (kt.rows * kt.row_bytes).astype(np.float64)
+    h = kt.head
+    is_compute = h["kind"] == COMPUTE
+    is_load = h["kind"] == LOAD
+    tile_bytes = (h["rows"] * h["row_bytes"]).astype(np.float64)
 
-    # ---- one warp alone, cycles ----
-    mma_w = kt.mma / warps
-    frag_w = kt.smem_operand_bytes / warps / work.FRAGMENT_BYTES
+    # ---- one warp alone, cycles (one batch·head's events) ----
+    mma_w = h["mma"] / warps
+    frag_w = h["smem_operand_bytes"] / warps / work.FRAGMENT_BYTES
     tensor_w = mma_w * mma_issue
-    has_mma = kt.mma > 0
+    has_mma = h["mma"] > 0
     if kt.tensor_path == "mma_sync":
         mma_alone = np.maximum(frag_w * hw.smem_latency_cycles + tensor_w,
-                               kt.mma_chain * hw.mma_latency_cycles)
+                               h["mma_chain"] * hw.mma_latency_cycles)
     else:  # software-pipelined library GEMM: loads hide behind the MMAs
         mma_alone = tensor_w + hw.smem_latency_cycles
     mma_alone = np.where(has_mma, mma_alone + hw.mma_latency_cycles, 0.0)
-    fp32_w = kt.fp32 / warps * fp32_issue
-    sfu_w = kt.sfu / warps * sfu_issue
-    scalar_alone = (fp32_w + sfu_w + kt.depth * hw.fp32_latency_cycles
-                    + np.where(kt.sfu > 0, hw.special_latency_cycles, 0.0))
-    # loads: latency from where the bytes come from, hidden when issued an iteration ahead
-    miss = np.divide(hbm_by_event, tile_bytes, out=np.zeros_like(tile_bytes),
-                     where=is_load & (tile_bytes > 0))
-    load_latency = hw.l2_latency_cycles + np.minimum(miss, 1.0) * (
-        hw.dram_latency_cycles - hw.l2_latency_cycles)
-    exposed = is_load & (kt.prefetched == 0)
-    alone = (np.where(is_compute, mma_alone + scalar_alone, 0.0)
-             + np.where(exposed, load_latency, 0.0)
-             + kt.sync * hw.barrier_cycles)
-    # what is left of the lone warp's time once the pipes' service is taken out: waiting
-    pipes_w = np.where(is_compute, tensor_w + fp32_w + sfu_w, 0.0)
-    latency = alone - pipes_w
-
+    fp32_w = h["fp32"] / warps * fp32_issue
+    sfu_w = h["sfu"] / warps * sfu_issue
+    scalar_alone = (fp32_w + sfu_w + h["depth"] * hw.fp32_latency_cycles
+                    + np.where(h["sfu"] > 0, hw.special_latency_cycles, 0.0))
+    # loads not issued ahead wait at least the L2 latency (the DRAM part is added below)
+    exposed = is_load & (h["prefetched"] == 0)
+    latency = (np.where(is_compute, mma_alone + scalar_alone - tensor_w - fp32_w - sfu_w, 0.0)
+               + np.where(exposed, hw.l2_latency_cycles, 0.0)
+               + h["sync"] * hw.barrier_cycles)
     # shared-memory bytes the SM moves for the CTA: MMA operands (with per-warp re-reads),
     # other ops' buffers, and tiles copied in or out
-    smem_bytes = np.where(has_mma, kt.smem_operand_bytes,
-                          kt.sram_read + kt.sram_write).astype(np.float64)
-    memory = ~is_compute
-    starts = kt.cta_start
-    return {
-        "alone_cycles": _per_cta(alone, starts),
-        "latency_cycles": _per_cta(latency, starts),
-        "tensor_cycles": _per_cta(np.where(is_compute, tensor_w, 0.0), starts),
-        "fp32_cycles": _per_cta(np.where(is_compute, fp32_w, 0.0), starts),
-        "sfu_cycles": _per_cta(np.where(is_compute, sfu_w, 0.0), starts),
-        "smem_bytes": _per_cta(smem_bytes, starts),
-        "l2_bytes": _per_cta(np.where(memory, tile_bytes, 0.0), starts),
-        "hbm_bytes": _per_cta(np.where(memory, hbm_by_event, 0.0), starts),
-        "exposed_l2_bytes": _per_cta(np.where(exposed, tile_bytes, 0.0), starts),
-        "exposed_hbm_bytes": _per_cta(np.where(exposed, hbm_by_event, 0.0), starts),
+    smem_bytes = np.where(has_mma, h["smem_operand_bytes"],
+                          h["sram_read"] + h["sram_write"]).astype(np.float64)
+    starts = h["cta_start"]
+    heads = kt.heads
+
+    def per_cta(values):
+        return np.tile(_per_cta(values, starts), heads)
+
+    demand = {
+        "latency_cycles": per_cta(latency),
+        "tensor_cycles": per_cta(np.where(is_compute, tensor_w, 0.0)),
+        "fp32_cycles": per_cta(np.where(is_compute, fp32_w, 0.0)),
+        "sfu_cycles": per_cta(np.where(is_compute, sfu_w, 0.0)),
+        "smem_bytes": per_cta(smem_bytes),
+        "l2_bytes": per_cta(np.where(is_compute, 0.0, tile_bytes)),
+        "exposed_l2_bytes": per_cta(np.where(exposed, tile_bytes, 0.0)),
     }
+    # ---- what the L2 replay decides, event by event ----
+    n_ctas = kt.n_ctas
+    demand["hbm_bytes"] = _per_cta(hbm_by_event, kt.cta_start)
+    per_head_events = len(h["kind"])
+    head_events = np.flatnonzero(exposed)
+    events = (head_events[None, :]
+              + per_head_events * np.arange(heads, dtype=np.int64)[:, None]).ravel()
+    ctas = (np.searchsorted(starts, head_events, side="right") - 1)[None, :] \
+        + (len(starts) - 1) * np.arange(heads, dtype=np.int64)[:, None]
+    ctas = ctas.ravel()
+    hbm = hbm_by_event[events]
+    loaded = np.tile(tile_bytes[head_events], heads)
+    miss = np.minimum(np.divide(hbm, loaded, out=np.zeros_like(hbm), where=loaded > 0), 1.0)
+    demand["exposed_hbm_bytes"] = np.bincount(ctas, weights=hbm, minlength=n_ctas)
+    demand["latency_cycles"] += np.bincount(
+        ctas, weights=miss * (hw.dram_latency_cycles - hw.l2_latency_cycles), minlength=n_ctas)
+    return demand
 
 
 @njit(cache=True)

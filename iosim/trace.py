@@ -20,12 +20,16 @@ from . import work
 LOAD, STORE, COMPUTE = 0, 1, 2
 TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocator would place them
 
+# the columns the replay engine reads, for every event of every batch·head
+_COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
+            "flops_scalar", "special_ops", "sram_read", "sram_write")
 # what each event asks of the SM's pipes (iosim.work), and for tile loads: ``prefetched``
 # (the buffer has several stages, so the copy is issued one loop iteration ahead) and
-# ``sync`` (a CTA-wide barrier before the tile may be used: the first load of a group)
+# ``sync`` (a CTA-wide barrier before the tile may be used: the first load of a group). The
+# same for every batch·head, so kept for one (``KernelTrace.head``), with the columns the
+# timing model needs beside them
 _WORK_COLUMNS = work.FIELDS + ("prefetched", "sync")
-_COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
-            "flops_scalar", "special_ops", "sram_read", "sram_write") + _WORK_COLUMNS
+_HEAD_COLUMNS = ("kind", "rows", "row_bytes", "sram_read", "sram_write") + _WORK_COLUMNS
 _DTYPES = {"kind": np.int8, "tensor": np.int16, "addr": np.int64, "rows": np.int64,
            "row_bytes": np.int64, "row_stride": np.int64, "flops_tensor": np.int64,
            "flops_scalar": np.int64, "special_ops": np.int64, "sram_read": np.int64,
@@ -51,17 +55,13 @@ class KernelTrace:
     special_ops: np.ndarray
     sram_read: np.ndarray
     sram_write: np.ndarray
-    mma: np.ndarray
-    mma_chain: np.ndarray
-    smem_operand_bytes: np.ndarray
-    fp32: np.ndarray
-    sfu: np.ndarray
-    depth: np.ndarray
-    prefetched: np.ndarray
-    sync: np.ndarray
     smem_bytes_per_cta: int
     kernel: object = None  # the schedule's Kernel (warps, registers, tensor path)
     tensor_path: str = "library"
+    # one batch·head's events (the others repeat them): the _HEAD_COLUMNS and its CTAs'
+    # ``cta_start``; ``heads`` batch·heads in all
+    head: dict = None
+    heads: int = 1
 
     @property
     def n_ctas(self) -> int:
@@ -108,7 +108,7 @@ def _head_template(kernel, schedule, base, tensor_ids):
     extents = {"N": n, "d": d, "1": 1}
     tensors = schedule.tensor_map()
     buffers = kernel.buffer_map()
-    cols = {c: [] for c in _COLUMNS}
+    cols = {c: [] for c in _COLUMNS + _WORK_COLUMNS}
     cta_start = [0]
 
     def smem(names, dims):
@@ -146,7 +146,7 @@ def _head_template(kernel, schedule, base, tensor_ids):
                 values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
                           smem(op.reads, dims), smem(op.writes, dims),
                           *work.op_work(op, dims, buffers, kernel), 0, 0)
-            for c, v in zip(_COLUMNS, values):
+            for c, v in zip(_COLUMNS + _WORK_COLUMNS, values):
                 cols[c].append(v)
         cta_start.append(len(cols["kind"]))
     return {c: np.asarray(v, dtype=_DTYPES[c]) for c, v in cols.items()}, np.asarray(cta_start)
@@ -164,7 +164,9 @@ def build_trace(schedule) -> Trace:
     for kernel in schedule.kernels:
         template, starts = _head_template(kernel, schedule, base, tensor_ids)
         per_head = len(template["kind"])
-        columns = {c: np.tile(v, heads) for c, v in template.items()}
+        columns = {c: np.tile(template[c], heads) for c in _COLUMNS}
+        head = {c: template[c] for c in _HEAD_COLUMNS}
+        head["cta_start"] = starts
         head_of_event = np.repeat(np.arange(heads, dtype=np.int64), per_head)
         # tensor id -1 (compute events) picks the trailing 0 stride
         columns["addr"] += head_of_event * stride_by_id[columns["tensor"]]
@@ -173,7 +175,8 @@ def build_trace(schedule) -> Trace:
         cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
         assert len(cta_start) == ctas_per_head * heads + 1
         kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
-                                   tensor_path=kernel.tensor_path, kernel=kernel,
+                                   tensor_path=kernel.tensor_path, kernel=kernel, head=head,
+                                   heads=heads,
                                    smem_bytes_per_cta=kernel.smem_bytes(shape.head_dim,
                                                                         shape.seq_len),
                                    **columns))

@@ -22,22 +22,23 @@ def _trace(br=128, bc=64, n=512, d=128, rows_per_warp=None, causal=False):
 
 def test_matmul_work_counts_per_warp_operand_rereads():
     schedule, trace = _trace(128, 64, d=128)
-    kt = trace.kernels[0]
-    qk = np.flatnonzero((kt.mma > 0) & (kt.mma_chain == 128 // work.MMA_K))[0]
-    pv = np.flatnonzero((kt.mma > 0) & (kt.mma_chain == 64 // work.MMA_K))[0]
+    kt = trace.kernels[0].head
+    qk = np.flatnonzero((kt["mma"] > 0) & (kt["mma_chain"] == 128 // work.MMA_K))[0]
+    pv = np.flatnonzero((kt["mma"] > 0) & (kt["mma_chain"] == 64 // work.MMA_K))[0]
     # S = Q Kᵀ: 2·128·64·128 FLOP in m16n8k16 MMAs; Q once, K once per warp (8 warps)
-    assert kt.mma[qk] == 2 * 128 * 64 * 128 // work.MMA_FLOPS
-    assert kt.smem_operand_bytes[qk] == 128 * 128 * 2 + 8 * 64 * 128 * 2
+    assert kt["mma"][qk] == 2 * 128 * 64 * 128 // work.MMA_FLOPS
+    assert kt["smem_operand_bytes"][qk] == 128 * 128 * 2 + 8 * 64 * 128 * 2
     # O += P V: P lives in registers, V read once per warp
-    assert kt.smem_operand_bytes[pv] == 8 * 64 * 128 * 2
+    assert kt["smem_operand_bytes"][pv] == 8 * 64 * 128 * 2
     # the online softmax: one exp per score and per row on the SFU, a reduction tree's depth
-    soft = np.flatnonzero(kt.sfu > 0)[0]
-    assert kt.sfu[soft] == math.ceil((128 * 64 + 128) / 32)
-    assert kt.depth[soft] == 2 * 6 + 2  # max and sum over 64 columns, then exp and update
+    soft = np.flatnonzero(kt["sfu"] > 0)[0]
+    assert kt["sfu"][soft] == math.ceil((128 * 64 + 128) / 32)
+    assert kt["depth"][soft] == 2 * 6 + 2  # max and sum over 64 columns, then exp and update
     # K and V are double-buffered: their loads are issued ahead; Q's is not
-    loads = np.flatnonzero(kt.kind == 0)
-    tensors = [trace.tensor_names[t] for t in kt.tensor[loads]]
-    prefetched = dict(zip(tensors, kt.prefetched[loads]))
+    loads = np.flatnonzero(kt["kind"] == 0)
+    full = trace.kernels[0]
+    tensors = [trace.tensor_names[t] for t in full.tensor[loads]]
+    prefetched = dict(zip(tensors, kt["prefetched"][loads]))
     assert prefetched == {"Q": 0, "K": 1, "V": 1}
 
 
@@ -49,29 +50,43 @@ def test_a_lone_warp_waits_for_each_fragment_and_the_mma_pipe():
     per_smsp = H100.sm_count * H100.sub_partitions_per_sm * H100.clock_hz
     mma_issue = work.MMA_FLOPS / (H100.tensor_rate("fp16", "mma_sync") / per_smsp)
     # per CTA (= per warp here): every MMA on the tensor pipe
-    first = slice(kt.cta_start[0], kt.cta_start[1])
-    assert demand["tensor_cycles"][0] == pytest.approx(kt.mma[first].sum() * mma_issue)
+    first = slice(kt.head["cta_start"][0], kt.head["cta_start"][1])
+    assert demand["tensor_cycles"][0] == pytest.approx(kt.head["mma"][first].sum() * mma_issue)
+    assert len(demand["tensor_cycles"]) == kt.n_ctas
     # the QK matmul alone: fragments x smem latency + MMAs x issue, then the MMA latency
-    qk = np.flatnonzero(kt.mma_chain == 64 // work.MMA_K)[0]
-    frags = kt.smem_operand_bytes[qk] / work.FRAGMENT_BYTES
-    expected = max(frags * H100.smem_latency_cycles + kt.mma[qk] * mma_issue,
-                   kt.mma_chain[qk] * H100.mma_latency_cycles) + H100.mma_latency_cycles
-    one_op = cta_demands(_only(kt, qk), hbm[qk:qk + 1], H100, "fp16")
-    assert one_op["alone_cycles"][0] == pytest.approx(expected)
-    # its latency is the part that is not pipe service
-    assert one_op["latency_cycles"][0] == pytest.approx(expected - kt.mma[qk] * mma_issue)
+    qk = np.flatnonzero(kt.head["mma_chain"] == 64 // work.MMA_K)[0]
+    frags = kt.head["smem_operand_bytes"][qk] / work.FRAGMENT_BYTES
+    mmas = kt.head["mma"][qk]
+    expected = max(frags * H100.smem_latency_cycles + mmas * mma_issue,
+                   kt.head["mma_chain"][qk] * H100.mma_latency_cycles) + H100.mma_latency_cycles
+    one_op = cta_demands(_only(kt, qk), np.zeros(1), H100, "fp16")
+    assert one_op["latency_cycles"][0] + one_op["tensor_cycles"][0] == pytest.approx(expected)
+    assert one_op["tensor_cycles"][0] == pytest.approx(mmas * mma_issue)
+
+
+def test_a_load_not_issued_ahead_waits_for_dram_as_far_as_it_misses():
+    schedule, trace = _trace(64, 64, d=64)
+    kt = trace.kernels[0]
+    q_load = int(np.flatnonzero((kt.head["kind"] == 0) & (kt.head["prefetched"] == 0))[0])
+    tile = kt.head["rows"][q_load] * kt.head["row_bytes"][q_load]
+    hits = cta_demands(_only(kt, q_load), np.zeros(1), H100, "fp16")
+    misses = cta_demands(_only(kt, q_load), np.array([tile / 2]), H100, "fp16")
+    barrier = H100.barrier_cycles
+    assert hits["latency_cycles"][0] == pytest.approx(H100.l2_latency_cycles + barrier)
+    assert misses["latency_cycles"][0] == pytest.approx(
+        H100.l2_latency_cycles + barrier
+        + 0.5 * (H100.dram_latency_cycles - H100.l2_latency_cycles))
+    assert misses["exposed_hbm_bytes"][0] == tile / 2 and misses["exposed_l2_bytes"][0] == tile
 
 
 def _only(kt, e):
-    """A one-event, one-CTA copy of kernel trace ``kt`` (event ``e``)."""
+    """A one-event, one-CTA, one-head copy of kernel trace ``kt`` (its head's event ``e``)."""
     import dataclasses
 
-    fields = {f.name: getattr(kt, f.name) for f in dataclasses.fields(kt)}
-    for name, value in fields.items():
-        if isinstance(value, np.ndarray) and name != "cta_start":
-            fields[name] = value[e:e + 1]
-    fields["cta_start"] = np.array([0, 1])
-    return type(kt)(**fields)
+    head = {name: value[e:e + 1] for name, value in kt.head.items() if name != "cta_start"}
+    head["cta_start"] = np.array([0, 1])
+    return dataclasses.replace(kt, cta_start=np.array([0, 1]), kind=head["kind"], head=head,
+                               heads=1)
 
 
 def _one_cta(latency=0.0, pipes=(0.0, 0.0, 0.0), smem=0.0, l2=0.0, hbm=0.0):
