@@ -66,10 +66,13 @@ VALIDATION_READING = """
 * **Time, flash1.** One CTA per (batch, head) and, in our kernel, each warp's O update
   round-trips HBM every (K/V block, Q block) step. The timed model takes the step's
   latencies and the SM's share of bandwidth into account and halves the roofline's error, but
-  still predicts the steps about a third too fast: the measured step is longer than the loads,
-  the compute and their latencies add up to under the model's assumption that a tile's loads
-  are issued together. That is a property of our kernel's code, which a tile-level model
-  cannot see without a finer description of the load order.
+  still predicts the steps about a third too fast, because it assumes a tile's loads are
+  issued together. Our kernel's machine code does not do that: the SASS (`gpu/NOTES.md`,
+  "SASS of the flash1 O update", reproduced by `gpu/sass_order.py`) shows the 32 loads of
+  O_i issued two at a time, each pair consumed and stored before the next is issued — 16
+  dependent DRAM round trips per warp and step instead of one, about the size of the gap. A
+  tile-level model sees the algorithm's loads, not this code's order; the kernel, not the
+  model, is what to fix (load O_i whole, then update it).
 * **Time, unfused pipelines.** HBM-bound; the row-wise softmax kernels move data at about
   83% of the copy bandwidth, which neither model predicts (no microbenchmark of a
   read-compute-write row kernel's achievable bandwidth is in the calibration), and the
