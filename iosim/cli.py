@@ -9,6 +9,8 @@ import sys
 
 from .errors import IosimError
 from .formatting import format_bytes, format_intensity, format_time, text_table
+from .budget import DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_SECONDS
+from .hardware import list_presets
 from .schedules import ALGORITHMS
 from .shape import DTYPE_BYTES, AttentionShape
 from .simulate import MODELS, TIME_MODELS, simulate
@@ -30,7 +32,8 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp16", choices=list(DTYPE_BYTES))
     p.add_argument("--causal", action="store_true", help="causal (autoregressive) mask")
     p.add_argument("--hardware", default="h100-measured",
-                   help="hardware preset name or path to a TOML spec (default h100-measured)")
+                   help="hardware preset (" + ", ".join(list_presets()) + ") or the path of "
+                        "a TOML spec (default h100-measured)")
     p.add_argument("--sram-bytes", type=int, default=None,
                    help="SRAM per thread block in bytes (the paper's M); default: the spec's")
     p.add_argument("--model", default="l2", choices=list(MODELS),
@@ -38,14 +41,31 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-model", default="timed", choices=list(TIME_MODELS),
                    help="time prediction: timed (default; per-CTA replay with occupancy, "
                         "latency and overlap) or roofline (totals over rates)")
+    p.add_argument("--max-memory-gb", type=float, default=DEFAULT_MAX_MEMORY_BYTES / 2**30,
+                   help="refuse a run whose estimated memory exceeds this many GiB (default "
+                        f"{DEFAULT_MAX_MEMORY_BYTES / 2**30:.0f}; explore: the pairs simulated "
+                        "at once)")
+    p.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_SECONDS / 60,
+                   help="refuse a run whose estimated time exceeds this many minutes (default "
+                        f"{DEFAULT_MAX_SECONDS / 60:.0f})")
     p.add_argument("--rows-per-warp", type=int, default=None,
                    help="flash1/flash2: query rows each warp owns (default 16), which sets "
                         "the warps per CTA")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iosim")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="iosim", description="Count the bytes and FLOPs of attention "
                      "algorithms on a simulated GPU memory hierarchy and predict their time.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sim = sub.add_parser("simulate", help="simulate one algorithm on one workload")
     _add_workload(sim)
@@ -98,11 +118,21 @@ def format_table(result) -> str:
                      + [f"{label} by tensor ({count} tensor reads/writes):"] + accesses)
 
 
+def _budget(args) -> dict:
+    for flag, value in (("--max-memory-gb", args.max_memory_gb),
+                        ("--max-minutes", args.max_minutes)):
+        if not value > 0 or value == float("inf"):
+            raise IosimError(f"{flag} must be a positive finite number, got {value}")
+    return {"max_memory_bytes": args.max_memory_gb * 2**30,
+            "max_seconds": args.max_minutes * 60}
+
+
 def _simulate(args) -> None:
     result = simulate(args.algorithm, _shape(args), block_rows=args.block_rows,
                       block_cols=args.block_cols, hardware=args.hardware,
                       sram_bytes=args.sram_bytes, model=args.model,
-                      time_model=args.time_model, rows_per_warp=args.rows_per_warp)
+                      time_model=args.time_model, rows_per_warp=args.rows_per_warp,
+                      **_budget(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -117,7 +147,7 @@ def _explore(args) -> None:
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
-                   rows_per_warp=args.rows_per_warp)
+                   rows_per_warp=args.rows_per_warp, **_budget(args))
     print(format_ranking(rows[: args.top]))
     warning = occupancy_warning(rows[: args.top])
     if warning:
@@ -127,15 +157,63 @@ def _explore(args) -> None:
         print(f"wrote {len(rows)} rows to {args.out}")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM arrived: end like Ctrl-C, with the workers stopped and one line said."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_command(command, prog: str = "iosim") -> int:
+    """Run ``command()`` the way every CLI of the project ends: 0; or one line on stderr and 2
+    for bad input (IosimError, ValueError, OSError); 130 on Ctrl-C and 143 on SIGTERM, within a
+    moment, worker processes included (they die with this one), never a traceback.
+
+    The command runs in a helper thread so that the main thread, which receives the signals,
+    can answer while the Numba engine (which releases the GIL) is in the middle of a replay."""
+    import os
+    import signal
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            command()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        {"simulate": _simulate, "explore": _explore}[args.command](args)
+        worker = threading.Thread(target=target, name=f"{prog}-command", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+        if "error" in outcome:
+            raise outcome["error"]
     except (IosimError, ValueError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"iosim: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
+        print(f"{prog}: {'interrupted' if code == 130 else 'terminated'}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the command thread may be inside a replay: do not wait for it
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"simulate": _simulate, "explore": _explore}[args.command]
+    return run_command(lambda: command(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

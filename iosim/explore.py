@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+from . import budget
 from .errors import IosimError, TilingError
 from .formatting import format_bytes, format_intensity, format_time, text_table
 from .hardware import load_hardware
@@ -32,6 +33,7 @@ from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .shape import AttentionShape
 from .simulate import check_model, check_time_model
+from .workers import process_pool
 
 POW2_SIZES = (16, 32, 64, 128, 256)
 MULT16_LIMIT = 512
@@ -163,8 +165,9 @@ def rank_key(row: BlockChoice):
 
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
-            candidates=None, time_model: str = "timed",
-            rows_per_warp=None) -> list[BlockChoice]:
+            candidates=None, time_model: str = "timed", rows_per_warp=None,
+            max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
+            max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
 
     ``hardware``: preset name, TOML path or :class:`Hardware`; ``sram_bytes`` overrides its SRAM
@@ -172,8 +175,11 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     ``os.cpu_count()``; 1 runs in this process); ``progress``: a tqdm bar on stderr;
     ``candidates``: see the module docstring (None means "pow2"); ``time_model``: "timed"
     (default) or "roofline", the prediction the pairs are ranked by; ``rows_per_warp``
-    (flash1, flash2): query rows per warp, hence warps per CTA. Raises :class:`IosimError` for
-    bad input or when no pair fits."""
+    (flash1, flash2): query rows per warp, hence warps per CTA; ``max_memory_bytes`` (of the
+    pairs simulated at once, one per worker) and ``max_seconds`` (of the whole ranking) bound the
+    estimated cost (:mod:`iosim.budget`; None: no limit). Raises :class:`IosimError` for bad
+    input, when no pair fits, or (:class:`~iosim.budget.BudgetError`) when the estimate exceeds
+    the budget."""
     algorithm_module(algorithm)
     check_time_model(time_model)
     if not isinstance(shape, AttentionShape):
@@ -195,6 +201,8 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             "raise --sram-bytes or try smaller candidate sizes")
     jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, br, bc, need)
             for br, bc, need in pairs]
+    _check_budget(algorithm, shape, hw, rows_per_warp, pairs, min(workers, len(jobs)),
+                  max_memory_bytes, max_seconds)
     bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
     rows = []
     try:
@@ -203,7 +211,7 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
                 rows.append(_simulate_pair(job))
                 bar.update(1)
         else:
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            with process_pool(min(workers, len(jobs))) as pool:
                 futures = [pool.submit(_simulate_pair, job) for job in jobs]
                 for future in concurrent.futures.as_completed(futures):
                     rows.append(future.result())
@@ -211,6 +219,30 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     finally:
         bar.close()
     return sorted(rows, key=rank_key)
+
+
+def _check_budget(algorithm, shape, hw, rows_per_warp, pairs, parallel, max_memory_bytes,
+                  max_seconds) -> None:
+    """Refuse a ranking whose estimated memory (the ``parallel`` costliest pairs at once) or
+    time (all pairs over ``parallel`` workers) exceeds the budget, before simulating any."""
+    costs = sorted((budget.estimate(build_schedule(algorithm, shape, br, bc,
+                                                   sram_bytes=hw.sram_bytes_per_block,
+                                                   rows_per_warp=rows_per_warp))
+                    for br, bc, _ in pairs), key=lambda c: -c.memory_bytes)
+    memory = sum(c.memory_bytes for c in costs[:parallel])
+    seconds = sum(c.seconds for c in costs) / parallel
+    over = []
+    if max_memory_bytes is not None and memory > max_memory_bytes:
+        over.append(f"{memory / 2**30:.3g} GiB of memory over the budget of "
+                    f"{max_memory_bytes / 2**30:.3g} GiB")
+    if max_seconds is not None and seconds > max_seconds:
+        over.append(f"{seconds / 60:.3g} min over the budget of {max_seconds / 60:.3g} min")
+    if over:
+        raise budget.BudgetError(
+            f"ranking {len(pairs)} block pairs of {algorithm} at {shape.describe()} would take "
+            f"{' and '.join(over)} ({parallel} at a time); use a smaller batch, fewer heads or "
+            "a shorter sequence (the ranking rarely changes with B·H), fewer --workers, or "
+            "raise the budget (--max-memory-gb, --max-minutes)")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

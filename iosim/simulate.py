@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import engine
+from . import budget, engine
 from .cost import MEMORY_LIMITERS, arithmetic_intensity, kernel_cost
 from .errors import IosimError
 from .hardware import Hardware, load_hardware
@@ -191,15 +191,21 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
         timelines[kt.name] = timed
         kernels.append(_finish(KernelResult(**row), timed, hardware, shape.dtype, model,
                                time_model))
-    totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels))
+    totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels),
+                          concurrent_ctas=max(k.concurrent_ctas for k in kernels))
     for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
         setattr(totals, name, sum(getattr(k, name) for k in kernels))
+    for k in kernels:  # each tensor's bytes over all kernels
+        for tensor, moved in k.tensors.items():
+            into = totals.tensors.setdefault(tensor, {"read_bytes": 0, "write_bytes": 0})
+            into["read_bytes"] += moved["read_bytes"]
+            into["write_bytes"] += moved["write_bytes"]
     totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
     totals.time_model = time_model
     totals.tensor_path = kernels[0].tensor_path if len({k.tensor_path for k in kernels}) == 1 \
         else "mixed"
-    totals.times_s = {"timed": sum(k.times_s["timed"] for k in kernels),
-                      "roofline": sum(k.times_s["roofline"] for k in kernels)}
+    # the kernels run one after another: every time term adds up
+    totals.times_s = {name: sum(k.times_s[name] for k in kernels) for name in kernels[0].times_s}
     timed_by_limiter = {}
     for k in kernels:
         for name, share in k.time_breakdown.items():
@@ -221,13 +227,18 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
 
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
              hardware="h100-measured", sram_bytes=None, model: str = "l2",
-             time_model: str = "timed", rows_per_warp=None) -> SimulationResult:
+             time_model: str = "timed", rows_per_warp=None,
+             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
+             max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
 
     ``hardware`` is a preset name, a TOML path or a :class:`Hardware`; ``sram_bytes`` overrides
     its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level";
     ``time_model`` is "timed" (default: the per-CTA replay of :mod:`iosim.timing`) or
-    "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA."""
+    "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA.
+    Before building anything the cost is estimated (:mod:`iosim.budget`); past
+    ``max_memory_bytes`` or ``max_seconds`` (None: no limit) a
+    :class:`~iosim.budget.BudgetError` says the estimate and how to go on."""
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
     check_model(model)
@@ -237,4 +248,5 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
         hw = hw.with_sram(sram_bytes)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
                               sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp)
+    budget.check(schedule, max_memory_bytes, max_seconds)
     return simulate_trace(build_trace(schedule), hw, model, time_model)

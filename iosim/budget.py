@@ -1,0 +1,103 @@
+"""What a simulation will cost, estimated before anything is built, and a budget to refuse it.
+
+The trace of a schedule has one event per op per CTA run; it is built for one batch·head in
+Python (:mod:`iosim.trace`) and repeated with NumPy for the others, then replayed. The estimate
+counts the events from the program's structure alone (loops times their trip counts, halved
+for causal skipping), without walking it, and turns them into memory and seconds with the
+per-event figures below (measured on this project's 2-core development machine with
+``benchmarks/timing_cost.py``; rough by design: they say whether a run takes seconds or
+hours, and whether it fits in memory).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import IosimError
+from .schedule import Loop, n_blocks
+
+#: Bytes each event of the full trace occupies at the peak (its columns, the replay's per-event
+#: counts, the timing model's per-event HBM bytes, and NumPy temporaries while tiling).
+BYTES_PER_EVENT = 150
+#: Bytes each event of the one-head template occupies while Python builds it (lists of ints).
+BYTES_PER_TEMPLATE_EVENT = 800
+#: Seconds per template event (Python walks the program) and per trace event (NumPy tiling,
+#: the L2 replay and the timed model).
+SECONDS_PER_TEMPLATE_EVENT = 3e-6
+SECONDS_PER_EVENT = 3e-7
+
+#: Default budget of one simulation.
+DEFAULT_MAX_MEMORY_BYTES = 8 * 2**30
+DEFAULT_MAX_SECONDS = 1800.0
+
+
+class BudgetError(IosimError):
+    """A simulation would exceed its memory or time budget."""
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    events: int  # trace events over all batch·heads
+    template_events: int  # events of one batch·head, built in Python
+    memory_bytes: float
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"about {self.events:.3g} trace events, {self.memory_bytes / 2**30:.3g} GiB "
+                f"of memory and {_duration(self.seconds)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def _events(body, blocks: dict, seq_len: int, causal: bool) -> float:
+    count = 0.0
+    for item in body:
+        if isinstance(item, Loop):
+            trips = n_blocks(seq_len, blocks[item.var])
+            if causal and item.causal_skip:
+                trips = (trips + 1) / 2
+            count += trips * _events(item.body, blocks, seq_len, causal)
+        else:
+            count += 1
+    return count
+
+
+def estimate(schedule) -> CostEstimate:
+    """The cost of simulating ``schedule`` (see the module docstring)."""
+    shape = schedule.shape
+    n = shape.seq_len
+    template = 0.0
+    for kernel in schedule.kernels:
+        ctas = math.prod(n_blocks(n, kernel.blocks[var]) for var in kernel.grid)
+        template += ctas * _events(kernel.body, kernel.blocks, n, shape.causal)
+    events = template * shape.batch_heads
+    return CostEstimate(
+        events=int(events), template_events=int(template),
+        memory_bytes=events * BYTES_PER_EVENT + template * BYTES_PER_TEMPLATE_EVENT,
+        seconds=events * SECONDS_PER_EVENT + template * SECONDS_PER_TEMPLATE_EVENT)
+
+
+def check(schedule, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES,
+          max_seconds=DEFAULT_MAX_SECONDS) -> CostEstimate:
+    """The estimate, or a :class:`BudgetError` saying it and how to go on when it exceeds
+    ``max_memory_bytes`` or ``max_seconds`` (None: no limit)."""
+    cost = estimate(schedule)
+    over = []
+    if max_memory_bytes is not None and cost.memory_bytes > max_memory_bytes:
+        over.append(f"memory budget {max_memory_bytes / 2**30:.3g} GiB")
+    if max_seconds is not None and cost.seconds > max_seconds:
+        over.append(f"time budget {_duration(max_seconds)}")
+    if over:
+        raise BudgetError(
+            f"simulating {schedule.algorithm} at {schedule.shape.describe()} would take "
+            f"{cost.describe()}, over the {' and the '.join(over)}; use a smaller batch, "
+            "fewer heads or a shorter sequence (the bytes per head scale with B·H), or raise "
+            "the budget (--max-memory-gb, --max-minutes; in Python max_memory_bytes=, "
+            "max_seconds=) if the machine has it")
+    return cost
