@@ -1,22 +1,36 @@
-"""``python -m experiments [results_dir] [--quick] [--only NAME ...]``: run every experiment
-script (then ``experiments/validation.py`` when it exists) and write ``results_dir/report.md``."""
+"""Run every experiment script and write a report of their figures and tables.
+
+python -m experiments [results_dir] [--quick] [--only NAME ...] runs each script of
+experiments.SCRIPTS in order, then experiments/validation.py when it exists. Each writes its
+figures (PNG) and the data behind them (CSV) into results_dir (default: results), and the run
+ends with results_dir/report.md, which shows every table and links every figure.
+"""
 from __future__ import annotations
 
 import datetime
 import importlib
 import importlib.util
+import argparse
 import inspect
 import sys
 import time
 from pathlib import Path
 
-from iosim.results import write_text
+from iosim.errors import IosimError
+from iosim.results import check_writable, write_text
 
 from . import SCRIPTS
 from ._common import DEFAULT_RESULTS, QUICK_ENV, Section, is_quick
 from iosim.cli import OneLineParser
 
 VALIDATION = "validation"
+REPORT = "report.md"
+
+EPILOG = """examples:
+  python -m experiments                        every script into results/
+  python -m experiments /tmp/out --quick       reduced shapes, in seconds (smoke test)
+  python -m experiments --only roofline sram_sweep
+  python -m experiments.roofline [results_dir] one script alone"""
 
 
 def available_scripts() -> list[str]:
@@ -25,6 +39,29 @@ def available_scripts() -> list[str]:
     if importlib.util.find_spec(f"{__package__}.{VALIDATION}") is not None:
         names.append(VALIDATION)
     return names
+
+
+def prepare_results_dir(results_dir) -> Path:
+    """Make ``results_dir`` (its parent must exist) and check that the report can be written
+    into it; raise :class:`~iosim.IosimError` (one line) before any script runs otherwise."""
+    if str(results_dir).strip() == "":
+        raise IosimError("the results folder is empty; give a folder path (default: results)")
+    results_dir = Path(results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise IosimError(f"results folder {results_dir} exists and is not a folder; give a "
+                         f"folder path (new or existing)")
+    try:
+        results_dir.mkdir(exist_ok=True)
+    except FileNotFoundError:
+        raise IosimError(f"cannot create results folder {results_dir}: its parent "
+                         f"{results_dir.parent} does not exist; create it first") from None
+    except NotADirectoryError:
+        raise IosimError(f"cannot create results folder {results_dir}: a folder above it is a "
+                         f"file; give a folder path (new or existing)") from None
+    except OSError as exc:
+        raise IosimError(f"cannot create results folder {results_dir}: {exc.strerror}") from None
+    check_writable(results_dir / REPORT)
+    return results_dir
 
 
 def run_script(name: str, results_dir: Path, quick: bool) -> list:
@@ -89,23 +126,30 @@ def _anchor(title: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = OneLineParser(prog="python -m experiments", description=__doc__)
-    parser.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS))
+    names = available_scripts()
+    parser = OneLineParser(prog="python -m experiments", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS),
+                        help=f"folder for the figures, CSV files and {REPORT} (default: "
+                             f"{DEFAULT_RESULTS}); made if missing, but its parent must exist")
     parser.add_argument("--quick", action="store_true", default=None,
-                        help=f"reduced settings (also: {QUICK_ENV}=1)")
+                        help=f"reduced shapes that run in seconds, for smoke tests; not the "
+                             f"published settings (also: {QUICK_ENV}=1)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="run only these scripts (report has only their sections)")
+                        help=f"run only these scripts; the report has only their sections "
+                             f"(available: {', '.join(names)})")
     args = parser.parse_args(argv)
     quick = is_quick(args.quick)
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    names = available_scripts()
     if args.only:
         unknown = [n for n in args.only if n not in names]
         if unknown:
             parser.error(f"unknown script(s) {', '.join(unknown)}; available: "
                          f"{', '.join(names)}")
         names = [n for n in names if n in args.only]
+    try:
+        results_dir = prepare_results_dir(args.results_dir)
+    except IosimError as exc:
+        parser.error(str(exc))
     done, failed = [], []
     start = time.perf_counter()
     for name in names:
@@ -123,8 +167,11 @@ def main(argv=None) -> int:
         done.append((name, secs, sections))
         print(f"[experiments] {name} done in {secs:.1f} s", file=sys.stderr, flush=True)
     total = time.perf_counter() - start
-    write_text(results_dir / "report.md", render_report(done, failed, quick, total))
-    print(f"wrote {results_dir / 'report.md'} ({len(done)} scripts, {total:.0f} s)")
+    try:
+        write_text(results_dir / REPORT, render_report(done, failed, quick, total))
+    except IosimError as exc:
+        parser.error(str(exc))
+    print(f"wrote {results_dir / REPORT} ({len(done)} scripts, {total:.0f} s)")
     return 1 if failed else 0
 
 

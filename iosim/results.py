@@ -3,6 +3,12 @@
 Every writer renders into a temporary file in the destination's folder, flushes and fsyncs it,
 then ``os.replace`` s it over the destination (atomic on POSIX and Windows within one file
 system). If rendering raises, the temporary file is removed and the destination is untouched.
+
+A destination must be a regular file or absent: a folder, a device (``/dev/null``,
+``/dev/full``), a FIFO or a socket is refused, never replaced. The destination's folder must
+exist already: writers never create folders. :func:`check_writable` makes these checks (and
+that the folder accepts a new file) without writing, so a command can refuse a bad output
+path before it spends time computing what it would write.
 """
 from __future__ import annotations
 
@@ -12,11 +18,120 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .errors import IosimError
+
+_ALLOWED = "give the path of a regular file (new or existing) in an existing, writable folder"
+
+
+def _as_path(path) -> Path:
+    """``path`` as a :class:`Path`; an empty path (which :class:`Path` would read as ``.``) and a
+    non-path are errors."""
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raise IosimError(f"an output path must be a string or path, got "
+                         f"{type(path).__name__}") from None
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if raw == "" or raw.strip() == "":
+        raise IosimError(f"the output path is empty or blank; {_ALLOWED}")
+    return Path(raw)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "not a regular file"
+
+
+def _check_destination(path: Path) -> None:
+    """Raise :class:`IosimError` unless ``path`` is absent or a regular file and its folder
+    exists and is a folder. Makes no file."""
+    try:
+        st = os.stat(path)  # follows links: a link to /dev/full is refused like /dev/full
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        st = None  # a parent is a file: reported below, naming that parent
+    except OSError as exc:
+        raise IosimError(f"cannot write {path}: {exc.strerror}; {_ALLOWED}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise IosimError(f"cannot write {path}: it is {_file_kind(st.st_mode)}, not a regular "
+                         f"file; {_ALLOWED}")
+    folder = path.parent
+    try:
+        folder_st = os.stat(folder)
+    except FileNotFoundError:
+        raise IosimError(f"cannot write {path}: folder {folder} does not exist (folders are not "
+                         f"created); create it first or {_ALLOWED}") from None
+    except NotADirectoryError:
+        blocker = folder
+        while blocker.parent != blocker and not blocker.parent.is_dir():
+            blocker = blocker.parent
+        raise IosimError(f"cannot write {path}: {blocker} is a file, not a folder; "
+                         f"{_ALLOWED}") from None
+    except OSError as exc:
+        raise IosimError(f"cannot write {path}: folder {folder}: {exc.strerror}; "
+                         f"{_ALLOWED}") from None
+    if not stat.S_ISDIR(folder_st.st_mode):
+        raise IosimError(f"cannot write {path}: {folder} is {_file_kind(folder_st.st_mode)}, "
+                         f"not a folder; {_ALLOWED}")
+
+
+def check_writable(path) -> Path:
+    """Check that ``path`` could be written atomically now, without writing it; return it.
+
+    Raises :class:`~iosim.IosimError` (one line: what is wrong and what is allowed) when
+    ``path`` is empty; exists and is not a regular file (a folder, a device such as
+    ``/dev/null``, a FIFO, a socket); lies in a folder that does not exist (folders are never
+    created) or under a regular file; or lies in a folder where no new file can be made (no
+    write permission, a read-only file system). The last check uses :func:`os.access` and then
+    a probe: an empty temporary file is made in the folder and removed at once, so it holds for
+    root and for read-only mounts too. Nothing else is touched; an existing ``path`` is left as
+    it is.
+    """
+    path = _as_path(path)
+    _check_destination(path)
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise IosimError(f"cannot write {path}: folder {folder} is not writable; {_ALLOWED}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise IosimError(f"cannot write {path}: cannot create a file in folder {folder} "
+                         f"({exc.strerror}); {_ALLOWED}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return path
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from ``/proc/self/status`` where it exists,
+    else by setting and at once restoring it with :func:`os.umask`)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -24,19 +139,31 @@ def atomic_path(path, suffix: str | None = None):
     """Yield a temporary path beside ``path``; on a clean exit move it onto ``path``.
 
     For writers that insist on a file name (matplotlib's ``savefig``). ``suffix`` defaults to
-    ``path``'s own, so format detection by extension still works."""
-    path = Path(path)
-    if path.is_dir():
-        raise IosimError(f"{path} is a folder; give a file path to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
-                               dir=path.parent)
+    ``path``'s own, so format detection by extension still works.
+
+    ``path`` must be absent or a regular file, in an existing folder (see
+    :func:`check_writable`); otherwise :class:`~iosim.IosimError` is raised before anything is
+    written. The file gets the mode a new file would (``0o666`` less the umask), also when it
+    replaces an existing file: an old file's mode is not kept."""
+    path = _as_path(path)
+    _check_destination(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.",
+                                   suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise IosimError(f"cannot write {path}: cannot create a file in folder {path.parent} "
+                         f"({exc.strerror}); {_ALLOWED}") from None
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            _check_destination(path)  # it may have changed while the file was rendered
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise IosimError(f"cannot write {path}: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -44,9 +171,14 @@ def atomic_path(path, suffix: str | None = None):
 
 
 def write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically (the rules of :func:`atomic_path`); return the path.
+
+    A failure to write (a full disk) is an :class:`~iosim.IosimError`; ``path`` is untouched."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+        try:
+            Path(tmp).write_bytes(data)
+        except OSError as exc:
+            raise IosimError(f"cannot write {path}: {exc.strerror}") from None
     return Path(path)
 
 
