@@ -436,6 +436,7 @@ def _mma_by_warps(data_dir: Path) -> dict:
 def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
     """Write the validation tables and figures; return the report section (markdown)."""
     results_dir = Path(results_dir)
+    results_dir.mkdir(exist_ok=True)  # the results folder itself; its parent must exist
     doc = load_bench(data_dir)
     rows = compare(doc, registers=load_registers(data_dir), progress=True)
     summary = summarise(rows)

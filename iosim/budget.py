@@ -17,8 +17,9 @@ from .errors import IosimError
 from .schedule import Loop, n_blocks
 
 #: Bytes each event of the full trace occupies at the peak (its columns, the replay's per-event
-#: counts, the timing model's per-event HBM bytes, and NumPy temporaries while tiling).
-BYTES_PER_EVENT = 150
+#: counts, the timing model's per-event HBM bytes, and NumPy temporaries while tiling): the
+#: explorer example's largest pair (flash2 16 x 16, 59 M events) peaked at 5.9 GB.
+BYTES_PER_EVENT = 100
 #: Bytes each event of the one-head template occupies while Python builds it (lists of ints).
 BYTES_PER_TEMPLATE_EVENT = 800
 #: Seconds per template event (Python walks the program) and per trace event (NumPy tiling,
@@ -26,8 +27,18 @@ BYTES_PER_TEMPLATE_EVENT = 800
 SECONDS_PER_TEMPLATE_EVENT = 3e-6
 SECONDS_PER_EVENT = 3e-7
 
-#: Default budget of one simulation.
-DEFAULT_MAX_MEMORY_BYTES = 8 * 2**30
+def _half_the_memory() -> int:
+    """Half of this machine's physical memory (8 GiB where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+#: Default budget of one simulation (or of the simulations an explorer runs at once).
+DEFAULT_MAX_MEMORY_BYTES = _half_the_memory()
 DEFAULT_MAX_SECONDS = 1800.0
 
 

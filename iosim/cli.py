@@ -11,6 +11,7 @@ from .errors import IosimError
 from .formatting import format_bytes, format_intensity, format_time, text_table
 from .budget import DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MAX_SECONDS
 from .hardware import list_presets
+from .results import check_writable
 from .schedules import ALGORITHMS
 from .shape import DTYPE_BYTES, AttentionShape
 from .simulate import MODELS, TIME_MODELS, simulate
@@ -42,9 +43,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    help="time prediction: timed (default; per-CTA replay with occupancy, "
                         "latency and overlap) or roofline (totals over rates)")
     p.add_argument("--max-memory-gb", type=float, default=DEFAULT_MAX_MEMORY_BYTES / 2**30,
-                   help="refuse a run whose estimated memory exceeds this many GiB (default "
-                        f"{DEFAULT_MAX_MEMORY_BYTES / 2**30:.0f}; explore: the pairs simulated "
-                        "at once)")
+                   help="refuse a run whose estimated memory exceeds this many GiB (default: "
+                        f"half this machine's memory, {DEFAULT_MAX_MEMORY_BYTES / 2**30:.0f}; "
+                        "explore: the pairs simulated at once)")
     p.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_SECONDS / 60,
                    help="refuse a run whose estimated time exceeds this many minutes (default "
                         f"{DEFAULT_MAX_SECONDS / 60:.0f})")
@@ -144,6 +145,8 @@ def _explore(args) -> None:
 
     if args.top < 1:
         raise IosimError(f"--top must be a positive integer, got {args.top}")
+    if args.out is not None:  # refuse an unwritable destination before the ranking runs
+        check_writable(args.out)
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,

@@ -62,6 +62,17 @@ def test_explore_warns_when_pairs_differ_in_occupancy(capsys):
     assert "differ in occupancy" in captured.err
 
 
+@pytest.mark.parametrize("out, message", [("", "empty"), ("/dev/null", "not a regular file"),
+                                          ("/nonexistent-folder/x.csv", "does not exist")])
+def test_explore_refuses_an_unwritable_out_before_ranking(out, message, capsys):
+    argv = ["explore", "--algorithm", "flash2", "--seq-len", "256", "--head-dim", "64",
+            "--workers", "1", "--no-progress", "--out", out]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ranked, nothing printed
+    assert message in captured.err and captured.err.count("\n") == 1
+
+
 def test_table_lists_every_kernel(capsys):
     assert main(BASE + ["--algorithm", "hf", "--causal"]) == 0
     out = capsys.readouterr().out

@@ -96,6 +96,9 @@ def test_format_ranking(flash2_rows):
 
 def test_csv_round_trip(flash2_rows, tmp_path):
     path = tmp_path / "out" / "rank.csv"
+    with pytest.raises(IosimError, match="does not exist"):
+        write_csv(flash2_rows, path)  # a missing folder is not made up
+    path.parent.mkdir()
     write_csv(flash2_rows, path)
     with open(path) as f:
         records = list(csv.DictReader(f))
