@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
+
+from ._numba import njit_cached
 
 COUNTERS = ("hbm_read_bytes", "hbm_write_bytes", "l2_read_bytes", "l2_write_bytes",
             "sram_read_bytes", "sram_write_bytes", "flops_tensor", "flops_scalar",
@@ -35,7 +37,7 @@ LOAD, STORE, COMPUTE = 0, 1, 2
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
-@njit(cache=True)
+@njit_cached
 def sum_events(kind, rows, row_bytes, flops_tensor, flops_scalar, sram_read, sram_write,
                counts):
     """The two-level model and the FLOP/SRAM counts common to both models."""
@@ -51,7 +53,7 @@ def sum_events(kind, rows, row_bytes, flops_tensor, flops_scalar, sram_read, sra
         counts[SRAM_WRITE] += sram_write[e]
 
 
-@njit(cache=True, inline="always")
+@njit_cached(inline="always")
 def _set_of(line, n_sets, inv_sets):
     """Hash a line number to a set: XOR-fold the upper bits into the lower ones (as GPUs hash
     L2 addresses, so that power-of-two strides spread over the sets) and reduce modulo the set
@@ -156,7 +158,7 @@ _match8 = _make_match(8)
 _match16 = _make_match(16)
 
 
-@njit(cache=True)
+@njit_cached
 def _initial_order(assoc):
     """The recency list of a cold set: way p at position p (so the last way is taken first)."""
     order = np.int64(0)
@@ -165,7 +167,7 @@ def _initial_order(assoc):
     return order
 
 
-@njit(cache=True)
+@njit_cached
 def _log2(n):
     shift = 0
     while (1 << shift) < n:
@@ -173,7 +175,7 @@ def _log2(n):
     return shift
 
 
-@njit(cache=True)
+@njit_cached
 def interleave(cta_start, slots):
     """The order in which the events run: ``slots`` CTAs at a time, one event each in turn;
     a slot whose CTA is done takes the next CTA in launch order (and runs its first event in
@@ -213,7 +215,7 @@ def interleave(cta_start, slots):
     return order[:n]
 
 
-@njit(cache=True, inline="always")
+@njit_cached(inline="always")
 def _match(flat_state, set_index, assoc, line):
     """Bit w set where way w of the set holds ``line`` (at most one does)."""
     if assoc == 16:
@@ -229,7 +231,7 @@ def _match(flat_state, set_index, assoc, line):
     return matches
 
 
-@njit(cache=True)
+@njit_cached
 def _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state, order_of_set,
                 assoc, sector_bytes, event_counts):
     """Pass 2 with at most 16 ways: ``n`` line accesses through the cache, recency kept in
@@ -274,7 +276,7 @@ def _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state, o
         flat_state[way] = cur | bits
 
 
-@njit(cache=True)
+@njit_cached
 def _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state, sector_bytes,
                        event_counts):
     """Pass 2 with more than 16 ways: each set's ways kept in recency order, moved to front."""
@@ -308,7 +310,7 @@ def _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state,
         ways[0] = cur | bits
 
 
-@njit(cache=True)
+@njit_cached
 def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
               line_bytes, sector_bytes, counts, event_counts):
     """Replay one kernel through a cold L2; add its traffic to ``counts``.

@@ -11,3 +11,12 @@ class SpecError(IosimError):
 
 class TilingError(IosimError):
     """A tiling that is invalid or whose live tiles do not fit the on-chip memory."""
+
+
+class NumbaCacheWarning(RuntimeWarning):
+    """Numba has nowhere to write its cache: iosim's kernels compile anew in each process."""
+
+
+class TensorOverflowWarning(RuntimeWarning):
+    """A tensor the executor wrote overflowed its dtype (float16: past 65504): the output is
+    NaN/inf, as the same pipeline's would be on a GPU. One warning per run names the tensor."""

@@ -5,12 +5,13 @@ that matches reference attention proves the counted program computes attention."
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import schedule as sch
-from .errors import IosimError
+from .errors import IosimError, TensorOverflowWarning
 from .schedules import build_schedule
 from .shape import AttentionShape
 
@@ -56,16 +57,50 @@ def _safe_exp_diff(a, b):
     return np.where(np.isneginf(a), 0.0, out)
 
 
+@dataclass
+class _Overflow:
+    """The first tensor (or on-chip product) whose finite values overflowed its dtype."""
+
+    name: str = ""
+    kernel: str = ""
+    dtype: object = None
+    count: int = 0
+
+    def record(self, name, kernel, source, result) -> None:
+        """Note the values of ``result`` that became infinite where ``source`` was finite."""
+        new = np.isinf(result) & np.isfinite(source)
+        if new.any():
+            if not self.name:
+                self.name, self.kernel, self.dtype = name, kernel, result.dtype
+            if name == self.name:
+                self.count += int(new.sum())
+
+
+def _overflow_message(overflow: _Overflow, schedule) -> str:
+    dtype = np.dtype(overflow.dtype)
+    label = {"float16": "float16", "float32": "float32"}.get(dtype.name, dtype.name)
+    spec = next((t for t in schedule.tensors if t.name == overflow.name), None)
+    scores = spec is not None and spec.rows == spec.cols == "N"
+    what = ("of the unfused pipeline's scores" if scores
+            else "of its values" if spec is not None else "values of an on-chip product")
+    hint = ("; the fused algorithms (flash1, flash2) keep the scores on chip in float32"
+            if scores and label == "float16" else "")
+    return (f"{overflow.name} overflowed {label} (max {np.finfo(dtype).max:.6g}) in "
+            f"{schedule.algorithm}'s kernel {overflow.kernel!r}: {overflow.count} {what} do not "
+            f"fit, so its output is NaN/inf, as a {label} GPU pipeline's would be{hint}")
+
+
 class _CTA:
     """Numeric state of one CTA: its on-chip buffers, over the global tensors of one head."""
 
-    def __init__(self, kernel, head_tensors, compute_dtype, scale):
+    def __init__(self, kernel, head_tensors, compute_dtype, scale, overflow=None):
         self.kernel = kernel
         self.buffers = {}
         self.tensors = head_tensors
         self.compute_dtype = compute_dtype
         self.scale = scale
         self.specs = kernel.buffer_map()
+        self.overflow = _Overflow() if overflow is None else overflow
 
     def _slice(self, token, index, block_sizes):
         if token in ("N", "d", "1"):
@@ -85,8 +120,12 @@ class _CTA:
             buf[op.buffer] = tile.astype(self.compute_dtype)
         elif isinstance(op, sch.Store):
             target = self.tensors[op.tensor]
+            source = buf[op.buffer]
+            with np.errstate(over="ignore"):  # reported once, as a TensorOverflowWarning
+                stored = source.astype(target.dtype)
+            self.overflow.record(op.tensor, self.kernel.name, source, stored)
             target[self._slice(op.rows, index, blocks),
-                   self._slice(op.cols, index, blocks)] = buf[op.buffer].astype(target.dtype)
+                   self._slice(op.cols, index, blocks)] = stored
         elif isinstance(op, sch.Fill):
             spec = self.specs[op.buffer]
             buf[op.buffer] = np.full((dims[spec.rows], dims[spec.cols]), op.value,
@@ -95,9 +134,14 @@ class _CTA:
             buf[op.dst] = buf[op.src].copy()
         elif isinstance(op, sch.MatMul):
             b = buf[op.b].T if op.transpose_b else buf[op.b]
-            product = buf[op.a] @ b
-            if op.scaled:
-                product = product * self.scale
+            with np.errstate(over="ignore", invalid="ignore"):
+                product = buf[op.a] @ b
+                if op.scaled:
+                    product = product * self.scale
+            if not np.isfinite(product).all():
+                finite_operands = np.isfinite(buf[op.a]).all() and np.isfinite(b).all()
+                self.overflow.record(op.out, self.kernel.name,
+                                     np.full(product.shape, finite_operands), product)
             buf[op.out] = buf[op.out] + product if op.accumulate else product
         elif isinstance(op, sch.Scale):
             buf[op.buffer] = buf[op.buffer] * self.scale
@@ -108,8 +152,9 @@ class _CTA:
             buf[op.buffer] = np.where(cols > rows, -np.inf, x)
         elif isinstance(op, sch.Softmax):
             x = buf[op.src]
-            e = np.exp(x - x.max(axis=1, keepdims=True))
-            buf[op.out] = e / e.sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore"):  # inf - inf: a row an overflow made infinite
+                e = np.exp(x - x.max(axis=1, keepdims=True))
+                buf[op.out] = e / e.sum(axis=1, keepdims=True)
         elif isinstance(op, sch.OnlineSoftmax):
             s, m, l = buf[op.scores], buf[op.row_max], buf[op.row_sum]
             m_new = np.maximum(m, s.max(axis=1, keepdims=True))
@@ -149,7 +194,11 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
     """Run ``schedule`` on q, k, v of shape (B·H, N, d) and return every tensor it wrote.
 
     ``capture`` names on-chip buffers (rows indexed by the kernel's row variable) whose value at
-    the end of each CTA is kept, e.g. ("m", "l") for FlashAttention-2's running max and sum."""
+    the end of each CTA is kept, e.g. ("m", "l") for FlashAttention-2's running max and sum.
+
+    Values that overflow a tensor's dtype (a float16 S past 65504) become inf and the output
+    NaN/inf, as on the GPU; one :class:`~iosim.errors.TensorOverflowWarning` names the first
+    tensor that overflowed (NumPy's own overflow warnings are suppressed)."""
     shape = schedule.shape
     bh, n, d = q.shape
     exact = q.dtype == np.float64
@@ -162,12 +211,13 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
         tensors[spec.name] = np.full((bh, dims[spec.rows], dims[spec.cols]), np.nan, dtype=dtype)
     tensors["Q"][...], tensors["K"][...], tensors["V"][...] = q, k, v
     captured = {name: np.full((bh, n), np.nan) for name in capture}
+    overflow = _Overflow()
     for kernel in schedule.kernels:
         points = sch.grid_points(kernel, n, schedule.shape.causal)
         for head in range(bh):
             head_tensors = {name: t[head] for name, t in tensors.items()}
             for point in points:
-                cta = _CTA(kernel, head_tensors, compute_dtype, scale)
+                cta = _CTA(kernel, head_tensors, compute_dtype, scale, overflow)
                 for step in sch.walk(kernel, point, n, d, shape.causal):
                     cta.step(step)
                 for name in capture:
@@ -175,7 +225,21 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
                         start = point[kernel.row_var] * kernel.blocks[kernel.row_var]
                         values = cta.buffers[name][:, 0]
                         captured[name][head, start:start + len(values)] = values
+    if overflow.name:
+        warnings.warn(_overflow_message(overflow, schedule), TensorOverflowWarning,
+                      stacklevel=_caller_stacklevel())
     return ExecutionResult(output=tensors["O"], tensors=tensors, captured=captured)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this module (run_attention's caller, or
+    execute's), so the warning points at the user's line."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def run_attention(q, k, v, *, algorithm: str, block_rows=None, block_cols=None,

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SpecError
 
@@ -118,60 +119,130 @@ class Hardware:
                        sram_bytes_per_sm=max(self.sram_bytes_per_sm, sram_bytes_per_block))
 
 
-# Each field: (section, key, type). "type" is int (a whole count of bytes) or float (a rate).
+class _Key(NamedTuple):
+    """One figure of a spec: where it sits, whether it is a whole count, its plausible range
+    (inclusive) and the unit the range is given in."""
+
+    section: str
+    key: str
+    kind: type  # int (a whole count) or float (a rate, a time, a latency)
+    low: float
+    high: float
+    unit: str
+    power_of_two: bool = False
+
+
+_KIB, _MIB, _GIB, _TIB = 2**10, 2**20, 2**30, 2**40
+# The plausible ranges are wide (a GPU from a small embedded part to several generations past
+# today's), but they refuse the typo that would silently give absurd predictions: a bandwidth of
+# 5e-324, an sm_count of 1e300, a latency in seconds instead of cycles.
+_BANDWIDTH = (1e9, 1e16, "bytes/s")
+_LATENCY = (1, 1e5, "cycles")
 _SCHEMA = {
-    "hbm_bytes": ("hbm", "capacity_bytes", int),
-    "hbm_bandwidth_bytes_per_s": ("hbm", "bandwidth_bytes_per_s", float),
-    "l2_bytes": ("l2", "capacity_bytes", int),
-    "l2_line_bytes": ("l2", "line_bytes", int),
-    "l2_sector_bytes": ("l2", "sector_bytes", int),
-    "l2_associativity": ("l2", "associativity", int),
-    "l2_bandwidth_bytes_per_s": ("l2", "bandwidth_bytes_per_s", float),
-    "sram_bytes_per_sm": ("sram", "bytes_per_sm", int),
-    "sram_bytes_per_block": ("sram", "bytes_per_block", int),
-    "sram_bandwidth_bytes_per_s": ("sram", "bandwidth_bytes_per_s", float),
-    "sm_count": ("compute", "sm_count", int),
-    "max_ctas_per_sm": ("compute", "max_ctas_per_sm", int),
-    "scalar_flops_per_s": ("compute", "scalar_flops_per_s", float),
-    "special_ops_per_s": ("compute", "special_ops_per_s", float),
-    "launch_overhead_s": ("launch", "overhead_s", float),
-    "clock_hz": ("sm", "clock_hz", float),
-    "sub_partitions_per_sm": ("sm", "sub_partitions", int),
-    "max_warps_per_sm": ("sm", "max_warps", int),
-    "registers_per_sm": ("sm", "registers", int),
-    "max_registers_per_thread": ("sm", "max_registers_per_thread", int),
-    "register_allocation_unit": ("sm", "register_allocation_unit", int),
-    "smem_reserved_bytes_per_cta": ("sm", "smem_reserved_bytes_per_cta", int),
-    "dram_latency_cycles": ("latency", "dram_cycles", float),
-    "l2_latency_cycles": ("latency", "l2_cycles", float),
-    "smem_latency_cycles": ("latency", "smem_cycles", float),
-    "mma_latency_cycles": ("latency", "mma_cycles", float),
-    "fp32_latency_cycles": ("latency", "fp32_cycles", float),
-    "special_latency_cycles": ("latency", "special_cycles", float),
-    "barrier_cycles": ("latency", "barrier_cycles", float),
+    "hbm_bytes": _Key("hbm", "capacity_bytes", int, _MIB, 4 * 2**50, "bytes"),
+    "hbm_bandwidth_bytes_per_s": _Key("hbm", "bandwidth_bytes_per_s", float, *_BANDWIDTH),
+    "l2_bytes": _Key("l2", "capacity_bytes", int, _KIB, 64 * _GIB, "bytes"),
+    "l2_line_bytes": _Key("l2", "line_bytes", int, 16, 1024, "bytes", power_of_two=True),
+    "l2_sector_bytes": _Key("l2", "sector_bytes", int, 4, 1024, "bytes", power_of_two=True),
+    "l2_associativity": _Key("l2", "associativity", int, 1, 64, "ways"),
+    "l2_bandwidth_bytes_per_s": _Key("l2", "bandwidth_bytes_per_s", float, *_BANDWIDTH),
+    "sram_bytes_per_sm": _Key("sram", "bytes_per_sm", int, _KIB, 64 * _MIB, "bytes"),
+    "sram_bytes_per_block": _Key("sram", "bytes_per_block", int, _KIB, 64 * _MIB, "bytes"),
+    "sram_bandwidth_bytes_per_s": _Key("sram", "bandwidth_bytes_per_s", float, *_BANDWIDTH),
+    "sm_count": _Key("compute", "sm_count", int, 1, 10_000, "SMs"),
+    "max_ctas_per_sm": _Key("compute", "max_ctas_per_sm", int, 1, 1024, "CTAs"),
+    "scalar_flops_per_s": _Key("compute", "scalar_flops_per_s", float, 1e9, 1e18, "FLOP/s"),
+    "special_ops_per_s": _Key("compute", "special_ops_per_s", float, 1e8, 1e18, "ops/s"),
+    "launch_overhead_s": _Key("launch", "overhead_s", float, 1e-9, 1e-2, "s"),
+    "clock_hz": _Key("sm", "clock_hz", float, 1e8, 1e10, "Hz"),
+    "sub_partitions_per_sm": _Key("sm", "sub_partitions", int, 1, 64, "warp schedulers"),
+    "max_warps_per_sm": _Key("sm", "max_warps", int, 1, 4096, "warps"),
+    "registers_per_sm": _Key("sm", "registers", int, _KIB, 16 * _MIB, "registers"),
+    "max_registers_per_thread": _Key("sm", "max_registers_per_thread", int, 1, 65_536,
+                                     "registers"),
+    "register_allocation_unit": _Key("sm", "register_allocation_unit", int, 1, 65_536,
+                                     "registers"),
+    "smem_reserved_bytes_per_cta": _Key("sm", "smem_reserved_bytes_per_cta", int, 0, 1 * _MIB,
+                                        "bytes"),
+    "dram_latency_cycles": _Key("latency", "dram_cycles", float, *_LATENCY),
+    "l2_latency_cycles": _Key("latency", "l2_cycles", float, *_LATENCY),
+    "smem_latency_cycles": _Key("latency", "smem_cycles", float, *_LATENCY),
+    "mma_latency_cycles": _Key("latency", "mma_cycles", float, *_LATENCY),
+    "fp32_latency_cycles": _Key("latency", "fp32_cycles", float, *_LATENCY),
+    "special_latency_cycles": _Key("latency", "special_cycles", float, *_LATENCY),
+    "barrier_cycles": _Key("latency", "barrier_cycles", float, *_LATENCY),
 }
-#: Keys that may be 0 (everything else must be positive).
-_MAY_BE_ZERO = {("sm", "smem_reserved_bytes_per_cta")}
+#: The plausible range of each tensor-core rate (tensor_flops_per_s, mma_sync_flops_per_s).
+_TENSOR_RATE = _Key("compute", "", float, 1e9, 1e18, "FLOP/s")
 _SECTIONS = ("hbm", "l2", "sram", "compute", "launch", "sm", "latency")
+#: Keys every section may carry besides its figures.
+_NOTES = ("source", "ncu_metric")
+#: Tables of per-dtype rates in [compute].
+_RATE_TABLES = ("tensor_flops_per_s", "mma_sync_flops_per_s")
+_TOP_LEVEL = ("name", "description") + _SECTIONS
+#: The keys each section allows, in the order the documentation lists them.
+ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)
+                + (_RATE_TABLES if section == "compute" else ()) + _NOTES
+                for section in _SECTIONS}
 
 
-def _number(where: str, value, kind, may_be_zero: bool = False):
+def _format_bound(value: float, binary: bool) -> str:
+    """A range bound as people write it: 64 GiB, 10000, 1e+16."""
+    if binary and value:
+        for size, name in ((2**50, "PiB"), (_TIB, "TiB"), (_GIB, "GiB"), (_MIB, "MiB"),
+                           (_KIB, "KiB")):
+            if value >= size and value % size == 0:
+                return f"{int(value // size)} {name}"
+    if value == int(value) and (abs(value) < 1e6 or int(value) & (int(value) - 1) == 0):
+        return str(int(value))
+    return f"{value:g}"
+
+
+def _range_text(spec: _Key) -> str:
+    """``spec``'s range in words: "1 MiB to 4 PiB", "1e+09 to 1e+16 bytes/s"."""
+    binary = spec.unit == "bytes" and spec.high >= _MIB
+    low, high = (_format_bound(v, binary) for v in (spec.low, spec.high))
+    return f"{low} to {high}" + ("" if binary else f" {spec.unit}")
+
+
+def _number(where: str, value, spec: _Key):
+    """``value`` checked against ``spec``: a finite number in its range (a whole one, a power
+    of two, where the key asks)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not may_be_zero):
-        allowed = "a non-negative" if may_be_zero else "a positive"
-        raise SpecError(f"{where} must be {allowed} finite number, got {value!r}")
-    if kind is int:
+    if not math.isfinite(value) or not spec.low <= value <= spec.high:
+        positive = "positive " if spec.low > 0 else ""
+        raise SpecError(f"{where} must be a {positive}finite number from {_range_text(spec)}, "
+                        f"got {value!r}")
+    if spec.kind is int:
         if float(value) != int(value):
-            raise SpecError(f"{where} must be a whole number of bytes/units, got {value!r}")
-        return int(value)
+            raise SpecError(f"{where} must be a whole number of {spec.unit}, got {value!r}")
+        value = int(value)
+        if spec.power_of_two and value & (value - 1):
+            raise SpecError(f"{where} must be a power of two ({_range_text(spec)}), "
+                            f"got {value}")
+        return value
     return float(value)
+
+
+def _check_keys(origin: str, where: str, table: dict, allowed) -> None:
+    """Refuse a key that is not one of ``allowed``: a typo would otherwise be ignored silently
+    and its figure left at what the rest of the file says."""
+    unknown = [key for key in table if key not in allowed]
+    if unknown:
+        raise SpecError(f"{origin}: {where} has unknown key {unknown[0]!r}; allowed: "
+                        f"{', '.join(allowed)}")
 
 
 def hardware_from_dict(data: dict, origin: str) -> Hardware:
     """Validate a parsed TOML document and build a Hardware. ``origin`` names it in errors."""
     if not isinstance(data, dict):
         raise SpecError(f"{origin}: expected a TOML table")
+    unknown = [key for key in data if key not in _TOP_LEVEL]
+    if unknown:
+        what = "section" if isinstance(data[unknown[0]], dict) else "top-level key"
+        raise SpecError(f"{origin}: unknown {what} {unknown[0]!r}; a spec has top-level keys "
+                        f"name, description and sections [{'], ['.join(_SECTIONS)}]")
     for key in ("name", "description"):
         if not isinstance(data.get(key), str) or not data.get(key):
             raise SpecError(f"{origin}: missing top-level string '{key}'")
@@ -184,15 +255,19 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
         if not isinstance(table.get("source"), str) or not table["source"].strip():
             raise SpecError(f"{origin}: [{section}] needs a 'source' string saying where its "
                             "figures came from (datasheet or measurement)")
+        _check_keys(origin, f"[{section}]", table, ALLOWED_KEYS[section])
         sources[section] = table["source"]
         if "ncu_metric" in table:
-            metrics[section] = str(table["ncu_metric"])
+            if not isinstance(table["ncu_metric"], str):
+                raise SpecError(f"{origin}: [{section}] ncu_metric must be a string (the "
+                                f"Nsight Compute metric), got {table['ncu_metric']!r}")
+            metrics[section] = table["ncu_metric"]
     values = {}
-    for field_name, (section, key, kind) in _SCHEMA.items():
-        if key not in data[section]:
-            raise SpecError(f"{origin}: [{section}] is missing '{key}'")
-        values[field_name] = _number(f"{origin}: [{section}] {key}", data[section][key], kind,
-                                     (section, key) in _MAY_BE_ZERO)
+    for field_name, spec in _SCHEMA.items():
+        if spec.key not in data[spec.section]:
+            raise SpecError(f"{origin}: [{spec.section}] is missing '{spec.key}'")
+        values[field_name] = _number(f"{origin}: [{spec.section}] {spec.key}",
+                                     data[spec.section][spec.key], spec)
     rates = data["compute"].get("tensor_flops_per_s")
     if not isinstance(rates, dict) or not rates:
         raise SpecError(f"{origin}: [compute] needs a table tensor_flops_per_s = "
@@ -220,7 +295,7 @@ def _rates(origin: str, key: str, rates: dict) -> dict:
         if dtype not in DTYPE_BYTES:
             raise SpecError(f"{origin}: [compute] {key} has unknown dtype {dtype!r}; allowed: "
                             f"{', '.join(DTYPE_BYTES)}")
-        checked[dtype] = _number(f"{origin}: [compute] {key}.{dtype}", rate, float)
+        checked[dtype] = _number(f"{origin}: [compute] {key}.{dtype}", rate, _TENSOR_RATE)
     return checked
 
 
@@ -250,13 +325,29 @@ def load_hardware(preset_or_path) -> Hardware:
     if isinstance(preset_or_path, Hardware):
         return preset_or_path
     text_name = str(preset_or_path)
+    if not text_name.strip():
+        raise SpecError(f"the hardware spec is empty; give a preset name "
+                        f"({', '.join(list_presets())}) or the path of a .toml spec file")
     path = Path(text_name)
+    is_preset = text_name in list_presets()
+    if path.is_dir() and not is_preset:
+        raise SpecError(f"hardware spec {text_name!r} is a folder; give the path of a .toml "
+                        f"spec file or a preset name ({', '.join(list_presets())})")
     if text_name.endswith(".toml") or path.is_file() or "/" in text_name or "\\" in text_name:
+        if not path.exists():
+            raise SpecError(f"hardware spec file {text_name!r} does not exist; give the path "
+                            f"of a .toml spec file or a preset name ({', '.join(list_presets())})")
         if not path.is_file():
-            raise SpecError(f"hardware spec file {text_name!r} does not exist")
-        origin, raw = str(path), path.read_bytes()
+            raise SpecError(f"hardware spec {text_name!r} is not a regular file; give the path "
+                            f"of a .toml spec file or a preset name ({', '.join(list_presets())})")
+        origin = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise SpecError(f"cannot read hardware spec file {text_name!r}: "
+                            f"{exc.strerror or exc}") from None
     else:
-        if text_name not in list_presets():
+        if not is_preset:
             raise SpecError(f"unknown hardware preset {text_name!r}; presets: "
                             f"{', '.join(list_presets())} (or a path to a .toml file)")
         origin = f"preset {text_name}"

@@ -62,7 +62,11 @@ class KernelResult:
         return self.flops_tensor + self.flops_scalar
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain data; infinities and NaN (an arithmetic intensity with no HBM
+        bytes) become None, so that ``json.dumps`` gives strict JSON."""
+        from .results import _json_safe
+
+        return _json_safe(asdict(self))
 
 
 @dataclass
@@ -79,8 +83,12 @@ class SimulationResult:
     timelines: dict = field(default_factory=dict, repr=False)  # kernel -> iosim.timing.TimedKernel
 
     def to_dict(self) -> dict:
+        """The result as plain data for ``json.dumps``: strict JSON (non-finite numbers, such
+        as an infinite arithmetic intensity, become None)."""
+        from .results import _json_safe
+
         shape = self.shape
-        return {
+        return _json_safe({
             "algorithm": self.algorithm, "model": self.model, "time_model": self.time_model,
             "hardware": self.hardware.name,
             "shape": {"batch": shape.batch, "heads": shape.heads, "seq_len": shape.seq_len,
@@ -88,7 +96,7 @@ class SimulationResult:
             "block_rows": self.block_rows, "block_cols": self.block_cols,
             "totals": self.totals.to_dict(),
             "kernels": [k.to_dict() for k in self.kernels],
-        }
+        })
 
 
 def concurrent_ctas(kernel, shape, hardware: Hardware, n_ctas: int) -> int:

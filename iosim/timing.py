@@ -36,9 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
 from . import work
+from ._numba import njit_cached
 from .occupancy import occupancy
 
 LOAD, STORE, COMPUTE = 0, 1, 2
@@ -157,7 +157,7 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     return demand
 
 
-@njit(cache=True)
+@njit_cached
 def _heap_push(heap_t, heap_s, n, t, s):
     i = n
     heap_t[i] = t
@@ -172,7 +172,7 @@ def _heap_push(heap_t, heap_s, n, t, s):
     return n + 1
 
 
-@njit(cache=True)
+@njit_cached
 def _heap_pop(heap_t, heap_s, n):
     t = heap_t[0]
     s = heap_s[0]
@@ -195,7 +195,7 @@ def _heap_pop(heap_t, heap_s, n):
     return t, s, n
 
 
-@njit(cache=True)
+@njit_cached
 def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
               exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap, terms):
     """A CTA's duration with ``k`` CTAs on its SM and ``active_sms`` SMs busy (see the module
@@ -269,7 +269,7 @@ def _duration(c, k, active_sms, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, 
     return duration, best
 
 
-@njit(cache=True)
+@njit_cached
 def dispatch(n_sms, slots_per_sm, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes, exposed_l2,
              exposed_hbm, warps, sub_partitions, l2_bw, hbm_bw, sm_bw_cap,
              cta_sm, cta_start, cta_end, cta_limiter):
@@ -357,7 +357,7 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape) -> TimedKernel:
                        cta_sm=cta_sm, cta_start_s=start, cta_end_s=end, cta_limiter=limiter)
 
 
-@njit(cache=True)
+@njit_cached
 def _covered_time(sm, start, end, covered):
     """Per SM, the length of the union of its CTAs' [start, end) intervals (sorted by SM,
     then start)."""

@@ -185,8 +185,8 @@ def test_user_edits_take_effect(tmp_path):
     assert hw.ridge_point("fp16") == pytest.approx(hw.tensor_rate("fp16") / 1.0e12)
 
 
-@given(st.integers(1, 10**6))
-def test_any_positive_sm_count_loads(tmp_path_factory, count):
+@given(st.integers(1, 10_000))
+def test_any_plausible_sm_count_loads(tmp_path_factory, count):
     path = tmp_path_factory.mktemp("hw") / "gpu.toml"
     path.write_text(edit(preset_text(), "compute", "sm_count", str(count)), encoding="utf-8")
     assert load_hardware(path).sm_count == count
@@ -264,7 +264,7 @@ def test_blank_source_is_refused(tmp_path):
 @pytest.mark.parametrize("value", ["0", "-1", "-2.97e12", "0.0", "nan", "inf", "-inf"])
 def test_non_positive_or_non_finite_values_are_refused(tmp_path, section, key, value):
     _refused(tmp_path, edit(preset_text(), section, key, value),
-             rf"\[{section}\] {key} must be a positive finite number")
+             rf"\[{section}\] {key} must be a positive finite number from ")
 
 
 @pytest.mark.parametrize("value", ['"fast"', '"2.97e12"', "true", "[1, 2]", "{ a = 1 }"])
@@ -274,15 +274,25 @@ def test_non_number_is_refused(tmp_path, value):
 
 
 def test_fractional_byte_count_is_refused(tmp_path):
-    _refused(tmp_path, edit(preset_text(), "l2", "capacity_bytes", "1.5"),
-             r"\[l2\] capacity_bytes must be a whole number")
+    _refused(tmp_path, edit(preset_text(), "l2", "capacity_bytes", "1048576.5"),
+             r"\[l2\] capacity_bytes must be a whole number of bytes, got 1048576\.5")
+
+
+def test_fractional_count_is_refused_in_its_own_unit(tmp_path):
+    """A count that is not bytes is not called bytes."""
+    _refused(tmp_path, edit(preset_text(), "compute", "sm_count", "131.5"),
+             r"\[compute\] sm_count must be a whole number of SMs, got 131\.5$")
+    _refused(tmp_path, edit(preset_text(), "sm", "max_warps", "63.5"),
+             r"\[sm\] max_warps must be a whole number of warps")
 
 
 @pytest.mark.parametrize("rate, pattern", [
     ("{ fp16 = 791e12, fp8 = 1.5e15 }", r"tensor_flops_per_s has unknown dtype 'fp8'; allowed: "
                                         r"fp16, bf16, fp32"),
-    ("{ fp16 = -1.0 }", r"tensor_flops_per_s\.fp16 must be a positive finite number"),
-    ("{ fp16 = nan }", r"tensor_flops_per_s\.fp16 must be a positive finite number"),
+    ("{ fp16 = -1.0 }", r"tensor_flops_per_s\.fp16 must be a positive finite number from "
+                        r"1e\+09 to 1e\+18 FLOP/s, got -1\.0"),
+    ("{ fp16 = nan }", r"tensor_flops_per_s\.fp16 must be a positive finite number from"),
+    ("{ fp16 = 1e300 }", r"tensor_flops_per_s\.fp16 must be a positive finite number from"),
     ('{ fp16 = "lots" }', r"tensor_flops_per_s\.fp16 must be a number"),
 ])
 def test_bad_tensor_rates_are_refused(tmp_path, rate, pattern):
@@ -290,9 +300,8 @@ def test_bad_tensor_rates_are_refused(tmp_path, rate, pattern):
 
 
 def test_line_not_multiple_of_sector_is_refused(tmp_path):
-    text = edit(edit(preset_text(), "l2", "line_bytes", "100"), "l2", "capacity_bytes",
-                str(100 * 16 * 1024))
-    _refused(tmp_path, text, r"line_bytes \(100\) must be a multiple of sector_bytes \(32\)")
+    text = edit(edit(preset_text(), "l2", "line_bytes", "64"), "l2", "sector_bytes", "128")
+    _refused(tmp_path, text, r"line_bytes \(64\) must be a multiple of sector_bytes \(128\)")
 
 
 def test_inconsistent_geometry_is_refused(tmp_path):
@@ -306,3 +315,171 @@ def test_spec_error_hierarchy():
     assert issubclass(SpecError, IosimError) and issubclass(SpecError, ValueError)
     assert iosim.SpecError is SpecError
     assert math.isfinite(load_hardware("h200").hbm_bandwidth_bytes_per_s)
+
+
+# ---- unknown keys and implausible figures (a typo must not give silently wrong predictions) ----
+
+def add_line(text: str, section: str, line: str) -> str:
+    """Add ``line`` as the first line of ``[section]``."""
+    out = []
+    for existing in text.splitlines():
+        out.append(existing)
+        if re.match(rf"\s*\[{re.escape(section)}\]", existing):
+            out.append(line)
+    assert len(out) == len(text.splitlines()) + 1
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_unknown_key_is_refused_naming_it_and_the_allowed_keys(tmp_path, section):
+    from iosim.hardware import ALLOWED_KEYS
+
+    with pytest.raises(SpecError) as info:
+        load_hardware(write(tmp_path, add_line(preset_text(), section, "bandwdith_typo = 5")))
+    message = str(info.value)
+    assert "gpu.toml" in message
+    assert f"[{section}] has unknown key 'bandwdith_typo'; allowed: " in message
+    for key in ALLOWED_KEYS[section]:
+        assert key in message
+
+
+def test_the_issue_typo_under_hbm_is_refused(tmp_path):
+    _refused(tmp_path, add_line(preset_text(), "hbm", "bandwdith_typo = 5"),
+             r"\[hbm\] has unknown key 'bandwdith_typo'; allowed: capacity_bytes, "
+             r"bandwidth_bytes_per_s, source, ncu_metric$")
+
+
+def test_misspelt_rate_table_is_refused(tmp_path):
+    text = add_line(preset_text(), "compute", "mma_synch_flops_per_s = { fp16 = 1e14 }")
+    _refused(tmp_path, text,
+             r"\[compute\] has unknown key 'mma_synch_flops_per_s'; allowed: .*"
+             r"tensor_flops_per_s, mma_sync_flops_per_s")
+
+
+def test_unknown_section_and_top_level_key_are_refused(tmp_path):
+    _refused(tmp_path, preset_text() + "\n[l3]\ncapacity_bytes = 1024\nsource = \"x\"\n",
+             r"unknown section 'l3'; a spec has top-level keys name, description and sections "
+             r"\[hbm\], \[l2\], \[sram\], \[compute\], \[launch\], \[sm\], \[latency\]")
+    _refused(tmp_path, 'vendor = "nvidia"\n' + preset_text(),
+             r"unknown top-level key 'vendor'; a spec has top-level keys name, description")
+
+
+def test_non_string_ncu_metric_is_refused(tmp_path):
+    _refused(tmp_path, edit(preset_text(), "hbm", "ncu_metric", "42"),
+             r"\[hbm\] ncu_metric must be a string")
+
+
+def _schema_cases():
+    from iosim.hardware import _SCHEMA
+
+    for spec in _SCHEMA.values():
+        below = spec.low / 2 if spec.low > 0 else -1
+        yield pytest.param(spec, below, id=f"{spec.section}.{spec.key}-below")
+        yield pytest.param(spec, spec.high * 2, id=f"{spec.section}.{spec.key}-above")
+
+
+@pytest.mark.parametrize("spec, value", list(_schema_cases()))
+def test_every_figure_has_a_plausible_range(tmp_path, spec, value):
+    """Outside its range, every figure is refused with a message that gives the range."""
+    from iosim.hardware import _range_text
+
+    text = edit(preset_text(), spec.section, spec.key, repr(float(value)))
+    with pytest.raises(SpecError) as info:
+        load_hardware(write(tmp_path, text))
+    message = str(info.value)
+    positive = "positive " if spec.low > 0 else ""
+    assert f"[{spec.section}] {spec.key} must be a {positive}finite number from " \
+        f"{_range_text(spec)}, got {float(value)!r}" in message
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_figure_is_inside_its_range(name):
+    from iosim.hardware import _SCHEMA, _TENSOR_RATE
+
+    hw = load_hardware(name)
+    for field_name, spec in _SCHEMA.items():
+        assert spec.low <= getattr(hw, field_name) <= spec.high, field_name
+    for rate in list(hw.tensor_flops_per_s.values()) + list(hw.mma_sync_flops_per_s.values()):
+        assert _TENSOR_RATE.low <= rate <= _TENSOR_RATE.high
+
+
+@pytest.mark.parametrize("section, key, value, pattern", [
+    # the issue's cases: a denormal bandwidth (it printed "inf ms"), an sm_count of 1e300
+    ("hbm", "bandwidth_bytes_per_s", "5e-324",
+     r"\[hbm\] bandwidth_bytes_per_s must be a positive finite number from 1e\+09 to 1e\+16 "
+     r"bytes/s, got 5e-324"),
+    ("compute", "sm_count", "1e300",
+     r"\[compute\] sm_count must be a positive finite number from 1 to 10000 SMs, got 1e\+300$"),
+    ("compute", "sm_count", "20000",
+     r"\[compute\] sm_count must be a positive finite number from 1 to 10000 SMs, got 20000$"),
+    ("sm", "clock_hz", "1.98", r"\[sm\] clock_hz must be a positive finite number from "
+                               r"1e\+08 to 1e\+10 Hz"),
+    ("latency", "dram_cycles", "0.5", r"\[latency\] dram_cycles must be a positive finite "
+                                      r"number from 1 to 100000 cycles"),
+    ("l2", "associativity", "128", r"\[l2\] associativity must be a positive finite number "
+                                   r"from 1 to 64 ways"),
+    ("hbm", "capacity_bytes", "1e20", r"\[hbm\] capacity_bytes must be a positive finite "
+                                      r"number from 1 MiB to 4 PiB"),
+    ("sm", "smem_reserved_bytes_per_cta", "-1", r"smem_reserved_bytes_per_cta must be a finite "
+                                                r"number from 0 to 1 MiB"),
+])
+def test_implausible_figures_are_refused_with_their_range(tmp_path, section, key, value, pattern):
+    _refused(tmp_path, edit(preset_text(), section, key, value), pattern)
+
+
+def test_zero_reserved_shared_memory_is_allowed(tmp_path):
+    text = edit(preset_text(), "sm", "smem_reserved_bytes_per_cta", "0")
+    assert load_hardware(write(tmp_path, text)).smem_reserved_bytes_per_cta == 0
+
+
+@pytest.mark.parametrize("key, value", [("line_bytes", "96"), ("sector_bytes", "24")])
+def test_line_and_sector_sizes_must_be_powers_of_two(tmp_path, key, value):
+    _refused(tmp_path, edit(preset_text(), "l2", key, value),
+             rf"\[l2\] {key} must be a power of two \(\d+ to 1024 bytes\), got {value}")
+
+
+# ---- what --hardware may name ------------------------------------------------------------------
+
+def test_a_folder_is_refused_as_a_folder(tmp_path, monkeypatch):
+    for folder in (tmp_path, str(tmp_path), str(tmp_path) + "/"):
+        with pytest.raises(SpecError, match=r"is a folder; give the path of a \.toml spec file "
+                                            r"or a preset name \(.*h100-measured"):
+            load_hardware(folder)
+    (tmp_path / "specs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=r"'specs' is a folder"):
+        load_hardware("specs")
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_hardware_name_is_refused(blank):
+    with pytest.raises(SpecError, match=r"the hardware spec is empty; give a preset name "
+                                        r"\(.*h100-measured"):
+        load_hardware(blank)
+
+
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "h200").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_hardware("h200").name == "h200"
+
+
+def test_a_device_file_is_refused_as_not_a_regular_file():
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    with pytest.raises(SpecError, match=r"'/dev/null' is not a regular file; give the path of "
+                                        r"a \.toml spec file or a preset name"):
+        load_hardware("/dev/null")
+
+
+def test_the_howto_table_lists_every_key_with_its_range():
+    from iosim.hardware import ALLOWED_KEYS, _SCHEMA, _TENSOR_RATE, _range_text
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "howto" / "hardware.md").read_text()
+    for spec in _SCHEMA.values():
+        assert f"| `[{spec.section}]` | `{spec.key}` | {_range_text(spec)} |" in doc, spec.key
+    for table in ("tensor_flops_per_s", "mma_sync_flops_per_s"):
+        assert f"| `[compute]` | `{table}` | each {_range_text(_TENSOR_RATE)} |" in doc
+    documented = set(re.findall(r"^\| `\[(\w+)\]` \| `(\w+)` \|", doc, re.M))
+    assert documented == {(section, key) for section, keys in ALLOWED_KEYS.items()
+                          for key in keys if key not in ("source", "ncu_metric")}

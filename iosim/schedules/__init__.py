@@ -1,11 +1,11 @@
 """One module per attention algorithm; each builds a :class:`~iosim.schedule.Schedule`."""
 from __future__ import annotations
 
-from ..errors import IosimError
+from ..errors import IosimError, TilingError
 from ..schedule import Schedule
 from . import flash1, flash2, hf, megatron, standard
 from ..shape import check_positive_int
-from .common import check_block
+from .common import check_block, clipped_note
 
 ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
               "flash1": flash1, "flash2": flash2}
@@ -53,10 +53,15 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     sram_bytes = check_positive_int("sram_bytes", sram_bytes,
                                     "a positive integer number of bytes per thread block")
     n = shape.seq_len
+    clipped = {}  # block size -> the value the caller gave, where it was clipped to N
     if block_rows is not None:
-        block_rows = check_block("block_rows", block_rows, n)
+        given, block_rows = block_rows, check_block("block_rows", block_rows, n)
+        if block_rows != given:
+            clipped["block_rows"] = given
     if block_cols is not None:
-        block_cols = check_block("block_cols", block_cols, n)
+        given, block_cols = block_cols, check_block("block_cols", block_cols, n)
+        if block_cols != given:
+            clipped["block_cols"] = given
 
     def fits(br, bc):
         br = block_rows if block_rows is not None else br
@@ -64,13 +69,30 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         schedule = module.build(shape, br, bc, sram_bytes, **extra)
         return all(k.smem_bytes(shape.head_dim, n) <= sram_bytes for k in schedule.kernels)
 
-    if block_rows is None or block_cols is None:
-        default_rows, default_cols = module.default_blocks(shape, sram_bytes, fits)
-        block_rows = default_rows if block_rows is None else block_rows
-        block_cols = default_cols if block_cols is None else block_cols
-    schedule = module.build(shape, block_rows, block_cols, sram_bytes, **extra)
-    schedule.check_fits(sram_bytes)
+    try:
+        if block_rows is None or block_cols is None:
+            default_rows, default_cols = module.default_blocks(shape, sram_bytes, fits)
+            block_rows = default_rows if block_rows is None else block_rows
+            block_cols = default_cols if block_cols is None else block_cols
+        schedule = module.build(shape, block_rows, block_cols, sram_bytes, **extra)
+        schedule.check_fits(sram_bytes)
+    except TilingError as exc:
+        if not clipped:
+            raise
+        raise TilingError(_name_given_blocks(str(exc), clipped, n)) from None
     return schedule
+
+
+def _name_given_blocks(message: str, clipped: dict, seq_len: int) -> str:
+    """``message`` about a tiling whose block sizes were clipped to N, naming the sizes the
+    caller gave: "block_rows=4096" becomes "block_rows=100000 (clipped to N=4096)"."""
+    for name, given in clipped.items():
+        clipped_text = f"{name}={seq_len}"
+        if clipped_text in message:
+            message = message.replace(clipped_text, clipped_note({name: given}, seq_len), 1)
+        else:
+            message += f" ({clipped_note({name: given}, seq_len)})"
+    return message
 
 
 __all__ = ["ALGORITHMS", "build_schedule", "algorithm_module"]

@@ -59,10 +59,24 @@ def rowwise_warps(shape, rows: int) -> int:
     return max(1, min(rows * threads, ROWWISE_MAX_THREADS) // 32)
 
 
+#: What each block size counts, for messages.
+BLOCK_MEANING = {"block_rows": "query rows per block (Br)",
+                 "block_cols": "key/value columns per block (Bc)"}
+
+
 def check_block(name: str, value, seq_len: int) -> int:
-    """A block size: a positive integer; larger than N is clipped to N."""
-    value = check_positive_int(name, value, "a positive integer (rows per block)")
+    """A block size: a positive integer; larger than N is clipped to N (a block cannot be
+    longer than the sequence). :func:`iosim.schedules.build_schedule` names the size the caller
+    gave, and what it was clipped to, in any error that follows."""
+    meaning = BLOCK_MEANING.get(name, "elements per block")
+    value = check_positive_int(name, value, f"a positive integer ({meaning})")
     return min(value, seq_len)
+
+
+def clipped_note(given: dict, seq_len: int) -> str:
+    """``block_rows=100000 (clipped to N=4096)``-style text for the sizes in ``given``
+    (name -> the value the caller gave), for messages about the clipped tiling."""
+    return ", ".join(f"{name}={value} (clipped to N={seq_len})" for name, value in given.items())
 
 
 def gemm_default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
