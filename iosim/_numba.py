@@ -42,8 +42,12 @@ def _warn_once(func) -> None:
 
 def njit_cached(*args, **options):
     """``@njit_cached`` or ``@njit_cached(inline="always", ...)``: ``njit(cache=True, ...)``,
-    falling back to ``njit(...)`` (uncached) when Numba has nowhere to write its cache."""
+    falling back to ``njit(...)`` (uncached) when Numba has nowhere to write its cache.
+
+    The functions release the GIL (``nogil=True``: they are plain loops over arrays), so that
+    while one runs in the command thread the main thread can still answer Ctrl-C at once."""
     options.pop("cache", None)
+    options.setdefault("nogil", True)
 
     def decorate(func):
         global _cache_works
@@ -58,7 +62,7 @@ def njit_cached(*args, **options):
                 return dispatcher
         return njit(**options)(func)
 
-    if len(args) == 1 and callable(args[0]) and not options:
+    if len(args) == 1 and callable(args[0]) and list(options) == ["nogil"]:
         return decorate(args[0])
     if args:
         raise TypeError("njit_cached takes keyword options only, e.g. inline='always'")

@@ -154,3 +154,19 @@ def test_killing_the_parent_kills_its_workers():
     while time.monotonic() < deadline and [w for w in workers if _alive(w)]:
         time.sleep(0.2)
     assert not [w for w in workers if _alive(w)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_ctrl_c_in_the_middle_of_a_replay_ends_at_once():
+    # one process, no workers: the replay runs in Numba code, which releases the GIL
+    cmd = [sys.executable, "-m", "iosim.cli", "simulate", "--algorithm", "standard",
+           "--batch", "8", "--heads", "16", "--seq-len", "8192", "--head-dim", "64"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    if process.poll() is not None:
+        pytest.skip("the simulation finished before the signal on this machine")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 2.0
+    assert process.returncode == 130 and err == "iosim: interrupted\n"
