@@ -21,7 +21,7 @@ from iosim.results import check_writable, write_text
 
 from . import SCRIPTS
 from ._common import DEFAULT_RESULTS, QUICK_ENV, Section, is_quick
-from iosim.cli import OneLineParser
+from iosim.cli import OneLineParser, run_command
 
 VALIDATION = "validation"
 REPORT = "report.md"
@@ -150,6 +150,16 @@ def main(argv=None) -> int:
         results_dir = prepare_results_dir(args.results_dir)
     except IosimError as exc:
         parser.error(str(exc))
+    status = {}
+
+    def run_all():
+        status["code"] = _run_all(names, results_dir, quick, parser)
+
+    code = run_command(run_all, prog="python -m experiments")  # Ctrl-C: one line, 130
+    return code if code else status.get("code", 0)
+
+
+def _run_all(names, results_dir, quick, parser) -> int:
     done, failed = [], []
     start = time.perf_counter()
     for name in names:
