@@ -18,12 +18,19 @@ from iosim.hardware import load_hardware
 from iosim.results import markdown_table, save_figure, write_csv
 from iosim.schedules import build_schedule
 
-from ._common import (COLORS, MARKERS, Section, SimJob, cli, close, is_quick, new_figure,
-                      simulate_many)
+from ._common import (Section, SimJob, cli, close, is_quick, line_style, new_figure,
+                      plain_log_axis, simulate_many)
 
 HARDWARE = "a100-40gb"
 MODELS = ("two-level", "l2")
 SIZES = (16, 32, 64, 128, 256, 512)
+#: How each series is drawn: the algorithm's colour and marker; flash2's two series told apart
+#: by the line (solid: Br = Bc, dashed with open markers: Br = 128).
+SERIES_STYLE = {
+    "flash1, Br = min(Bc, d)": {},
+    "flash2, Br = Bc": {},
+    "flash2, Br = 128": {"linestyle": "--", "markerfacecolor": "none", "markersize": 8},
+}
 SERIES = {  # label -> (algorithm, Bc -> Br)
     "flash1, Br = min(Bc, d)": ("flash1", lambda bc, d: min(bc, d)),
     "flash2, Br = Bc": ("flash2", lambda bc, d: bc),
@@ -37,6 +44,68 @@ def shape_for(quick: bool) -> AttentionShape:
     if quick:
         return AttentionShape(batch=1, heads=4, seq_len=256, head_dim=64)
     return AttentionShape(batch=64, heads=16, seq_len=1024, head_dim=64)
+
+
+def _coinciding(rows: list[dict], key: str) -> list[tuple]:
+    """Pairs of series in ``rows`` whose ``key`` agrees within 1% at every common block size."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["series"], {})[r["block_cols"]] = r[key]
+    pairs = []
+    names = list(by)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = set(by[a]) & set(by[b])
+            if len(common) >= 2 and all(abs(by[a][c] - by[b][c]) <= 0.01 * max(by[a][c], by[b][c])
+                                        for c in common):
+                pairs.append((a, b))
+    return pairs
+
+
+def plot(rows: list[dict], sizes: list[int], shape: AttentionShape, path: Path) -> None:
+    """One row of panels per memory model (HBM traffic, predicted time), the series in each;
+    one legend for the series (they are the same in every panel) and, inside a panel, a note
+    naming the series whose lines coincide there."""
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = new_figure(ncols=2, nrows=len(MODELS), width=5.6, height=3.6, sharey="col")
+    panels = (("hbm_bytes", 1e-9, "HBM reads + writes (GB)", "HBM accesses"),
+              ("predicted_time_s", 1e3, "predicted time (ms)", "predicted forward runtime"))
+    for row, model in enumerate(MODELS):
+        mine = [r for r in rows if r["model"] == model]
+        for col, (key, scale, ylabel, title) in enumerate(panels):
+            ax = axes[row][col]
+            for label, (algorithm, _) in SERIES.items():
+                sel = [r for r in mine if r["series"] == label]
+                if sel:
+                    style = dict(SERIES_STYLE[label])
+                    style = line_style(algorithm, style.pop("markersize", 5), label=label,
+                                       **style)
+                    ax.plot([r["block_cols"] for r in sel], [r[key] * scale for r in sel],
+                            **style)
+            notes = [f"{a} and {b.split(', ', 1)[-1] if a.split(',')[0] == b.split(',')[0] else b}:"
+                     " lines coincide" for a, b in _coinciding(mine, key)]
+            if notes:
+                ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right",
+                        va="top", fontsize=7.5, color="0.25",
+                        bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.8", alpha=0.9))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([str(s) for s in sizes])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            plain_log_axis(ax.yaxis)
+            ax.set_xlabel("block size Bc (columns of S per block)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}, {model} model")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(f"Block size vs HBM traffic and runtime: {shape.describe()}, {HARDWARE}",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
+               bbox_to_anchor=(0.5, 0.96), frameon=False)
+    save_figure(fig, path)
+    close(fig)
 
 
 def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
@@ -70,37 +139,7 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
                          "predicted_time_s": t["predicted_time_s"], "limiter": t["limiter"]})
     write_csv(results_dir / "figure2_blocksize.csv", rows, COLUMNS)
 
-    fig, axes = new_figure(ncols=2, width=5.6, height=4.2)
-    styles = {"two-level": "-", "l2": "--"}
-    for order, (label, (algorithm, _)) in enumerate(reversed(list(SERIES.items()))):
-        color = COLORS[algorithm] if "128" not in label else "#e377c2"
-        for model in MODELS:
-            sel = [r for r in rows if r["series"] == label and r["model"] == model]
-            if not sel:
-                continue
-            x = [r["block_cols"] for r in sel]
-            hollow = model == "l2"
-            kw = dict(color=color, linestyle=styles[model], marker=MARKERS[algorithm],
-                      markersize=7 - 2 * order if hollow else 4, zorder=3 + order,
-                      markerfacecolor="none" if hollow else color, label=f"{label} ({model})")
-            axes[0][0].plot(x, [r["hbm_bytes"] / 1e9 for r in sel], **kw)
-            axes[0][1].plot(x, [r["predicted_time_s"] * 1e3 for r in sel], **kw)
-    for ax, ylabel, title in ((axes[0][0], "HBM reads + writes (GB)", "HBM accesses"),
-                              (axes[0][1], "predicted time (ms)", "Predicted forward runtime")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([str(s) for s in sizes])
-        ax.set_xlabel("block size Bc (columns of S per block)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-    axes[0][1].legend(loc="upper right", ncol=1, title="l2-model flash2 lines coincide",
-                      title_fontsize=8)
-    fig.suptitle(f"Block size vs HBM traffic and runtime: {shape.describe()}, {HARDWARE} "
-                 "(solid: two-level model, dashed: l2 model)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, results_dir / "figure2_blocksize.png")
-    close(fig)
+    plot(rows, sizes, shape, results_dir / "figure2_blocksize.png")
 
     table_rows = [{"series": r["series"], "model": r["model"], "Br": r["block_rows"],
                    "Bc": r["block_cols"], "SRAM KiB": f"{r['sram_bytes_per_cta'] / 1024:.0f}",

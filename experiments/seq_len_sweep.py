@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.ticker import NullFormatter
+
 from iosim import AttentionShape
 from iosim.results import markdown_table, save_figure, write_csv
 
-from ._common import (COLORS, MARKERS, Section, SimJob, cli, close, is_quick, new_figure,
-                      simulate_many)
+from ._common import (Section, SimJob, cli, close, draw_order, is_quick, line_style,
+                      new_figure, plain_log_axis, simulate_many)
 
 HARDWARE = "h100-measured"
 MODEL = "l2"
@@ -25,6 +27,32 @@ def settings(quick: bool) -> tuple[list[int], int, int]:
     if quick:
         return [256, 512], 1024, 2
     return [512, 1024, 2048, 4096, 8192, 16384], 16384, HEADS
+
+
+def _same(rows: list[dict], causal: bool, a: str, b: str, key: str) -> bool:
+    """Whether algorithms ``a`` and ``b`` agree within 1% on ``key`` at every sequence length."""
+    va = {r["seq_len"]: r[key] for r in rows if r["algorithm"] == a and r["causal"] == causal}
+    vb = {r["seq_len"]: r[key] for r in rows if r["algorithm"] == b and r["causal"] == causal}
+    return bool(va) and va.keys() == vb.keys() and all(
+        abs(va[n] - vb[n]) <= 0.01 * max(va[n], vb[n]) for n in va)
+
+
+def _legend_label(rows: list[dict], alg: str) -> str:
+    """``alg``, and for standard (drawn open and dashed on top) what its lines coincide with:
+    the algorithms whose bytes (and time) it matches in every panel."""
+    if alg != "standard":
+        return alg
+    found = []
+    for key, what in (("hbm_bytes", "bytes"), ("predicted_time_s", "time")):
+        twins = [o for o in ALGORITHMS if o != alg and
+                 all(_same(rows, causal, alg, o, key) for causal in (False, True))]
+        if twins:
+            found.append((what, ", ".join(twins)))
+    if not found:
+        return alg
+    if len(found) == 2 and found[0][1] == found[1][1]:
+        return f"standard (same bytes and time as {found[0][1]})"
+    return "standard (same " + "; same ".join(f"{w} as {t}" for w, t in found) + ")"
 
 
 def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
@@ -48,15 +76,12 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
 
     fig, axes = new_figure(ncols=2, nrows=2, width=5.6, height=4.0)
     for row, causal in enumerate((False, True)):
-        for alg in ALGORITHMS:
+        for alg in draw_order(ALGORITHMS):  # standard last: open markers, dashed, on top
             sel = [r for r in rows if r["algorithm"] == alg and r["causal"] == causal]
             x = [r["seq_len"] for r in sel]
-            kw = dict(color=COLORS[alg], marker=MARKERS[alg], markersize=4, label=alg)
-            if alg == "megatron":  # coincides with standard: draw it hollow and dashed on top
-                kw.update(linestyle="--", markersize=8, markerfacecolor="none", zorder=4,
-                          label="megatron (same bytes as standard)")
-            axes[row][0].plot(x, [r["hbm_bytes"] / 1e9 for r in sel], **kw)
-            axes[row][1].plot(x, [r["predicted_time_s"] * 1e3 for r in sel], **kw)
+            for col, key, scale in ((0, "hbm_bytes", 1e-9), (1, "predicted_time_s", 1e3)):
+                axes[row][col].plot(x, [r[key] * scale for r in sel],
+                                    **line_style(alg, markersize=4, label=_legend_label(rows, alg)))
         mask = "causal" if causal else "no mask"
         for col, (ylabel, what) in enumerate((("HBM reads + writes (GB)", "HBM traffic"),
                                               ("predicted time (ms)", "predicted time"))):
@@ -65,13 +90,18 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
             ax.set_yscale("log")
             ax.set_xticks(lengths)
             ax.set_xticklabels([str(n) for n in lengths])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            plain_log_axis(ax.yaxis)
             ax.set_xlabel("sequence length N (batch = %d / N)" % tokens)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{what}, {mask}")
-        axes[row][0].legend(loc="upper left")
     fig.suptitle(f"Attention forward at {tokens} tokens, H={heads}, d={HEAD_DIM}, "
                  f"{HARDWARE}, {MODEL} model", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))
+    order = [_legend_label(rows, alg) for alg in ALGORITHMS]
+    fig.legend([handles[name] for name in order], order, loc="upper center", ncol=len(order),
+               fontsize=9, bbox_to_anchor=(0.5, 0.97), frameon=False)
     save_figure(fig, results_dir / "seq_len_sweep.png")
     close(fig)
 

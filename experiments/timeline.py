@@ -17,7 +17,7 @@ from iosim import AttentionShape, simulate
 from iosim.results import markdown_table, save_figure, write_csv
 from iosim.timing import LIMITERS
 
-from ._common import Section, cli, close, is_quick, new_figure
+from ._common import COLORS, Section, cli, close, is_quick, new_figure
 
 HARDWARE = "h100-measured"
 ALGORITHM = "flash2"
@@ -83,14 +83,14 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
         times, warps = resident_warps_over_time(timed, occ["warps_per_cta"],
                                                 result.hardware.sm_count)
         ax2 = axes[1][col]
-        ax2.plot(times * 1e3, warps, color="#d62728")
+        ax2.plot(times * 1e3, warps, color=COLORS[ALGORITHM])
         ax2.axhline(occ["warps_per_sm"], color="black", linestyle="--", linewidth=1,
                     label=f"occupancy limit ({occ['warps_per_sm']} warps/SM)")
         ax2.set_ylim(0, occ["warps_per_sm"] * 1.15)
         ax2.set_xlim(axes[0][col].get_xlim())
         ax2.set_xlabel("time (ms)")
         ax2.set_ylabel("resident warps per SM (mean)")
-        ax2.legend(loc="lower left")
+        ax2.legend(loc="best")
         ax2.set_title(f"SM idle in the tail: {kernel.time_breakdown['sm_idle']:.1%} "
                       f"of SM-time; kernel {kernel.times_s['timed'] * 1e3:.3f} ms")
         table.append({"Br x Bc": f"{br}x{bc}", "warps/SM": occ["warps_per_sm"],

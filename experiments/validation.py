@@ -342,26 +342,31 @@ def block_choice(rows: list[dict]) -> list[dict]:
 
 
 def _scatter(path: Path, rows, x_key, panels, label):
-    """Predicted against measured, one log-log panel per (y key, title) in ``panels``."""
+    """Predicted against measured, one log-log panel per (y key, title) in ``panels``; each
+    algorithm in its colour and marker of ``experiments._common``, ``standard`` last with an
+    open marker (its GEMMs are the same kernels as hf's and megatron's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ._common import draw_order, scatter_style
+
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False)
-    markers = {"standard": "o", "hf": "s", "megatron": "^", "flash1": "D", "flash2": "*"}
+    algorithms = draw_order(dict.fromkeys(r["algorithm"] for r in rows))
     for ax, (y_key, title) in zip(axes[0], panels):
         values = []
-        for algorithm, marker in markers.items():
+        for algorithm in algorithms:
             pts = [(r[x_key], r[y_key]) for r in rows
                    if r["algorithm"] == algorithm and r.get(x_key) and r.get(y_key)]
             if pts:
                 xs, ys = zip(*pts)
-                ax.scatter(xs, ys, marker=marker, label=algorithm, alpha=0.75, s=28)
+                ax.scatter(xs, ys, alpha=0.8, **scatter_style(
+                    algorithm, size=32, label=f"{algorithm} ({len(pts)})"))
                 values += list(xs) + list(ys)
         if values:
             lo, hi = min(values) / 1.5, max(values) * 1.5
-            ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x")
+            ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="y = x", zorder=2)
             ax.fill_between([lo, hi], [lo / 1.25, hi / 1.25], [lo * 1.25, hi * 1.25],
                             color="0.85", zorder=0, label="±25%")
             ax.set_xlim(lo, hi)
@@ -371,45 +376,64 @@ def _scatter(path: Path, rows, x_key, panels, label):
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", title="algorithm (kernels)", title_fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=150)
     plt.close(fig)
 
 
 def _roofline(path: Path, rows, hardware: str):
+    """The measured kernels (FLOPs over ncu's DRAM bytes and over CUDA-event time) under the
+    roofs of ``hardware``, in the colours and markers of ``experiments._common``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ._common import draw_order, scatter_style
+
     hw = iosim.load_hardware(hardware)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ai = np.logspace(-1, 4, 200)
-    bw, peak = hw.hbm_bandwidth_bytes_per_s, hw.tensor_rate("fp16")
-    ax.plot(ai, np.minimum(ai * bw, peak) / 1e12, "k-", label=f"{hw.name} roof (fp16 tensor)")
-    ax.plot(ai, np.minimum(ai * bw, hw.scalar_flops_per_s) / 1e12, "k--", lw=0.8,
-            label="CUDA-core fp32 roof")
-    markers = {"standard": "o", "hf": "s", "megatron": "^", "flash1": "D", "flash2": "*"}
-    for algorithm, marker in markers.items():
+    bw = hw.hbm_bandwidth_bytes_per_s
+    peak, scalar = hw.tensor_rate("fp16") / 1e12, hw.scalar_flops_per_s / 1e12
+    ridge = peak * 1e12 / bw
+    fig, ax = plt.subplots(figsize=(7.4, 5.2))
+    points = {}
+    for algorithm in draw_order(dict.fromkeys(r["algorithm"] for r in rows)):
         pts = [(r["flops"] / r["measured_dram_bytes"], r["flops"] / r["measured_time_s"] / 1e12)
                for r in rows if r["algorithm"] == algorithm and r.get("measured_dram_bytes")
-               and r.get("measured_time_s")]
+               and r.get("measured_time_s") and r.get("flops")]
         if pts:
-            xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker=marker, label=f"{algorithm} (measured)", alpha=0.75, s=28)
+            points[algorithm] = pts
+    intensities = [x for pts in points.values() for x, _ in pts] or [ridge]
+    achieved = [y for pts in points.values() for _, y in pts] or [scalar]
+    x_lo, x_hi = min(min(intensities), scalar * 1e12 / bw) / 2, max(max(intensities), ridge) * 2
+    y_lo, y_hi = min(achieved) / 2, peak * 2.5
+    ai = np.logspace(np.log10(x_lo), np.log10(x_hi), 200)
+    ax.plot(ai, np.minimum(ai * bw / 1e12, peak), "k-",
+            label=f"{hw.name} roof: HBM {bw / 1e12:.2f} TB/s, tensor {peak:.0f} TFLOP/s fp16")
+    ax.plot(ai, np.minimum(ai * bw / 1e12, scalar), "k--", lw=0.8,
+            label=f"CUDA-core roof ({scalar:.1f} TFLOP/s fp32)")
+    ax.plot([ridge, ridge], [y_lo, peak], color="black", linestyle=":", linewidth=1)
+    ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, peak), textcoords="offset points",
+                xytext=(0, 6), fontsize=8, ha="center", va="bottom")
+    for algorithm, pts in points.items():
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, alpha=0.8, **scatter_style(
+            algorithm, size=32, label=f"{algorithm} ({len(pts)} measured)"))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
     ax.set_xlabel("arithmetic intensity (FLOP per DRAM byte, ncu)")
-    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_ylabel("achieved TFLOP/s (FLOPs / CUDA-event time)")
     ax.set_title(f"Measured kernels on the {hw.name} roofline")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=150)
     plt.close(fig)
 
 

@@ -162,3 +162,159 @@ def test_quick_switch_from_environment(monkeypatch):
     assert is_quick() is True and is_quick(False) is False
     monkeypatch.setenv("IOSIM_QUICK", "0")
     assert is_quick() is False
+
+
+# ---- figures: one style per algorithm, readable labels (issue 13) ----------------------------
+
+
+def _capture_figures(monkeypatch, module):
+    """Keep every figure ``module`` saves (its ``save_figure``), still writing the file."""
+    saved = []
+    original = module.save_figure
+
+    def keep(fig, path, *args, **kwargs):
+        saved.append((fig, path))
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    return saved
+
+
+def _legend_texts(fig):
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def test_one_colour_and_marker_per_algorithm():
+    from experiments._common import COLORS, DRAW_ORDER, MARKERS, OPEN, draw_order
+
+    assert set(COLORS) == set(MARKERS) == set(DRAW_ORDER)
+    assert len(set(COLORS.values())) == len(COLORS)
+    assert len(set(MARKERS.values())) == len(MARKERS)
+    # standard shares kernels with hf and megatron: drawn after them, with an open marker
+    order = draw_order(["standard", "hf", "megatron", "flash2"])
+    assert order[-1] == "standard" and "standard" in OPEN
+
+
+def test_validation_figures_use_the_common_style(tmp_path, monkeypatch):
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from experiments import validation
+    from experiments._common import COLORS, MARKERS
+
+    rows = []
+    for i, alg in enumerate(("standard", "hf", "megatron", "flash1", "flash2")):
+        for k in range(3):
+            rows.append({"algorithm": alg, "measured_time_s": 1e-3 * (k + 1),
+                         "predicted_time_s": 1.1e-3 * (k + 1),
+                         "predicted_time_roofline_s": 0.9e-3 * (k + 1),
+                         "measured_dram_bytes": 1e8 * (k + 1), "flops": 1e9 * (i + 1)})
+    closed = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    validation._scatter(tmp_path / "t.png", rows, "measured_time_s",
+                        [("predicted_time_s", "a"), ("predicted_time_roofline_s", "b")], "t")
+    validation._roofline(tmp_path / "r.png", rows, validation.HARDWARE)
+    assert (tmp_path / "t.png").is_file() and (tmp_path / "r.png").is_file()
+    for fig in closed:
+        for ax in fig.axes:
+            collections = [c for c in ax.collections if c.get_label().split(" ")[0] in COLORS]
+            by_alg = {c.get_label().split(" ")[0]: c for c in collections}
+            assert set(by_alg) == {"standard", "hf", "megatron", "flash1", "flash2"}
+            for alg, c in by_alg.items():
+                colour = c.get_edgecolor()[0] if alg == "standard" else c.get_facecolor()[0]
+                assert mcolors.to_hex(colour) == COLORS[alg], alg
+            # standard on top, open, so the hf / megatron kernels it covers stay visible
+            assert max(by_alg.values(), key=lambda c: c.get_zorder()) is by_alg["standard"]
+            assert len(by_alg["standard"].get_facecolor()) == 0 or \
+                by_alg["standard"].get_facecolor()[0][3] == 0
+    assert len(MARKERS) == len(set(MARKERS.values()))
+
+
+def test_roofline_numbers_match_across_plots_and_labels_do_not_collide(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation
+
+    from experiments import roofline
+
+    saved = _capture_figures(monkeypatch, roofline)
+    roofline.main(tmp_path, quick=True)
+    assert len(saved) == len(roofline.HARDWARE)
+    rows = _csv(tmp_path / "roofline_points.csv")
+    for r in rows:
+        for key in ("flops", "hbm_bytes", "arithmetic_intensity", "predicted_time_s",
+                    "attained_flops_per_s"):
+            r[key] = float(r[key])
+    entries = roofline.numbering(rows)
+    assert [e["number"] for e in entries] == list(range(1, len(entries) + 1))
+    keys = []
+    for fig, path in saved:
+        ax, key_ax = fig.axes
+        key_text = key_ax.texts[0].get_text()
+        keys.append([line.split("[")[0].strip() for line in key_text.splitlines()
+                     if line[:2].strip().isdigit()])
+        assert "TFLOP/s" in ax.get_ylabel()
+        # x axis: the data with a margin, not decades past it
+        hw = path.name[len("roofline_"):-len(".png")]
+        mine = [r for r in rows if r["hardware"] == hw and r["attained_flops_per_s"] > 0
+                and r["hbm_bytes"] > 0]
+        lo, hi = ax.get_xlim()
+        assert lo < min(r["arithmetic_intensity"] for r in mine) < 10 * lo
+        assert hi / 10 < max(r["arithmetic_intensity"] for r in mine) < hi
+        # the number labels overlap no marker and no other label
+        canvas = FigureCanvasAgg(fig)  # the saved figure was closed: draw it again
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        labels = [t for t in ax.texts if isinstance(t, Annotation)
+                  and t.get_text().replace(",", "").isdigit()]
+        assert labels
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1:])
+        markers = [p for c in ax.collections for p in c.get_offsets()]
+        for box in boxes:
+            for x, y in ax.transData.transform(markers):
+                assert not box.contains(x, y)
+        # the ridge line stops at the roof, below its label
+        ridge_label = next(t for t in ax.texts if t.get_text().startswith("ridge point"))
+        ridge_box = ridge_label.get_window_extent(renderer)
+        for line in ax.lines:
+            xs, ys = line.get_xdata(), line.get_ydata()
+            if len(xs) == 2 and xs[0] == xs[1]:
+                top = ax.transData.transform((xs[0], max(ys)))[1]
+                x_px = ax.transData.transform((xs[0], max(ys)))[0]
+                if ridge_box.x0 <= x_px <= ridge_box.x1:
+                    assert top <= ridge_box.y0
+    # the same op numbering in both plots
+    assert keys[0] == keys[1]
+
+
+def test_blocksize_figure_has_no_minor_tick_labels_and_one_legend(tmp_path, monkeypatch):
+    from matplotlib.ticker import NullFormatter
+
+    from experiments import figure2_blocksize
+
+    saved = _capture_figures(monkeypatch, figure2_blocksize)
+    figure2_blocksize.main(tmp_path, quick=True)
+    (fig, _), = saved
+    for ax in fig.axes:
+        assert isinstance(ax.yaxis.get_minor_formatter(), NullFormatter)
+        assert ax.get_legend() is None  # the series legend is the figure's, for every panel
+        assert "model" in ax.get_title()
+    assert set(_legend_texts(fig)) == set(figure2_blocksize.SERIES)
+
+
+def test_sram_sweep_legend_in_bytes_and_report_matches_the_curves(tmp_path, monkeypatch):
+    from experiments import sram_sweep
+
+    saved = _capture_figures(monkeypatch, sram_sweep)
+    (section,) = sram_sweep.main(tmp_path, quick=True)
+    (fig, _), = saved
+    bound = next(t for t in _legend_texts(fig) if t.startswith("lower bound"))
+    rows = _csv(tmp_path / "sram_sweep.csv")
+    lower = int(rows[0]["lower_bound_bytes"])
+    assert "bytes" in bound and f"{lower / 1e9:.3g} GB" in bound
+    flash2 = [int(r["hbm_bytes"]) for r in rows if r["series"] == "flash2 (default blocks)"]
+    if flash2[0] > flash2[-1]:  # a falling curve is not called flat
+        assert "its traffic is the same" not in section.body
+        assert "traffic falls" in section.body
