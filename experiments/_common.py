@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 from iosim import AttentionShape  # noqa: E402
 from iosim.cli import OneLineParser
+from iosim.workers import process_pool
 
 DEFAULT_RESULTS = Path("results")
 QUICK_ENV = "IOSIM_QUICK"
@@ -121,7 +122,7 @@ def simulate_many(jobs, desc: str = "simulate", progress: bool = True) -> list[d
                     _MEMO[job] = _run(job)
                     bar.update(1)
             else:
-                with concurrent.futures.ProcessPoolExecutor(min(workers(), len(todo))) as pool:
+                with process_pool(min(workers(), len(todo))) as pool:
                     futures = {pool.submit(_run, job): job for job in todo}
                     for future in concurrent.futures.as_completed(futures):
                         _MEMO[futures[future]] = future.result()
@@ -141,7 +142,7 @@ def parallel_map(fn, items, desc: str = "run", progress: bool = True) -> list:
     out = [None] * len(items)
     with tqdm(total=len(items), desc=desc, unit="job", file=sys.stderr, leave=False,
               disable=not progress) as bar, \
-            concurrent.futures.ProcessPoolExecutor(min(workers(), len(items))) as pool:
+            process_pool(min(workers(), len(items))) as pool:
         futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
         for future in concurrent.futures.as_completed(futures):
             out[futures[future]] = future.result()

@@ -186,8 +186,9 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
     """One row per measured kernel of every passing run: predictions beside measurements.
 
     The runs are simulated in parallel over ``workers`` processes (default: every core)."""
-    from concurrent.futures import ProcessPoolExecutor
     from functools import partial
+
+    from iosim.workers import process_pool
 
     from tqdm import tqdm
 
@@ -200,7 +201,7 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
         # the largest first, so that no worker is left with a long one at the end
         order = sorted(range(len(runs)), key=lambda i: -runs[i]["batch"] * runs[i]["seq_len"] ** 2)
         done = {}
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             for i, prediction in zip(order, pool.map(job, [runs[i] for i in order])):
                 done[i] = prediction
                 bar.update(1)
@@ -448,6 +449,33 @@ def _markdown(table: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _figure_lines(rows: list[dict], hardware: str) -> list[str]:
+    """The three validation figures with their captions (counts from ``rows``)."""
+    timed = sum(1 for r in rows if r.get("measured_time_s"))
+    profiled = sum(1 for r in rows if r.get("measured_dram_bytes"))
+    large = sum(1 for r in rows if r.get("measured_dram_bytes") and r["large_data"])
+    captions = [
+        ("validation_time.png",
+         f"Predicted against measured time of every kernel timed on the H100 ({timed} kernels, "
+         "CUDA events), log-log: left the timed model (`iosim.timing`, the default), right the "
+         "roofline (`iosim.cost`) on the same counts. Black line: y = x; grey band: ±25%. "
+         "`standard` is drawn last as open circles: its GEMMs are the same kernels as hf's and "
+         "megatron's. Points below the line are predicted faster than measured."),
+        ("validation_bytes.png",
+         f"Predicted HBM bytes (l2 model) against the DRAM bytes Nsight Compute measured for "
+         f"every profiled kernel ({profiled}), log-log, with y = x and a ±25% band; the error "
+         f"table covers the {large} whose data is at least {LARGE_DATA_FACTOR}x the L2."),
+        ("validation_roofline.png",
+         f"Each measured kernel on the `{hardware}` roofline: FLOPs per DRAM byte (Nsight "
+         "Compute) against achieved TFLOP/s (FLOPs over CUDA-event time), under the HBM and "
+         "fp16 tensor-core roof, the fp32 CUDA-core roof (dashed) and the ridge point."),
+    ]
+    lines = []
+    for name, caption in captions:
+        lines += [f"![{caption}]({name})", "", f"*{caption}* ([{name}]({name}))", ""]
+    return lines
+
+
 def _mma_by_warps(data_dir: Path) -> dict:
     """The calibration's mma.sync rate against resident warps per SM, if it was measured."""
     path = data_dir / "calibration.json"
@@ -554,9 +582,7 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "dependent MMAs, ldmatrix loads and softmax arithmetic, and need more of them resident "
         "to hide those latencies.",
         "",
-        "![time](validation_time.png) ![bytes](validation_bytes.png) "
-        "![roofline](validation_roofline.png)",
-    ]
+    ] + _figure_lines(rows, HARDWARE)
     text = "\n".join(section) + "\n"
     write_text(results_dir / "validation.md", text)
     return text
