@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 SCHEMA = "iosim-gpu-bench/1"
 ALGORITHM_KERNELS = {
@@ -172,17 +171,9 @@ def _clean(x):
 
 
 def write_json_atomic(path, doc) -> None:
-    """Write ``doc`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(doc), f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``doc`` as strict JSON to ``path`` with the package's atomic writer (a regular file,
+    mode by the umask). The harness makes the per-GPU data folder it is told to write into."""
+    from iosim.results import write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    write_text(path, json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
