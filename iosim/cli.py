@@ -141,7 +141,7 @@ def _simulate(args) -> None:
 
 
 def _explore(args) -> None:
-    from .explore import explore, format_ranking, occupancy_warning, write_csv
+    from .explore import explore, format_ranking, occupancy_warning, spill_warning, write_csv
 
     if args.top < 1:
         raise IosimError(f"--top must be a positive integer, got {args.top}")
@@ -152,9 +152,9 @@ def _explore(args) -> None:
                    progress=not args.no_progress, time_model=args.time_model,
                    rows_per_warp=args.rows_per_warp, **_budget(args))
     print(format_ranking(rows[: args.top]))
-    warning = occupancy_warning(rows[: args.top])
-    if warning:
-        print(warning, file=sys.stderr)
+    for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
+        if warning:
+            print(warning, file=sys.stderr)
     if args.out:
         write_csv(rows, args.out)
         print(f"wrote {len(rows)} rows to {args.out}")

@@ -64,6 +64,7 @@ class BlockChoice:
     warps_per_sm: int  # resident warps per SM of the slowest kernel (the occupancy)
     ctas_per_sm: int
     occupancy_limiter: str  # what limits that kernel's resident CTAs
+    spills: bool  # its estimated registers were capped: a real kernel would spill
 
     @property
     def hbm_bytes(self) -> int:
@@ -155,7 +156,8 @@ def _simulate_pair(job) -> BlockChoice:
         predicted_time_roofline_s=total.times_s["roofline"],
         predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
         warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
-        occupancy_limiter=occ["limiter"])
+        occupancy_limiter=occ["limiter"],
+        spills=any(k.occupancy.get("spills") for k in result.kernels))
 
 
 def rank_key(row: BlockChoice):
@@ -264,13 +266,25 @@ def format_ranking(rows) -> str:
         ai = r.arithmetic_intensity
         table.append((str(rank), str(r.block_rows), str(r.block_cols),
                       format_time(r.predicted_time_s), format_time(r.predicted_time_roofline_s),
-                      str(r.warps_per_sm), f"{r.occupancy_limiter} ({r.ctas_per_sm} CTA)",
+                      str(r.warps_per_sm) + (" spills" if r.spills else ""),
+                      f"{r.occupancy_limiter} ({r.ctas_per_sm} CTA)",
                       r.timed_limiter, format_bytes(r.hbm_read_bytes),
                       format_bytes(r.hbm_write_bytes),
                       format_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
                       format_intensity(ai), f"{r.bound} ({r.limiter})",
                       f"{r.sram_bytes_per_cta / 1024:.1f} KiB"))
     return text_table(header, table)
+
+
+def spill_warning(rows) -> str | None:
+    """A warning naming the ranked pairs whose register tiles exceed the registers a thread can
+    have (the timed model does not charge the spills); None when there are none."""
+    spilling = [f"{r.block_rows}x{r.block_cols}" for r in rows if r.spills]
+    if not spilling:
+        return None
+    return (f"warning: {', '.join(spilling[:8])}{', ...' if len(spilling) > 8 else ''} would "
+            "spill registers (their register tiles exceed what a thread can hold); the "
+            "prediction does not charge spills, so these rank better than they would run")
 
 
 def occupancy_warning(rows) -> str | None:

@@ -30,9 +30,16 @@ class Occupancy:
     warps_per_cta: int
     registers_per_thread: int
     registers_estimated: bool  # True when the kernel declared none
+    registers_needed: int  # what its register tiles ask for (registers_needed), uncapped
     smem_bytes_per_cta: int
     limiter: str  # one of LIMITERS
     limits: dict  # limiter -> CTAs per SM that resource alone allows
+
+    @property
+    def spills(self) -> bool:
+        """Estimated registers were capped below what the tiles ask for: a real kernel would
+        spill to local memory, which the timed model does not charge."""
+        return self.registers_estimated and self.registers_needed > self.registers_per_thread
 
     @property
     def warps_per_sm(self) -> int:
@@ -45,24 +52,30 @@ class Occupancy:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["warps_per_sm"] = self.warps_per_sm
+        out["spills"] = self.spills
         return out
 
 
-def estimate_registers(kernel, head_dim: int, seq_len: int, hardware) -> int:
-    """Registers per thread of ``kernel`` from its register tiles: every tile kept in registers
+def registers_needed(kernel, head_dim: int, seq_len: int) -> int:
+    """Registers per thread ``kernel``'s register tiles ask for: every tile kept in registers
     ("reg" buffers, 4-byte registers, split over the CTA's threads) plus REGISTER_OVERHEAD,
-    capped at the hardware's per-thread maximum and at what lets one CTA fit the SM's register
-    file (a compiler given those bounds spills past them)."""
+    uncapped. An upper estimate: it counts every register tile as live at once."""
     from .schedule import full_dims
 
     dims = full_dims(kernel, head_dim, seq_len)
     tile_bytes = sum(dims[b.rows] * dims[b.cols] * b.elem_bytes
                      for b in kernel.buffers if b.space == "reg")
-    per_thread = math.ceil(tile_bytes / BYTES_PER_REGISTER / kernel.threads)
+    return math.ceil(tile_bytes / BYTES_PER_REGISTER / kernel.threads) + REGISTER_OVERHEAD
+
+
+def estimate_registers(kernel, head_dim: int, seq_len: int, hardware) -> int:
+    """Registers per thread of ``kernel``: :func:`registers_needed`, capped at the hardware's
+    per-thread maximum and at what lets one CTA fit the SM's register file (a compiler given
+    those bounds spills past them; :attr:`Occupancy.spills` says so)."""
     unit = hardware.register_allocation_unit
     fits_one_cta = hardware.registers_per_sm // kernel.warps // unit * unit // 32
     return max(1, min(hardware.max_registers_per_thread, fits_one_cta,
-                      per_thread + REGISTER_OVERHEAD))
+                      registers_needed(kernel, head_dim, seq_len)))
 
 
 def occupancy(kernel, head_dim: int, seq_len: int, hardware) -> Occupancy:
@@ -99,6 +112,7 @@ def occupancy(kernel, head_dim: int, seq_len: int, hardware) -> Occupancy:
             f"(limited by {limiter})")
     return Occupancy(ctas_per_sm=int(ctas), warps_per_cta=warps,
                      registers_per_thread=registers, registers_estimated=estimated,
+                     registers_needed=registers_needed(kernel, head_dim, seq_len),
                      smem_bytes_per_cta=smem, limiter=limiter,
                      limits={k: (int(v) if math.isfinite(v) else None)
                              for k, v in limits.items()})

@@ -256,5 +256,25 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
         hw = hw.with_sram(sram_bytes)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
                               sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp)
+    return simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
+                             max_memory_bytes=max_memory_bytes, max_seconds=max_seconds)
+
+
+def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
+                      time_model: str = "timed",
+                      max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
+                      max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
+    """Simulate a schedule built by hand (see the how-to "Write your own schedule"): refuse it
+    when its tiles do not fit the hardware's SRAM per thread block or its estimated cost exceeds
+    the budget, then trace and replay it as :func:`simulate` does."""
+    from .schedule import Schedule
+
+    if not isinstance(schedule, Schedule):
+        raise IosimError(f"schedule must be an iosim.schedule.Schedule, got "
+                         f"{type(schedule).__name__}")
+    check_model(model)
+    check_time_model(time_model)
+    hw = load_hardware(hardware)
+    schedule.check_fits(hw.sram_bytes_per_block)
     budget.check(schedule, max_memory_bytes, max_seconds)
     return simulate_trace(build_trace(schedule), hw, model, time_model)

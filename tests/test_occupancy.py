@@ -114,3 +114,26 @@ def test_registers_declared_on_a_kernel_win_over_the_estimate():
     declared = dataclasses.replace(kernel, registers_per_thread=255)
     occ = occupancy(declared, 64, 512, H100)
     assert occ.registers_per_thread == 255 and not occ.registers_estimated
+
+
+def test_spills_are_flagged_where_the_register_estimate_was_capped():
+    shape = iosim.AttentionShape(1, 2, 1024, 128)
+    big = iosim.simulate("flash2", shape, block_rows=256, block_cols=128).kernels[0].occupancy
+    assert big["spills"] and big["registers_needed"] > big["registers_per_thread"]
+    small = iosim.simulate("flash2", shape, block_rows=64, block_cols=64).kernels[0].occupancy
+    assert not small["spills"]
+
+
+def test_simulate_schedule_checks_the_fit_and_matches_simulate():
+    from iosim.simulate import simulate_schedule
+
+    shape = iosim.AttentionShape(1, 2, 512, 64)
+    schedule = iosim.build_schedule("flash2", shape, 64, 64)
+    direct = iosim.simulate("flash2", shape, block_rows=64, block_cols=64)
+    by_hand = simulate_schedule(schedule)
+    assert by_hand.totals.hbm_bytes == direct.totals.hbm_bytes
+    assert by_hand.totals.predicted_time_s == direct.totals.predicted_time_s
+    with pytest.raises(iosim.TilingError, match="bytes are available"):
+        simulate_schedule(schedule, hardware=iosim.load_hardware("h100-measured").with_sram(1024))
+    with pytest.raises(iosim.IosimError, match="must be an iosim.schedule.Schedule"):
+        simulate_schedule("flash2")
