@@ -30,6 +30,24 @@ DEFAULTS = {"warmup": 3, "repeats": 20, "input_sets": 3}
 
 
 
+
+def profiled_run(pipe, q, k, v, out, tag: int) -> None:
+    """For ncu: run ``pipe`` once as warm-up, then once inside the NVTX range ``iosim_prof``
+    between marker kernels (``tag``, then 0, which closes the segment: later launches such as
+    inputs and cleanup go to the ignored tag 0)."""
+    import cupy as cp
+    from cupy.cuda import nvtx
+
+    K.marker(0)
+    pipe.run(q, k, v, out)
+    cp.cuda.runtime.deviceSynchronize()
+    nvtx.RangePush("iosim_prof")
+    K.marker(tag)
+    pipe.run(q, k, v, out)
+    cp.cuda.runtime.deviceSynchronize()
+    nvtx.RangePop()
+    K.marker(0)
+
 def check_pipeline(pipe, q, k, v, out, ref, fp16_err) -> dict:
     """The harness's check: output poisoned with NaN, run twice, the error rule, and the two
     errors must be equal (a moving error is a race)."""
@@ -351,7 +369,6 @@ def cmd_precompile(args) -> int:
 def cmd_ncu_child(args) -> int:
     """Runs under ncu: for each configuration a warm-up (marker tag 0) and one profiled run (tag >= 1)."""
     import cupy as cp
-    from cupy.cuda import nvtx
 
     manifest = []
     tag = 0
@@ -377,16 +394,8 @@ def cmd_ncu_child(args) -> int:
             try:
                 pipe = _TorchPipe(alg, shape) if alg.startswith("torch") else K.make_pipeline(
                     alg, (B, H, N, d), causal, br, bc)
-                K.marker(0)
-                pipe.run(q, k, v, out)
-                cp.cuda.runtime.deviceSynchronize()
                 tag += 1
-                nvtx.RangePush("iosim_prof")
-                K.marker(tag)
-                pipe.run(q, k, v, out)
-                cp.cuda.runtime.deviceSynchronize()
-                nvtx.RangePop()
-                K.marker(0)  # closes the segment: later launches (inputs, cleanup) go to the ignored tag 0
+                profiled_run(pipe, q, k, v, out, tag)
                 manifest.append(dict(shape, algorithm=alg, block_rows=br, block_cols=bc, tag=tag,
                                      expected=list(pipe.kernel_names)))
                 print(f"profiled tag {tag}: {alg} {br},{bc} N={N} d={d} causal={causal}", flush=True)

@@ -174,7 +174,6 @@ def _fp16_reference_error(q, k, v, ref, out, causal):
 
 def cmd_child(args) -> int:
     import cupy as cp
-    from cupy.cuda import nvtx
     from . import bench as BN
 
     t0 = time.monotonic()
@@ -209,16 +208,8 @@ def cmd_child(args) -> int:
                     print(f"  {alg} d={d} ({var['block_rows']},{var['block_cols']}) FAILED its check {chk}",
                           flush=True)
                 else:
-                    K.marker(0)
-                    pipe.run(q, k, v, out)
-                    cp.cuda.runtime.deviceSynchronize()
                     tag += 1
-                    nvtx.RangePush("iosim_prof")
-                    K.marker(tag)
-                    pipe.run(q, k, v, out)
-                    cp.cuda.runtime.deviceSynchronize()
-                    nvtx.RangePop()
-                    K.marker(0)
+                    BN.profiled_run(pipe, q, k, v, out, tag)
                     entry["tag"] = tag
                     print(f"  tag {tag}: {alg} d={d} ({var['block_rows']},{var['block_cols']}) "
                           f"err {chk['rel_error']:.2e} (bound {chk['error_bound']:.2e}) "
