@@ -124,8 +124,12 @@ class _CTA:
             with np.errstate(over="ignore"):  # reported once, as a TensorOverflowWarning
                 stored = source.astype(target.dtype)
             self.overflow.record(op.tensor, self.kernel.name, source, stored)
-            target[self._slice(op.rows, index, blocks),
-                   self._slice(op.cols, index, blocks)] = stored
+            tile = (self._slice(op.rows, index, blocks), self._slice(op.cols, index, blocks))
+            if op.accumulate:  # an atomic add into the tensor (float32 on the GPU)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    target[tile] += stored
+            else:
+                target[tile] = stored
         elif isinstance(op, sch.Fill):
             spec = self.specs[op.buffer]
             buf[op.buffer] = np.full((dims[spec.rows], dims[spec.cols]), op.value,
@@ -133,13 +137,14 @@ class _CTA:
         elif isinstance(op, sch.Copy):
             buf[op.dst] = buf[op.src].copy()
         elif isinstance(op, sch.MatMul):
+            a = buf[op.a].T if op.transpose_a else buf[op.a]
             b = buf[op.b].T if op.transpose_b else buf[op.b]
             with np.errstate(over="ignore", invalid="ignore"):
-                product = buf[op.a] @ b
+                product = a @ b
                 if op.scaled:
                     product = product * self.scale
             if not np.isfinite(product).all():
-                finite_operands = np.isfinite(buf[op.a]).all() and np.isfinite(b).all()
+                finite_operands = np.isfinite(a).all() and np.isfinite(b).all()
                 self.overflow.record(op.out, self.kernel.name,
                                      np.full(product.shape, finite_operands), product)
             buf[op.out] = buf[op.out] + product if op.accumulate else product
@@ -149,7 +154,7 @@ class _CTA:
             x = buf[op.buffer]
             rows = self._offset(op.row_var, index) + np.arange(x.shape[0])[:, None]
             cols = self._offset(op.col_var, index) + np.arange(x.shape[1])[None, :]
-            buf[op.buffer] = np.where(cols > rows, -np.inf, x)
+            buf[op.buffer] = np.where(cols > rows, op.value, x)
         elif isinstance(op, sch.Softmax):
             x = buf[op.src]
             with np.errstate(invalid="ignore"):  # inf - inf: a row an overflow made infinite
@@ -185,13 +190,25 @@ class _CTA:
             buf[op.buffer] = buf[op.buffer] / buf[op.divisor]
         elif isinstance(op, sch.LogSumExp):
             buf[op.out] = buf[op.row_max] + np.log(buf[op.row_sum])
+        elif isinstance(op, sch.RowDot):
+            buf[op.out] = (buf[op.a] * buf[op.b]).sum(axis=1, keepdims=True)
+        elif isinstance(op, sch.SoftmaxBackward):
+            buf[op.out] = buf[op.probs] * (buf[op.grad] - buf[op.rowdot])
+        elif isinstance(op, sch.RecomputeProbs):
+            buf[op.probs] = _safe_exp_diff(buf[op.scores], buf[op.lse])
         else:  # pragma: no cover - a new op without numeric semantics
             raise TypeError(f"the executor does not know op {type(op).__name__}")
 
 
-def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
-            capture: tuple = ()) -> ExecutionResult:
+def execute(schedule: sch.Schedule, q, k, v, d_out=None, *, scale: float | None = None,
+            capture: tuple = (), saved: dict | None = None) -> ExecutionResult:
     """Run ``schedule`` on q, k, v of shape (B·H, N, d) and return every tensor it wrote.
+
+    A schedule with backward kernels needs ``d_out`` (dO, the gradient of the output, same
+    shape); its gradients are ``tensors["dQ"]``, ``["dK"]`` and ``["dV"]``. A backward-only
+    schedule also reads what the forward pass saved (P for the unfused pipelines, O and L for
+    FlashAttention-2): pass them as ``saved`` (tensor name -> array of shape (B·H, rows, cols),
+    e.g. the forward run's ``tensors``), or build the schedule with ``pass_="both"``.
 
     ``capture`` names on-chip buffers (rows indexed by the kernel's row variable) whose value at
     the end of each CTA is kept, e.g. ("m", "l") for FlashAttention-2's running max and sum.
@@ -210,6 +227,35 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
         dtype = np.float64 if exact else (np.float32 if spec.float32 else q.dtype)
         tensors[spec.name] = np.full((bh, dims[spec.rows], dims[spec.cols]), np.nan, dtype=dtype)
     tensors["Q"][...], tensors["K"][...], tensors["V"][...] = q, k, v
+    if schedule.has_backward:
+        if d_out is None:
+            raise IosimError(f"{schedule.algorithm}'s schedule has backward kernels: pass d_out "
+                             "(the gradient of the output, the shape of q)")
+        d_out = np.asarray(d_out)
+        if d_out.shape != q.shape:
+            raise IosimError(f"d_out must have the shape of q {q.shape}, got {d_out.shape}")
+        tensors["dO"][...] = d_out
+    elif d_out is not None:
+        raise IosimError(f"{schedule.algorithm}'s schedule has no backward kernels; d_out "
+                         "applies to a schedule built with pass_='backward' or 'both'")
+    for name, value in (saved or {}).items():
+        if name not in tensors:
+            raise IosimError(f"saved tensor {name!r} is not one of the schedule's: "
+                             f"{', '.join(tensors)}")
+        value = np.asarray(value)
+        if value.shape != tensors[name].shape:
+            raise IosimError(f"saved tensor {name!r} must have shape {tensors[name].shape}, "
+                             f"got {value.shape}")
+        tensors[name][...] = value
+    written = {op.tensor for kernel in schedule.kernels for op in _ops(kernel.body)
+               if isinstance(op, sch.Store)}
+    missing = [t.name for t in schedule.tensors
+               if schedule.has_backward and t.name not in ("Q", "K", "V", "dO")
+               and t.name not in written and not (saved and t.name in saved)]
+    if missing:
+        raise IosimError(f"the schedule reads {', '.join(missing)}, which no kernel of it writes "
+                         "(saved by the forward pass): pass saved={name: array} or build it "
+                         "with pass_='both'")
     captured = {name: np.full((bh, n), np.nan) for name in capture}
     overflow = _Overflow()
     for kernel in schedule.kernels:
@@ -228,7 +274,16 @@ def execute(schedule: sch.Schedule, q, k, v, *, scale: float | None = None,
     if overflow.name:
         warnings.warn(_overflow_message(overflow, schedule), TensorOverflowWarning,
                       stacklevel=_caller_stacklevel())
-    return ExecutionResult(output=tensors["O"], tensors=tensors, captured=captured)
+    return ExecutionResult(output=tensors.get("O"), tensors=tensors, captured=captured)
+
+
+def _ops(body):
+    """Every op of a kernel body, loops flattened."""
+    for item in body:
+        if isinstance(item, sch.Loop):
+            yield from _ops(item.body)
+        else:
+            yield item
 
 
 def _caller_stacklevel() -> int:

@@ -73,12 +73,18 @@ class Load:
 
 @dataclass(frozen=True)
 class Store:
-    """Copy ``buffer`` back to the tile tensor[rows, cols] in HBM."""
+    """Copy ``buffer`` back to the tile tensor[rows, cols] in HBM.
+
+    With ``accumulate`` the tile is *added* to what the tensor holds, with atomics (as
+    FlashAttention-2's backward adds each K/V block's share of dQ into a float32 buffer). The
+    add happens in the L2: a read-modify-write of the tile. The trace counts it as a load and a
+    store of the same tile (see :mod:`iosim.trace`); the CTA waits for neither."""
 
     buffer: str
     tensor: str
     rows: Dim
     cols: Dim
+    accumulate: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ class Copy:
 
 @dataclass(frozen=True)
 class MatMul:
-    """out = [out +] [scale ·] a @ b (bᵀ when ``transpose_b``). Tensor-core FLOPs 2·m·n·k."""
+    """out = [out +] [scale ·] a @ b, with aᵀ for a when ``transpose_a`` and bᵀ for b when
+    ``transpose_b``. Tensor-core FLOPs 2·m·n·k (m x k times k x n, after the transposes)."""
 
     out: str
     a: str
@@ -128,6 +135,7 @@ class MatMul:
     transpose_b: bool = False
     accumulate: bool = False
     scaled: bool = False  # multiply by the softmax scale 1/sqrt(d) (free in a GEMM epilogue)
+    transpose_a: bool = False  # the backward's dV = Pᵀ dO, dK = dSᵀ Q
 
     @property
     def reads(self):
@@ -137,11 +145,16 @@ class MatMul:
     def writes(self):
         return (self.out,)
 
+    def extents(self, dims, buffers) -> tuple[int, int, int]:
+        """(m, n, k) of the product: out is m x n, the contraction k long."""
+        a, b = buffers[self.a], buffers[self.b]
+        m, k = (dims[a.cols], dims[a.rows]) if self.transpose_a else (dims[a.rows], dims[a.cols])
+        n = dims[b.rows] if self.transpose_b else dims[b.cols]
+        return m, n, k
+
     def flops(self, dims, buffers):
         # accumulating into ``out`` happens inside the tensor-core instruction: no scalar FLOPs
-        m = dims[buffers[self.a].rows]
-        k = dims[buffers[self.a].cols]
-        n = dims[buffers[self.b].rows] if self.transpose_b else dims[buffers[self.b].cols]
+        m, n, k = self.extents(dims, buffers)
         return 2 * m * n * k, 0
 
 
@@ -169,7 +182,7 @@ class Scale:
 
 @dataclass(frozen=True)
 class CausalMask:
-    """Set buffer[r, c] = -inf where the column's sequence index exceeds the row's.
+    """Set buffer[r, c] = ``value`` (-inf) where the column's sequence index exceeds the row's.
 
     ``row_offset``/``col_offset`` name the block variables (or "N" for a whole-row tile) that
     place the tile in the sequence."""
@@ -177,6 +190,7 @@ class CausalMask:
     buffer: str
     row_var: Dim
     col_var: Dim
+    value: float = float("-inf")  # 0.0: the mask's backward (zero the masked gradients)
 
     @property
     def reads(self):
@@ -359,6 +373,76 @@ class LogSumExp:
         return dims[buffers[self.out].rows]  # one log per row
 
 
+# ---- backward-pass ops ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowDot:
+    """out[r] = Σ_c a[r, c]·b[r, c]: the backward's D = rowsum(dO ∘ O) (FlashAttention-2) or
+    rowsum(P ∘ dP) (autograd's softmax backward); the two are equal."""
+
+    out: str
+    a: str
+    b: str
+
+    @property
+    def reads(self):
+        return (self.a, self.b)
+
+    @property
+    def writes(self):
+        return (self.out,)
+
+    def flops(self, dims, buffers):
+        return 0, 2 * _size(buffers[self.a], dims)  # a multiply and an add per element
+
+
+@dataclass(frozen=True)
+class SoftmaxBackward:
+    """out = probs ∘ (grad − rowdot[r]): the gradient of the softmax's input (dS) from its
+    output P, the output's gradient dP and D = rowsum(P ∘ dP)."""
+
+    out: str
+    probs: str
+    grad: str
+    rowdot: str
+
+    @property
+    def reads(self):
+        return (self.probs, self.grad, self.rowdot)
+
+    @property
+    def writes(self):
+        return (self.out,)
+
+    def flops(self, dims, buffers):
+        return 0, 2 * _size(buffers[self.grad], dims)  # a subtract and a multiply per element
+
+
+@dataclass(frozen=True)
+class RecomputeProbs:
+    """probs = exp(scores − lse[r]): P recomputed from the scores and the saved log-sum-exp L
+    (FlashAttention's backward); masked scores (-inf) give 0."""
+
+    probs: str
+    scores: str
+    lse: str
+
+    @property
+    def reads(self):
+        return (self.scores, self.lse)
+
+    @property
+    def writes(self):
+        return (self.probs,)
+
+    def flops(self, dims, buffers):
+        return 0, 2 * _size(buffers[self.scores], dims)  # a subtract and an exp per element
+
+    def special_ops(self, dims, buffers):
+        return _size(buffers[self.scores], dims)
+
+
 @dataclass(frozen=True)
 class Loop:
     """Run ``body`` once per block of ``var`` (the kernel's row or column block variable).
@@ -372,7 +456,10 @@ class Loop:
 
 
 Op = Union[Load, Store, Fill, Copy, MatMul, Scale, CausalMask, Softmax, OnlineSoftmax, BlockSoftmax,
-           Flash1Merge, RowScale, RowDivide, LogSumExp]
+           Flash1Merge, RowScale, RowDivide, LogSumExp, RowDot, SoftmaxBackward, RecomputeProbs]
+
+#: The passes a kernel belongs to, and what :func:`iosim.schedules.build_schedule` builds.
+PASSES = ("forward", "backward", "both")
 
 
 @dataclass(frozen=True)
@@ -395,6 +482,7 @@ class Kernel:
     # FlashAttention-2 does, so that the short ones fill the tail
     longest_first: bool = False
     registers_per_thread: int | None = None  # declared; None: estimated (iosim.occupancy)
+    phase: str = "forward"  # "forward" or "backward": the pass the kernel belongs to
 
     @property
     def threads(self) -> int:
@@ -412,7 +500,8 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Schedule:
-    """An algorithm's full forward pass for one shape and tiling."""
+    """An algorithm's forward pass, backward pass or both (forward kernels first) for one shape
+    and tiling; each kernel's ``phase`` says which pass it belongs to."""
 
     algorithm: str
     shape: object  # AttentionShape
@@ -424,6 +513,10 @@ class Schedule:
 
     def tensor_map(self) -> dict:
         return {t.name: t for t in self.tensors}
+
+    @property
+    def has_backward(self) -> bool:
+        return any(k.phase == "backward" for k in self.kernels)
 
     def check_fits(self, sram_bytes: int) -> None:
         """Refuse a tiling whose live shared-memory tiles exceed ``sram_bytes`` per CTA."""

@@ -5,8 +5,10 @@ executor runs); the events of the other batch·heads differ only by a constant a
 tensor and are produced by NumPy broadcasting, not Python loops.
 
 Event kinds: LOAD (a tile HBM -> SRAM), STORE (SRAM -> HBM) and COMPUTE (FLOPs by unit, the
-exp/log evaluations among the scalar FLOPs, and the SRAM bytes the op reads and writes). A tile is ``rows`` row segments of ``row_bytes`` contiguous
-bytes, ``row_stride`` bytes apart, starting at byte address ``addr``.
+exp/log evaluations among the scalar FLOPs, and the SRAM bytes the op reads and writes). An
+accumulating store (an atomic add) is a LOAD of the tile followed by a STORE of it: the L2's
+read-modify-write. A tile is ``rows`` row segments of ``row_bytes`` contiguous bytes,
+``row_stride`` bytes apart, starting at byte address ``addr``.
 """
 from __future__ import annotations
 
@@ -133,6 +135,14 @@ def _head_template(kernel, schedule, base, tensor_ids):
                 tile_bytes = nrows * row_bytes
                 on_chip = tile_bytes if buf.space == "smem" else 0
                 is_load = isinstance(op, sch.Load)
+                if not is_load and op.accumulate:
+                    # an atomic add: the L2 reads the tile and writes it back (a load event,
+                    # issued without waiting: the CTA never sees the old values, so
+                    # "prefetched", no barrier), then the store below
+                    for c, v in zip(_COLUMNS + _WORK_COLUMNS,
+                                    (LOAD, tensor_ids[op.tensor], addr, nrows, row_bytes,
+                                     stride, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0)):
+                        cols[c].append(v)
                 values = (LOAD if is_load else STORE, tensor_ids[op.tensor],
                           addr, nrows, row_bytes, stride, 0, 0, 0,
                           0 if is_load else on_chip, on_chip if is_load else 0,

@@ -32,7 +32,15 @@ GEMM_WARP_GRID = (2, 4)
 FIELDS = ("mma", "mma_chain", "smem_operand_bytes", "fp32", "sfu", "depth")
 
 # ops whose rows are reduced (max and sum over the columns of the tile)
-_ROW_REDUCTIONS = (sch.Softmax, sch.OnlineSoftmax, sch.BlockSoftmax)
+_ROW_REDUCTIONS = (sch.Softmax, sch.OnlineSoftmax, sch.BlockSoftmax, sch.RowDot)
+
+
+def _reduced_buffer(op) -> str:
+    """The buffer whose rows a row reduction reduces."""
+    for attribute in ("scores", "src", "a"):
+        if hasattr(op, attribute):
+            return getattr(op, attribute)
+    raise TypeError(f"{type(op).__name__} names no reduced buffer")  # pragma: no cover
 
 
 def _buffer_bytes(buf, dims) -> int:
@@ -47,7 +55,7 @@ def op_work(op, dims: dict, buffers: dict, kernel) -> tuple:
     if isinstance(op, sch.MatMul):
         a, b = buffers[op.a], buffers[op.b]
         mma = math.ceil(flops_tensor / MMA_FLOPS)
-        chain = math.ceil(dims[a.cols] / MMA_K)
+        chain = math.ceil(op.extents(dims, buffers)[2] / MMA_K)  # the contraction length k
         a_bytes = _buffer_bytes(a, dims) if a.space == "smem" else 0
         b_bytes = _buffer_bytes(b, dims) if b.space == "smem" else 0
         if kernel.tensor_path == "mma_sync":
@@ -61,6 +69,6 @@ def op_work(op, dims: dict, buffers: dict, kernel) -> tuple:
     if flops_scalar:
         depth = 1
         if isinstance(op, _ROW_REDUCTIONS):
-            cols = dims[buffers[op.scores if hasattr(op, "scores") else op.src].cols]
+            cols = dims[buffers[_reduced_buffer(op)].cols]
             depth = 2 * max(1, math.ceil(math.log2(max(cols, 2)))) + 2
     return mma, chain, smem, fp32, sfu, depth

@@ -1,8 +1,10 @@
 """One module per attention algorithm; each builds a :class:`~iosim.schedule.Schedule`."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import IosimError, TilingError
-from ..schedule import Schedule
+from ..schedule import PASSES, Schedule
 from . import flash1, flash2, hf, megatron, standard
 from ..shape import check_positive_int
 from .common import check_block, clipped_note
@@ -23,9 +25,33 @@ def algorithm_module(algorithm: str):
 WARP_TILED = ("flash1", "flash2")
 
 
+def _check_pass(pass_, algorithm: str, module) -> str:
+    if not isinstance(pass_, str) or pass_ not in PASSES:
+        raise IosimError(f"unknown pass {pass_!r}; allowed: {', '.join(PASSES)}")
+    if pass_ != "forward" and not hasattr(module, "build_backward"):
+        have = ", ".join(name for name, m in ALGORITHMS.items() if hasattr(m, "build_backward"))
+        raise IosimError(f"{algorithm} has no backward schedule yet (pass_={pass_!r}); "
+                         f"algorithms with one: {have}")
+    return pass_
+
+
+def _join(forward: Schedule, backward: Schedule) -> Schedule:
+    """One schedule: the forward's kernels, then the backward's; tensors the union (a name
+    refers to the same tensor in both)."""
+    tensors = list(forward.tensors)
+    known = forward.tensor_map()
+    for spec in backward.tensors:
+        if spec.name in known:
+            assert known[spec.name] == spec, (known[spec.name], spec)
+        else:
+            tensors.append(spec)
+    return replace(forward, tensors=tuple(tensors), kernels=forward.kernels + backward.kernels,
+                   notes=f"{forward.notes}; {backward.notes}")
+
+
 def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
                    sram_bytes: int | None = None, rows_per_warp=None,
-                   q_in_registers: bool = False) -> Schedule:
+                   q_in_registers: bool = False, pass_: str = "forward") -> Schedule:
     """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
 
     Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
@@ -33,8 +59,14 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     refused with a :class:`~iosim.errors.TilingError` naming bytes needed and available.
     ``rows_per_warp`` (flash1, flash2) sets the query rows each warp owns, hence the warps per
     CTA (default 16 rows: Br / 16 warps). ``q_in_registers`` (flash2) keeps each warp's rows of
-    Q in registers for the whole K/V loop instead of re-reading them from shared memory."""
+    Q in registers for the whole K/V loop instead of re-reading them from shared memory.
+
+    ``pass_``: "forward" (default), "backward" (the backward pass alone: it reads what the
+    forward saved) or "both" (one schedule, the forward's kernels then the backward's, with the
+    same (block_rows, block_cols); defaults then come from the backward's choice, checked to
+    fit both). Every kernel says its pass in ``Kernel.phase``."""
     module = algorithm_module(algorithm)
+    pass_ = _check_pass(pass_, algorithm, module)
     extra = {}
     if rows_per_warp is not None:
         if algorithm not in WARP_TILED:
@@ -63,18 +95,30 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         if block_cols != given:
             clipped["block_cols"] = given
 
+    backward_extra = {key: value for key, value in extra.items() if key == "rows_per_warp"}
+
+    def build(br, bc):
+        if pass_ == "forward":
+            return module.build(shape, br, bc, sram_bytes, **extra)
+        backward = module.build_backward(shape, br, bc, sram_bytes, **backward_extra)
+        if pass_ == "backward":
+            return backward
+        return _join(module.build(shape, br, bc, sram_bytes, **extra), backward)
+
     def fits(br, bc):
         br = block_rows if block_rows is not None else br
         bc = block_cols if block_cols is not None else bc
-        schedule = module.build(shape, br, bc, sram_bytes, **extra)
+        schedule = build(br, bc)
         return all(k.smem_bytes(shape.head_dim, n) <= sram_bytes for k in schedule.kernels)
 
+    defaults = (module.default_blocks if pass_ == "forward"
+                else getattr(module, "default_backward_blocks", module.default_blocks))
     try:
         if block_rows is None or block_cols is None:
-            default_rows, default_cols = module.default_blocks(shape, sram_bytes, fits)
+            default_rows, default_cols = defaults(shape, sram_bytes, fits)
             block_rows = default_rows if block_rows is None else block_rows
             block_cols = default_cols if block_cols is None else block_cols
-        schedule = module.build(shape, block_rows, block_cols, sram_bytes, **extra)
+        schedule = build(block_rows, block_cols)
         schedule.check_fits(sram_bytes)
     except TilingError as exc:
         if not clipped:
@@ -95,4 +139,4 @@ def _name_given_blocks(message: str, clipped: dict, seq_len: int) -> str:
     return message
 
 
-__all__ = ["ALGORITHMS", "build_schedule", "algorithm_module"]
+__all__ = ["ALGORITHMS", "PASSES", "build_schedule", "algorithm_module"]

@@ -3,7 +3,7 @@ pipelines, and the row-block kernels between them."""
 from __future__ import annotations
 
 from ..errors import TilingError
-from ..schedule import BufferSpec, Kernel, Load, Loop, MatMul, Fill, Store, TensorSpec
+from ..schedule import BufferSpec, Fill, Kernel, Load, Loop, MatMul, Store, TensorSpec
 from ..shape import check_positive_int
 
 #: Rows of S each row-wise (softmax, scale, mask) kernel's CTA handles, at most.
@@ -156,4 +156,113 @@ def gemm_rowwise_gemm(algorithm: str, shape, block_rows: int, block_cols: int,
                pv_gemm(shape, block_rows, block_cols))
     tensors = tuple(qkv_tensors(shape)) + (score_tensor("S", shape), score_tensor("P", shape),
                                            output_tensor(shape))
+    return Schedule(algorithm, shape, tensors, kernels, block_rows, block_cols, notes=notes)
+
+
+# ---- the unfused backward pass (autograd order, with P saved by the forward pass) ------------
+
+def grad_tensors(shape) -> list[TensorSpec]:
+    """dO (the gradient of the output, an input of the backward pass) and dQ, dK, dV."""
+    e = shape.elem_bytes
+    return [TensorSpec("dO", "N", "d", e, "input"), TensorSpec("dQ", "N", "d", e, "output"),
+            TensorSpec("dK", "N", "d", e, "output"), TensorSpec("dV", "N", "d", e, "output")]
+
+
+def nt_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, a: str, b: str,
+            scaled: bool = False) -> Kernel:
+    """out = [scale·] a bᵀ (out N x N, a and b N x d) as a tiled GEMM: one CTA per (Br x Bc)
+    output tile (the forward's S = QKᵀ, the backward's dP = dO Vᵀ)."""
+    e = shape.elem_bytes
+    body = (Load("Ai", a, "i", "d"), Load("Bj", b, "j", "d"),
+            MatMul("C", "Ai", "Bj", transpose_b=True, scaled=scaled), Store("C", out, "i", "j"))
+    buffers = (BufferSpec("Ai", "i", "d", e), BufferSpec("Bj", "j", "d", e),
+               BufferSpec("C", "i", "j", F32, "reg"))
+    return Kernel(name, grid=("i", "j"), body=body, buffers=buffers,
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+                  warps=GEMM_WARPS, phase="backward")
+
+
+def nn_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, scores: str,
+            operand: str, scaled: bool = False) -> Kernel:
+    """out = [scale·] scores @ operand (scores N x N, operand and out N x d): one CTA per Br
+    rows of out, streaming Bc-wide blocks of the scores' rows and Bc rows of the operand
+    (the backward's dQ = scale·dS K; the forward's O = PV is the same GEMM)."""
+    e = shape.elem_bytes
+    body = (Fill("C", 0.0),
+            Loop("j", (Load("Aij", scores, "i", "j"), Load("Bj", operand, "j", "d"),
+                       MatMul("C", "Aij", "Bj", accumulate=True, scaled=scaled))),
+            Store("C", out, "i", "d"))
+    buffers = (BufferSpec("Aij", "i", "j", e, stages=GEMM_STAGES),
+               BufferSpec("Bj", "j", "d", e, stages=GEMM_STAGES),
+               BufferSpec("C", "i", "d", F32, "reg"))
+    return Kernel(name, grid=("i",), body=body, buffers=buffers,
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+                  warps=GEMM_WARPS, phase="backward")
+
+
+def tn_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, scores: str,
+            operand: str, scaled: bool = False) -> Kernel:
+    """out = [scale·] scoresᵀ @ operand (scores N x N, operand and out N x d): one CTA per Bc
+    rows of out (columns of the scores), streaming Br-high blocks of the scores' columns and Br
+    rows of the operand (the backward's dV = Pᵀ dO and dK = scale·dSᵀ Q)."""
+    e = shape.elem_bytes
+    body = (Fill("C", 0.0),
+            Loop("i", (Load("Aij", scores, "i", "j"), Load("Bi", operand, "i", "d"),
+                       MatMul("C", "Aij", "Bi", transpose_a=True, accumulate=True,
+                              scaled=scaled))),
+            Store("C", out, "j", "d"))
+    buffers = (BufferSpec("Aij", "i", "j", e, stages=GEMM_STAGES),
+               BufferSpec("Bi", "i", "d", e, stages=GEMM_STAGES),
+               BufferSpec("C", "j", "d", F32, "reg"))
+    return Kernel(name, grid=("j",), body=body, buffers=buffers,
+                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+                  warps=GEMM_WARPS, phase="backward")
+
+
+def softmax_backward_kernel(name: str, shape, sram_bytes: int, probs: str, grad: str,
+                            out: str, extra_ops: tuple = ()) -> Kernel:
+    """Autograd's softmax backward on whole rows: reads rows of P and dP, computes
+    D = rowsum(P ∘ dP) and out = P ∘ (dP − D) [then ``extra_ops`` on it, e.g. megatron's
+    fused scale], writes rows of ``out``: one CTA per up to ROWWISE_ROWS_PER_CTA rows."""
+    from ..schedule import RowDot, SoftmaxBackward
+
+    rows = rowwise_rows(shape, sram_bytes, row_tiles=2)
+    e = shape.elem_bytes
+    body = (Load("P", probs, "i", "N"), Load("G", grad, "i", "N"), RowDot("D", "P", "G"),
+            SoftmaxBackward("G", "P", "G", "D")) + tuple(extra_ops) + (Store("G", out, "i", "N"),)
+    buffers = (BufferSpec("P", "i", "N", e), BufferSpec("G", "i", "N", e),
+               BufferSpec("D", "i", "1", F32, "reg"))
+    return Kernel(name, grid=("i",), body=body, buffers=buffers, blocks={"i": rows},
+                  row_var="i", col_var="N", warps=rowwise_warps(shape, rows), phase="backward")
+
+
+def backward_rowwise_kernel(name: str, shape, sram_bytes: int, src: str, dst: str,
+                            ops: tuple) -> Kernel:
+    """A backward elementwise kernel over whole rows (hf's mask and scale backward)."""
+    from dataclasses import replace
+
+    rows = rowwise_rows(shape, sram_bytes)
+    return replace(rowwise_kernel(name, shape, rows, src, dst, ops), phase="backward")
+
+
+def unfused_backward(algorithm: str, shape, block_rows: int, block_cols: int,
+                     sram_bytes: int, *, middle: tuple, scores_grad: str, scaled_gemms: bool,
+                     score_grads: tuple, notes: str):
+    """The unfused pipelines' backward with P saved: dV = Pᵀ dO; dP = dO Vᵀ; the row-wise
+    kernels ``middle`` (softmax backward, then any scale/mask backward) end in
+    ``scores_grad``; dQ = [scale·] dS K; dK = [scale·] dSᵀ Q. ``score_grads``: the names of the
+    N x N gradient tensors the middle kernels write."""
+    from ..schedule import Schedule
+
+    kernels = (tn_gemm("dv_gemm", shape, block_rows, block_cols, "dV", "P", "dO"),
+               nt_gemm("dp_gemm", shape, block_rows, block_cols, "dP", "dO", "V"),
+               *middle,
+               nn_gemm("dq_gemm", shape, block_rows, block_cols, "dQ", scores_grad, "K",
+                       scaled=scaled_gemms),
+               tn_gemm("dk_gemm", shape, block_rows, block_cols, "dK", scores_grad, "Q",
+                       scaled=scaled_gemms))
+    grads = grad_tensors(shape)
+    tensors = (tuple(qkv_tensors(shape)) + (score_tensor("P", shape), grads[0],
+                                            score_tensor("dP", shape))
+               + tuple(score_tensor(name, shape) for name in score_grads) + tuple(grads[1:]))
     return Schedule(algorithm, shape, tensors, kernels, block_rows, block_cols, notes=notes)

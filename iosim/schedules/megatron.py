@@ -13,3 +13,17 @@ def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
         "megatron", shape, block_rows, block_cols, sram_bytes, scaled_gemm=False,
         middle="scale_mask_softmax", middle_ops=(Scale("X"),) + mask + (Softmax("X", "X"),),
         notes="fused scale-mask-softmax kernel; dropout left out")
+
+
+def build_backward(shape, block_rows, block_cols, sram_bytes) -> Schedule:
+    """Megatron's backward, P saved: as standard's (dV and dP GEMMs; one row-wise kernel;
+    dQ and dK GEMMs), except that the fused scale-mask-softmax backward kernel applies the
+    scale (dS = scale·P ∘ (dP − rowsum(P ∘ dP)), the gradient of the unscaled QKᵀ), so the
+    dQ and dK GEMMs are unscaled. Same HBM traffic and GEMM FLOPs as standard's backward."""
+    return common.unfused_backward(
+        "megatron", shape, block_rows, block_cols, sram_bytes,
+        middle=(common.softmax_backward_kernel("scale_mask_softmax_backward", shape,
+                                               sram_bytes, "P", "dP", "dS",
+                                               extra_ops=(Scale("G"),)),),
+        scores_grad="dS", scaled_gemms=False, score_grads=("dS",),
+        notes="backward: fused scale-mask-softmax backward kernel; dropout left out")
