@@ -22,7 +22,7 @@ from iosim.reference import reference_attention, reference_attention_backward
 from iosim.simulate import simulate_trace
 from iosim.trace import LOAD, STORE, build_trace
 
-BACKWARD_ALGORITHMS = ("flash2", "hf", "megatron", "standard")
+BACKWARD_ALGORITHMS = ("flash1", "flash2", "hf", "megatron", "standard")
 EXACT = 1e-10
 GRADS = ("dQ", "dK", "dV")
 
@@ -229,6 +229,21 @@ def test_flash2_backward_flops(n, d, br, bc, causal):
         assert tensor == 10 * n * n * d  # one more N² d matmul than the unfused backward
 
 
+@pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7), (17, 4, 1, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash1_backward_flops(n, d, br, bc, causal):
+    bh = 2
+    shape = AttentionShape(1, bh, n, d, dtype="fp16", causal=causal)
+    tiles = _visited_tiles(n, br, bc, causal)
+    tensor = sum(5 * 2 * r * c * d for r, c in tiles)  # S, dV, dP, dQ, dK
+    # per tile: m + log l (2 per row), P (2 per element), D = rowsum(dO ∘ O) (2 per element of
+    # O_i, every K/V block), dS (2 per element), the causal mask (1 per element)
+    scalar = sum(2 * r + (4 + (1 if causal else 0)) * r * c + 2 * r * d for r, c in tiles)
+    special = sum(r * c + r for r, c in tiles)  # exp per element, log per row
+    got = _trace_flops(build_schedule("flash1", shape, br, bc, pass_="backward"))
+    assert got == (bh * tensor, bh * scalar, bh * special)
+
+
 # ---- HBM bytes under the two-level model, by hand ---------------------------------------------
 
 def _two_level_by_tensor(schedule):
@@ -268,6 +283,24 @@ def test_flash2_backward_hbm_bytes(n, d, br, bc, causal):
     assert writes == {k: bh * v for k, v in expected_writes.items()}
     assert hbm_read == bh * sum(expected_reads.values())
     assert hbm_write == bh * sum(expected_writes.values())
+
+
+@pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7), (33, 5, 8, 33)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash1_backward_hbm_bytes(n, d, br, bc, causal):
+    # Algorithm 4: K, V read and dK, dV written once; per visited tile Q_i, O_i, dO_i, l_i, m_i
+    # read and dQ_i read and written (O and dQ in float32)
+    bh, e, f32 = 2, 2, 4
+    shape = AttentionShape(1, bh, n, d, dtype="fp16", causal=causal)
+    q_rows = sum(r for r, _ in _visited_tiles(n, br, bc, causal))
+    expected_reads = {"K": n * d * e, "V": n * d * e, "Q": q_rows * d * e,
+                      "O": q_rows * d * f32, "dO": q_rows * d * e, "dQ": q_rows * d * f32,
+                      "l": q_rows * f32, "m": q_rows * f32}
+    expected_writes = {"dQ": n * d * f32 + q_rows * d * f32, "dK": n * d * e, "dV": n * d * e}
+    reads, writes, _ = _two_level_by_tensor(build_schedule("flash1", shape, br, bc,
+                                                           pass_="backward"))
+    assert reads == {k: bh * v for k, v in expected_reads.items()}
+    assert writes == {k: bh * v for k, v in expected_writes.items()}
 
 
 @pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7)])
@@ -379,9 +412,18 @@ def test_unknown_pass_is_refused_naming_the_allowed_ones(bad):
 
 
 @pytest.mark.parametrize("pass_", ["backward", "both"])
-def test_algorithm_without_a_backward_is_refused(pass_):
-    with pytest.raises(IosimError, match=r"flash1 has no backward schedule yet.*flash2"):
-        build_schedule("flash1", SHAPE, pass_=pass_)
+def test_algorithm_without_a_backward_is_refused(pass_, monkeypatch):
+    import types
+
+    from iosim import schedules
+
+    assert set(schedules.ALGORITHMS) == set(BACKWARD_ALGORITHMS)  # every one has a backward
+    forward_only = types.SimpleNamespace(build=schedules.flash2.build,
+                                         default_blocks=schedules.flash2.default_blocks)
+    monkeypatch.setitem(schedules.ALGORITHMS, "fwd_only", forward_only)
+    with pytest.raises(IosimError, match=r"fwd_only has no backward schedule yet.*flash2"):
+        build_schedule("fwd_only", SHAPE, pass_=pass_)
+    assert build_schedule("fwd_only", SHAPE).kernels  # the forward still builds
 
 
 def test_execute_checks_d_out_and_saved_tensors():
@@ -412,3 +454,50 @@ def test_backward_defaults_fit_the_sram():
         schedule = build_schedule("flash2", shape, pass_=pass_)
         assert all(k.smem_bytes(128, 4096) <= sram for k in schedule.kernels)
     assert (schedule.block_rows, schedule.block_cols) == (64, 128)  # FlashAttention-2's
+
+
+# ---- float16: an earned tolerance ------------------------------------------------------------
+
+def plain_fp16_backward(q, k, v, d_out, *, causal):
+    """The low-precision baseline: the forward and the autograd-order backward, every op in
+    float16 NumPy."""
+    h = np.float16
+    scale = h(1 / math.sqrt(q.shape[-1]))
+    s = (q @ np.swapaxes(k, -1, -2)) * scale
+    if causal:
+        n = s.shape[-1]
+        s = np.where(np.arange(n)[None, :] > np.arange(n)[:, None], h(-np.inf), s)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    d_v = np.swapaxes(p, -1, -2) @ d_out
+    d_p = d_out @ np.swapaxes(v, -1, -2)
+    d_s = p * (d_p - (p * d_p).sum(axis=-1, keepdims=True))
+    d_q = (d_s @ k) * scale
+    d_k = (np.swapaxes(d_s, -1, -2) @ q) * scale
+    assert all(x.dtype == np.float16 for x in (p, d_s, d_q, d_k, d_v))
+    return d_q, d_k, d_v
+
+
+@given(backward_problems(max_n=48, max_d=16))
+def test_float16_gradients_at_most_twice_plain_float16(p):
+    q, k, v, d_out = p["arrays"]
+    if p["big"]:  # ±1e4 logits do not survive a float16 S in the baseline; keep them moderate
+        q = q * (8 / p["big"])
+    q, k, v, d_out = (x.astype(np.float16) for x in (q, k, v, d_out))
+    shape = AttentionShape(1, p["bh"], p["n"], p["d"], dtype="fp16", causal=p["causal"])
+    schedule = build_schedule(p["algorithm"], shape, p["block_rows"], p["block_cols"],
+                              pass_="both")
+    result = execute(schedule, q, k, v, d_out)
+    expected = reference_attention_backward(q, k, v, d_out, causal=p["causal"])
+    plain = plain_fp16_backward(q, k, v, d_out, causal=p["causal"])
+    # flash-attention's rule on the largest error (as its gradient tests measure it): at most
+    # twice the plain float16 one, plus 1e-3 of the largest term the gradient sums (two float16
+    # ulps of it). The floor is relative to the terms, not to the gradient: a gradient is a
+    # difference of terms (dP − D), and where it cancels to near 0 (N = 1, 2) FlashAttention's
+    # D = rowsum(dO ∘ O), from the float16 O, is not the D of the baseline's own P and dP.
+    bounds = _bounds(q, k, v, d_out, p["causal"])
+    for name, exp, base, bound in zip(GRADS, expected, plain, bounds):
+        got = np.asarray(result.tensors[name], dtype=np.float64)
+        assert np.all(np.isfinite(got))
+        error, plain_error = np.abs(got - exp).max(), np.abs(base - exp).max()
+        assert error <= 2 * plain_error + 1e-3 * bound.max(), (name, error, plain_error)
