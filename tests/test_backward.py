@@ -501,3 +501,28 @@ def test_float16_gradients_at_most_twice_plain_float16(p):
         assert np.all(np.isfinite(got))
         error, plain_error = np.abs(got - exp).max(), np.abs(base - exp).max()
         assert error <= 2 * plain_error + 1e-3 * bound.max(), (name, error, plain_error)
+
+
+# ---- the array-level entry point -------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", BACKWARD_ALGORITHMS)
+def test_run_attention_backward_keeps_shape_and_dtype(algorithm):
+    from iosim.executor import run_attention_backward
+
+    rng = np.random.default_rng(9)
+    q, k, v, d_out = (rng.standard_normal((2, 3, 11, 4)) for _ in range(4))
+    grads = run_attention_backward(q, k, v, d_out, algorithm=algorithm, causal=True,
+                                   block_rows=4, block_cols=3, scale=0.7)
+    expected = reference_attention_backward(q, k, v, d_out, causal=True, scale=0.7)
+    for got, exp in zip(grads, expected):
+        assert got.shape == q.shape and got.dtype == q.dtype
+        np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-12)
+    grads32 = run_attention_backward(*(x[0, 0].astype(np.float32) for x in (q, k, v, d_out)),
+                                     algorithm=algorithm)
+    assert all(g.dtype == np.float32 and g.shape == (11, 4) for g in grads32)
+    with pytest.raises(IosimError, match=r"d_out must have the shape and dtype of q"):
+        run_attention_backward(q, k, v, d_out[..., :2], algorithm=algorithm)
+    bad = d_out.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(IosimError, match=r"d_out contains NaN"):
+        run_attention_backward(q, k, v, bad, algorithm=algorithm)
