@@ -2,7 +2,9 @@
 loop streams K/V blocks of Bc rows, the inner loop visits every Q block of Br rows and reads and
 writes back its O, l, m in HBM. O, l and m are kept in float32 between steps.
 
-A first kernel initialises O = 0, l = 0, m = -inf in HBM (Algorithm 1, line 2)."""
+A first kernel initialises O = 0, l = 0, m = -inf in HBM (Algorithm 1, line 2).
+
+Backward (:func:`build_backward`): the paper's Algorithm 4, in the same loop order."""
 from __future__ import annotations
 
 from ..schedule import (BlockSoftmax, BufferSpec, CausalMask, Fill, Flash1Merge, Kernel, Load,

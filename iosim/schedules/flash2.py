@@ -7,7 +7,10 @@ has Br / rows_per_warp warps, and each warp reads the whole K and V tiles from s
 Causal: the row blocks with the most work are launched first, as FlashAttention-2 does.
 With ``q_in_registers`` each warp keeps its rows of Q in registers for the whole loop
 (FlashAttention-2's ``Is_Q_in_regs``), instead of re-reading them from shared memory for every
-K/V block."""
+K/V block.
+
+Backward (:func:`build_backward`): FlashAttention-2's three kernels (D = rowsum(dO ∘ O); one CTA
+per K/V block recomputing S and P from L, dQ added into float32 HBM with atomics; dQ converted)."""
 from __future__ import annotations
 
 from ..schedule import (BufferSpec, CausalMask, Copy, Fill, Kernel, Load, LogSumExp, Loop, MatMul,

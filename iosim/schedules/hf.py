@@ -1,6 +1,9 @@
 """HuggingFace-style unfused attention: GEMM, then separate scale, mask (causal only) and
 softmax kernels, each a full pass over the N x N scores, then the second GEMM.
-Dropout is left out (it would add one more read and write of P)."""
+Dropout is left out (it would add one more read and write of P).
+
+Backward (:func:`build_backward`): its own, not standard's, because autograd runs hf's separate
+mask and scale backward kernels as full N x N passes too."""
 from __future__ import annotations
 
 from ..schedule import CausalMask, Scale, Schedule, Softmax

@@ -1,4 +1,7 @@
-"""Megatron-LM style attention: the two GEMMs around one fused scale-mask-softmax kernel."""
+"""Megatron-LM style attention: the two GEMMs around one fused scale-mask-softmax kernel.
+
+Backward (:func:`build_backward`): standard's kernels, with the fused kernel's backward applying
+the scale (so the dQ and dK GEMMs are unscaled): the same bytes and GEMM FLOPs as standard's."""
 from __future__ import annotations
 
 from ..schedule import CausalMask, Scale, Schedule, Softmax

@@ -1,6 +1,9 @@
 """Standard attention (the FlashAttention paper's Algorithm 0) as the seed counts it:
 kernel 1 reads Q, K and writes S = scale·QKᵀ; kernel 2 reads S and writes P = softmax(S)
-(with the causal mask applied there); kernel 3 reads P, V and writes O = PV."""
+(with the causal mask applied there); kernel 3 reads P, V and writes O = PV.
+
+Backward (:func:`build_backward`): autograd's order with P saved, five kernels (four GEMMs and a
+softmax-backward row kernel)."""
 from __future__ import annotations
 
 from ..schedule import CausalMask, Schedule, Softmax
