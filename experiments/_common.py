@@ -70,6 +70,7 @@ class SimJob(NamedTuple):
     block_cols: int | None = None
     sram_bytes: int | None = None
     rows_per_warp: int | None = None
+    pass_: str = "forward"
 
 
 _MEMO: dict = {}
@@ -82,7 +83,7 @@ def _run(job: SimJob) -> dict:
     result = simulate(job.algorithm, job.shape, block_rows=job.block_rows,
                       block_cols=job.block_cols, hardware=job.hardware,
                       sram_bytes=job.sram_bytes, model=job.model,
-                      rows_per_warp=job.rows_per_warp)
+                      rows_per_warp=job.rows_per_warp, pass_=job.pass_)
 
     def row(k):
         return {"name": k.name, "hbm_read_bytes": k.hbm_read_bytes,

@@ -49,6 +49,10 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_SECONDS / 60,
                    help="refuse a run whose estimated time exceeds this many minutes (default "
                         f"{DEFAULT_MAX_SECONDS / 60:.0f})")
+    p.add_argument("--pass", dest="pass_", default="forward",
+                   choices=["forward", "backward", "both"],
+                   help="which pass: forward (default), backward (reads what the forward "
+                        "saved) or both (the forward's kernels, then the backward's)")
     p.add_argument("--rows-per-warp", type=int, default=None,
                    help="flash1/flash2: query rows each warp owns (default 16), which sets "
                         "the warps per CTA")
@@ -110,7 +114,8 @@ def format_table(result) -> str:
         moves = [f"{verb} {name} {format_bytes(t[key])}" for name, t in k.tensors.items()
                  for verb, key in (("read", "read_bytes"), ("write", "write_bytes")) if t[key]]
         accesses.append(f"  {k.name}: " + ", ".join(moves))
-    title = (f"{result.algorithm} on {result.hardware.name}, {result.shape.describe()}, "
+    title = (f"{result.algorithm} ({result.pass_} pass) on {result.hardware.name}, "
+             f"{result.shape.describe()}, "
              f"Br={result.block_rows} Bc={result.block_cols}, model {result.model}, "
              f"predicted time: {result.time_model} model")
     count = sum(1 for k in result.kernels for t in k.tensors.values()
@@ -133,7 +138,7 @@ def _simulate(args) -> None:
                       block_cols=args.block_cols, hardware=args.hardware,
                       sram_bytes=args.sram_bytes, model=args.model,
                       time_model=args.time_model, rows_per_warp=args.rows_per_warp,
-                      **_budget(args))
+                      pass_=args.pass_, **_budget(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -150,7 +155,7 @@ def _explore(args) -> None:
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
-                   rows_per_warp=args.rows_per_warp, **_budget(args))
+                   rows_per_warp=args.rows_per_warp, pass_=args.pass_, **_budget(args))
     print(format_ranking(rows[: args.top]))
     for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
         if warning:

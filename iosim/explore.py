@@ -116,7 +116,7 @@ def candidate_sizes(seq_len: int, candidates="pow2") -> list[int]:
 
 
 def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[int],
-                  rows_per_warp=None) -> list[tuple[int, int, int]]:
+                  rows_per_warp=None, pass_: str = "forward") -> list[tuple[int, int, int]]:
     """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits the hardware's
     SRAM per thread block and whose CTAs fit an SM (warps, registers: the occupancy rules)."""
     from .occupancy import occupancy
@@ -127,7 +127,7 @@ def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[i
             try:
                 schedule = build_schedule(algorithm, shape, br, bc,
                                           sram_bytes=hardware.sram_bytes_per_block,
-                                          rows_per_warp=rows_per_warp)
+                                          rows_per_warp=rows_per_warp, pass_=pass_)
                 for kernel in schedule.kernels:
                     occupancy(kernel, shape.head_dim, shape.seq_len, hardware)
             except TilingError:
@@ -140,9 +140,10 @@ def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[i
 def _simulate_pair(job) -> BlockChoice:
     from .simulate import simulate
 
-    algorithm, shape, hw, model, time_model, rows_per_warp, br, bc, need = job
+    algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need = job
     result = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
-                      model=model, time_model=time_model, rows_per_warp=rows_per_warp)
+                      model=model, time_model=time_model, rows_per_warp=rows_per_warp,
+                      pass_=pass_, max_memory_bytes=None, max_seconds=None)
     total = result.totals
     slowest = max(result.kernels, key=lambda k: k.times_s["timed"])
     occ = slowest.occupancy
@@ -168,6 +169,7 @@ def rank_key(row: BlockChoice):
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
             candidates=None, time_model: str = "timed", rows_per_warp=None,
+            pass_: str = "forward",
             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
             max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
@@ -177,7 +179,8 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     ``os.cpu_count()``; 1 runs in this process); ``progress``: a tqdm bar on stderr;
     ``candidates``: see the module docstring (None means "pow2"); ``time_model``: "timed"
     (default) or "roofline", the prediction the pairs are ranked by; ``rows_per_warp``
-    (flash1, flash2): query rows per warp, hence warps per CTA; ``max_memory_bytes`` (of the
+    (flash1, flash2): query rows per warp, hence warps per CTA; ``pass_``: "forward",
+    "backward" or "both" (the block sizes of the pass's kernels); ``max_memory_bytes`` (of the
     pairs simulated at once, one per worker) and ``max_seconds`` (of the whole ranking) bound the
     estimated cost (:mod:`iosim.budget`; None: no limit). Raises :class:`IosimError` for bad
     input, when no pair fits, or (:class:`~iosim.budget.BudgetError`) when the estimate exceeds
@@ -195,15 +198,15 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
     sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
-    pairs = fitting_pairs(algorithm, shape, hw, sizes, rows_per_warp)
+    pairs = fitting_pairs(algorithm, shape, hw, sizes, rows_per_warp, pass_)
     if not pairs:
         raise IosimError(
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, br, bc, need)
+    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need)
             for br, bc, need in pairs]
-    _check_budget(algorithm, shape, hw, rows_per_warp, pairs, min(workers, len(jobs)),
+    _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, min(workers, len(jobs)),
                   max_memory_bytes, max_seconds)
     bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
     rows = []
@@ -223,13 +226,14 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     return sorted(rows, key=rank_key)
 
 
-def _check_budget(algorithm, shape, hw, rows_per_warp, pairs, parallel, max_memory_bytes,
-                  max_seconds) -> None:
+def _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, parallel,
+                  max_memory_bytes, max_seconds) -> None:
     """Refuse a ranking whose estimated memory (the ``parallel`` costliest pairs at once) or
     time (all pairs over ``parallel`` workers) exceeds the budget, before simulating any."""
     costs = sorted((budget.estimate(build_schedule(algorithm, shape, br, bc,
                                                    sram_bytes=hw.sram_bytes_per_block,
-                                                   rows_per_warp=rows_per_warp))
+                                                   rows_per_warp=rows_per_warp,
+                                                   pass_=pass_))
                     for br, bc, _ in pairs), key=lambda c: -c.memory_bytes)
     memory = sum(c.memory_bytes for c in costs[:parallel])
     seconds = sum(c.seconds for c in costs) / parallel

@@ -38,6 +38,7 @@ class KernelResult:
     flops_scalar: int = 0
     special_ops: int = 0  # exp/log evaluations (part of flops_scalar)
     tensor_path: str = "library"
+    phase: str = "forward"  # the pass the kernel belongs to: "forward" or "backward"
     ctas: int = 0
     concurrent_ctas: int = 0
     l2_line_accesses: int = 0
@@ -81,6 +82,7 @@ class SimulationResult:
     totals: KernelResult
     time_model: str = "timed"
     timelines: dict = field(default_factory=dict, repr=False)  # kernel -> iosim.timing.TimedKernel
+    pass_: str = "forward"  # "forward", "backward" or "both": which kernels are simulated
 
     def to_dict(self) -> dict:
         """The result as plain data for ``json.dumps``: strict JSON (non-finite numbers, such
@@ -89,7 +91,8 @@ class SimulationResult:
 
         shape = self.shape
         return _json_safe({
-            "algorithm": self.algorithm, "model": self.model, "time_model": self.time_model,
+            "algorithm": self.algorithm, "pass": self.pass_, "model": self.model,
+            "time_model": self.time_model,
             "hardware": self.hardware.name,
             "shape": {"batch": shape.batch, "heads": shape.heads, "seq_len": shape.seq_len,
                       "head_dim": shape.head_dim, "dtype": shape.dtype, "causal": shape.causal},
@@ -157,7 +160,7 @@ def replay(trace, hardware: Hardware, model: str) -> list[tuple[dict, np.ndarray
             hbm_by_event = np.where(kt.kind == engine.COMPUTE, 0.0,
                                     (kt.rows * kt.row_bytes).astype(np.float64))
         row = {name: int(counts[i]) for i, name in enumerate(engine.COUNTERS)}
-        row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots,
+        row.update(name=kt.name, ctas=kt.n_ctas, concurrent_ctas=slots, phase=kt.kernel.phase,
                    special_ops=int(kt.special_ops.sum()), tensor_path=kt.tensor_path,
                    tensors=tile_traffic_by_tensor(kt, trace.tensor_names))
         results.append((row, hbm_by_event))
@@ -180,6 +183,11 @@ def _finish(result: KernelResult, timed, hardware: Hardware, dtype: str, model: 
                       "special": cost.special_time_s,
                       "compute": cost.compute_time_s, "launch": cost.launch_time_s}
     return result
+
+
+def _pass_of(kernels) -> str:
+    phases = {k.phase for k in kernels}
+    return "both" if len(phases) > 1 else phases.pop()
 
 
 def simulate_trace(trace, hardware: Hardware, model: str = "l2",
@@ -230,12 +238,13 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
     return SimulationResult(algorithm=schedule.algorithm, model=model, hardware=hardware,
                             shape=shape, block_rows=schedule.block_rows,
                             block_cols=schedule.block_cols, kernels=kernels, totals=totals,
-                            time_model=time_model, timelines=timelines)
+                            time_model=time_model, timelines=timelines,
+                            pass_=_pass_of(kernels))
 
 
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
              hardware="h100-measured", sram_bytes=None, model: str = "l2",
-             time_model: str = "timed", rows_per_warp=None,
+             time_model: str = "timed", rows_per_warp=None, pass_: str = "forward",
              max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
              max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
@@ -243,7 +252,9 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     ``hardware`` is a preset name, a TOML path or a :class:`Hardware`; ``sram_bytes`` overrides
     its SRAM per thread block (the paper's M); ``model`` is "l2" (default) or "two-level";
     ``time_model`` is "timed" (default: the per-CTA replay of :mod:`iosim.timing`) or
-    "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA.
+    "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA;
+    ``pass_`` is "forward" (default), "backward" or "both" (the forward's kernels, then the
+    backward's; totals over all).
     Before building anything the cost is estimated (:mod:`iosim.budget`); past
     ``max_memory_bytes`` or ``max_seconds`` (None: no limit) a
     :class:`~iosim.budget.BudgetError` says the estimate and how to go on."""
@@ -255,7 +266,8 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
-                              sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp)
+                              sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp,
+                              pass_=pass_)
     return simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
                              max_memory_bytes=max_memory_bytes, max_seconds=max_seconds)
 

@@ -318,3 +318,21 @@ def test_sram_sweep_legend_in_bytes_and_report_matches_the_curves(tmp_path, monk
     if flash2[0] > flash2[-1]:  # a falling curve is not called flat
         assert "its traffic is the same" not in section.body
         assert "traffic falls" in section.body
+
+
+def test_figure2_table_has_forward_plus_backward_on_both_presets(quick_results):
+    out, sections = quick_results
+    rows = [r for r in _csv(out / "figure2_table.csv") if r["source"] == "iosim (fwd+bwd)"]
+    assert {(r["hardware"], r["algorithm"], r["model"]) for r in rows} == {
+        (hw, a, m) for hw in ("a100-40gb", "h100-measured") for a in ("standard", "flash2")
+        for m in ("two-level", "l2")}
+    by = {(r["hardware"], r["algorithm"], r["model"]): r for r in rows}
+    fwd = {(r["algorithm"], r["model"]): r for r in _csv(out / "figure2_table.csv")
+           if r["source"] == "iosim (fwd)"}
+    for hw in ("a100-40gb", "h100-measured"):
+        # far fewer HBM bytes for flash2, and the backward adds to the forward's bytes
+        assert int(by[(hw, "flash2", "two-level")]["hbm_bytes"]) * 2 < int(
+            by[(hw, "standard", "two-level")]["hbm_bytes"])
+    assert int(by[("a100-40gb", "standard", "two-level")]["hbm_bytes"]) > int(
+        fwd[("standard", "two-level")]["hbm_bytes"])
+    assert "forward plus backward" in sections["figure2_table"][0].body
