@@ -5,6 +5,10 @@ These are the FlashAttention paper's counts (Algorithm 0's eight accesses; Theor
 shapes whose block sizes divide N. The engine never uses them: the tests check that the engine's
 two-level counts equal them, kernel by kernel and tensor by tensor.
 
+The backward's forms (:func:`backward_hbm_traffic`: FlashAttention-2's backward, the paper's
+Algorithm 4 with Theorem 5's Θ(N²d²/M), and the unfused pipelines' autograd order) cover every
+shape: any N, causal or not.
+
 Each function returns ``{kernel name: {"reads": {tensor: bytes}, "writes": {tensor: bytes}}}``.
 """
 from __future__ import annotations
@@ -95,3 +99,142 @@ def hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int) -> dict
         raise IosimError(f"no closed form for {algorithm!r}; have: "
                          f"{', '.join(CLOSED_FORMS)}") from None
     return form(shape, block_rows, block_cols)
+
+
+# ---- the backward pass ------------------------------------------------------------------------
+#
+# Unlike the forward's forms above, these cover every shape: N need not be a multiple of the
+# blocks, and causal shapes too (the fused kernels skip the K/V-block x Q-block tiles above the
+# diagonal; the unfused GEMMs and row-wise kernels move all N² of every score tensor either way).
+# They count the backward's kernels alone (what the forward saved, O, L or P, is read back).
+
+
+def _blocks(shape, block_rows: int, block_cols: int) -> tuple[int, int]:
+    n = shape.seq_len
+    if block_rows < 1 or block_cols < 1:
+        raise IosimError(f"block sizes must be positive; got Br={block_rows}, Bc={block_cols}")
+    block_rows, block_cols = min(block_rows, n), min(block_cols, n)
+    return block_rows, block_cols
+
+
+def visited_q_rows(n: int, block_rows: int, block_cols: int, causal: bool) -> int:
+    """Rows of Q a fused backward's K/V loop visits, summed over its Tc = ⌈N/Bc⌉ K/V blocks:
+    every K/V block visits all N rows, Tc·N in all; causal, the K/V block j (first key j·Bc)
+    skips the Q blocks that end before it, the first ⌊j·Bc/Br⌋ of them, so it visits
+    N − Br·⌊j·Bc/Br⌋ rows (Tc·N − Bc·Tc(Tc−1)/2 when Br divides Bc)."""
+    t_c = -(-n // block_cols)
+    if not causal:
+        return t_c * n
+    return sum(n - block_rows * (j * block_cols // block_rows) for j in range(t_c))
+
+
+def flash2_backward(shape, block_rows, block_cols) -> dict:
+    """FlashAttention-2's backward: D = rowsum(dO ∘ O) reads O, dO once and writes D (and
+    zeroes the float32 dQ accumulator); the K/V-block kernel reads K, V once and writes dK, dV
+    once, and per visited (Q block, K/V block) tile reads Q_i, dO_i, L_i, D_i and adds dS K into
+    the accumulator (a read and a write of its float32 tile); the convert reads it once and
+    writes dQ. With q = the visited Q rows (Tc·N non-causal) that is
+    (2·Nd·e + 4N + 4Nd) + (2·Nd·e + q·(2d·e + 8 + 8d) + 2·Nd·e) + (4Nd + Nd·e) bytes per head:
+    Θ(N²d/Bc), no N x N tensor."""
+    block_rows, block_cols = _blocks(shape, block_rows, block_cols)
+    n, d, e, bh = shape.seq_len, shape.head_dim, shape.elem_bytes, shape.batch_heads
+    q = visited_q_rows(n, block_rows, block_cols, shape.causal)
+    nd = n * d * e * bh
+    return {
+        "flash2_bwd_dot": {"reads": {"O": nd, "dO": nd},
+                           "writes": {"D": n * F32 * bh, "dQaccum": n * d * F32 * bh}},
+        "flash2_bwd": {"reads": {"K": nd, "V": nd, "Q": q * d * e * bh, "dO": q * d * e * bh,
+                                 "L": q * F32 * bh, "D": q * F32 * bh,
+                                 "dQaccum": q * d * F32 * bh},
+                       "writes": {"dQaccum": q * d * F32 * bh, "dK": nd, "dV": nd}},
+        "flash2_bwd_convert": {"reads": {"dQaccum": n * d * F32 * bh}, "writes": {"dQ": nd}},
+    }
+
+
+def flash1_backward(shape, block_rows, block_cols) -> dict:
+    """The paper's Algorithm 4: dQ zeroed in HBM (float32); K, V read and dK, dV written once;
+    per visited tile Q_i, dO_i (input dtype), O_i (float32, as the forward left it), l_i, m_i
+    read and dQ_i read and written back (float32). Non-causal that is Tc = ⌈N/Bc⌉ passes over
+    the Q side, N·d·(2e + 12) + 8N bytes each: with Bc = Θ(M/d), Theorem 5's Θ(N²d²/M)."""
+    block_rows, block_cols = _blocks(shape, block_rows, block_cols)
+    n, d, e, bh = shape.seq_len, shape.head_dim, shape.elem_bytes, shape.batch_heads
+    q = visited_q_rows(n, block_rows, block_cols, shape.causal)
+    nd = n * d * e * bh
+    return {
+        "flash1_bwd_init": {"reads": {}, "writes": {"dQ": n * d * F32 * bh}},
+        "flash1_bwd": {"reads": {"K": nd, "V": nd, "Q": q * d * e * bh, "O": q * d * F32 * bh,
+                                 "dO": q * d * e * bh, "dQ": q * d * F32 * bh,
+                                 "l": q * F32 * bh, "m": q * F32 * bh},
+                       "writes": {"dQ": q * d * F32 * bh, "dK": nd, "dV": nd}},
+    }
+
+
+def _unfused_backward(shape, block_rows, block_cols, middle) -> dict:
+    """The autograd-order backward with P saved: dV = Pᵀ dO (one CTA per Bc rows of dV reads
+    all of P and dO once per Bc block: Tc times); dP = dO Vᵀ (every Br x Bc tile reads dO_i and
+    V_j: dO Tc times, V Tr times); the row-wise kernels ``middle`` ((name, reads, writes) of
+    N x N tensors); dQ = dS K (dS once, K Tr times); dK = dSᵀ Q (dS once, Q Tc times)."""
+    block_rows, block_cols = _blocks(shape, block_rows, block_cols)
+    n, d, e, bh = shape.seq_len, shape.head_dim, shape.elem_bytes, shape.batch_heads
+    t_r, t_c = -(-n // block_rows), -(-n // block_cols)
+    nd, nn = n * d * e * bh, n * n * e * bh
+    forms = {"dv_gemm": {"reads": {"P": nn, "dO": t_c * nd}, "writes": {"dV": nd}},
+             "dp_gemm": {"reads": {"dO": t_c * nd, "V": t_r * nd}, "writes": {"dP": nn}}}
+    for name, reads, writes in middle:
+        forms[name] = {"reads": {t: nn for t in reads}, "writes": {t: nn for t in writes}}
+    forms["dq_gemm"] = {"reads": {"dS": nn, "K": t_r * nd}, "writes": {"dQ": nd}}
+    forms["dk_gemm"] = {"reads": {"dS": nn, "Q": t_c * nd}, "writes": {"dK": nd}}
+    return forms
+
+
+def standard_backward(shape, block_rows, block_cols) -> dict:
+    """Autograd's backward of Algorithm 0, P saved: P read twice (dV GEMM, softmax backward),
+    dP written and read once, dS written once and read twice (dQ and dK GEMMs): 7·N²·e bytes
+    per head of N x N traffic, causal or not, besides the GEMMs' Θ(N²d/B) operand reads."""
+    return _unfused_backward(shape, block_rows, block_cols,
+                             [("softmax_backward", ("P", "dP"), ("dS",))])
+
+
+def megatron_backward(shape, block_rows, block_cols) -> dict:
+    """As standard's: the fused scale-mask-softmax backward is the one row-wise kernel."""
+    return _unfused_backward(shape, block_rows, block_cols,
+                             [("scale_mask_softmax_backward", ("P", "dP"), ("dS",))])
+
+
+def hf_backward(shape, block_rows, block_cols) -> dict:
+    """Standard's, plus a full N x N pass for the scale's backward (and, causal, one more for
+    the mask's): each reads and writes N²·e bytes per head more."""
+    if shape.causal:
+        middle = [("softmax_backward", ("P", "dP"), ("dS_masked",)),
+                  ("mask_backward", ("dS_masked",), ("dS_scaled",)),
+                  ("scale_backward", ("dS_scaled",), ("dS",))]
+    else:
+        middle = [("softmax_backward", ("P", "dP"), ("dS_scaled",)),
+                  ("scale_backward", ("dS_scaled",), ("dS",))]
+    return _unfused_backward(shape, block_rows, block_cols, middle)
+
+
+BACKWARD_CLOSED_FORMS = {"standard": standard_backward, "hf": hf_backward,
+                         "megatron": megatron_backward, "flash1": flash1_backward,
+                         "flash2": flash2_backward}
+
+
+def backward_hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int) -> dict:
+    """Closed-form per-kernel, per-tensor HBM bytes of ``algorithm``'s backward pass (two-level
+    model), any N, causal or not."""
+    try:
+        form = BACKWARD_CLOSED_FORMS[algorithm]
+    except KeyError:
+        raise IosimError(f"no closed form for {algorithm!r}'s backward; have: "
+                         f"{', '.join(BACKWARD_CLOSED_FORMS)}") from None
+    return form(shape, block_rows, block_cols)
+
+
+def by_tensor(forms: dict) -> tuple[dict, dict]:
+    """(reads, writes): each tensor's bytes summed over the kernels of ``forms``."""
+    reads, writes = {}, {}
+    for kernel in forms.values():
+        for into, part in ((reads, kernel["reads"]), (writes, kernel["writes"])):
+            for tensor, nbytes in part.items():
+                into[tensor] = into.get(tensor, 0) + nbytes
+    return reads, writes

@@ -244,79 +244,8 @@ def test_flash1_backward_flops(n, d, br, bc, causal):
     assert got == (bh * tensor, bh * scalar, bh * special)
 
 
-# ---- HBM bytes under the two-level model, by hand ---------------------------------------------
-
-def _two_level_by_tensor(schedule):
-    result = simulate_trace(build_trace(schedule), iosim.load_hardware("h100-measured"),
-                            "two-level")
-    reads, writes = {}, {}
-    for kernel in result.kernels:
-        for name, traffic in kernel.tensors.items():
-            reads[name] = reads.get(name, 0) + traffic["read_bytes"]
-            writes[name] = writes.get(name, 0) + traffic["write_bytes"]
-    hbm = sum(k.hbm_read_bytes for k in result.kernels), sum(k.hbm_write_bytes
-                                                            for k in result.kernels)
-    return ({k: v for k, v in reads.items() if v}, {k: v for k, v in writes.items() if v}, hbm)
-
-
-@pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7), (33, 5, 8, 33)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_flash2_backward_hbm_bytes(n, d, br, bc, causal):
-    bh, e, f32 = 3, 2, 4
-    shape = AttentionShape(1, bh, n, d, dtype="fp16", causal=causal)
-    tiles = _visited_tiles(n, br, bc, causal)
-    q_rows = sum(r for r, _ in tiles)  # rows of Q (dO, L, D, dQ) the K/V-block CTAs visit
-    expected_reads = {
-        "O": n * d * e, "dO": n * d * e + q_rows * d * e,  # dot kernel, then once per tile
-        "K": n * d * e, "V": n * d * e,  # once
-        "Q": q_rows * d * e, "L": q_rows * f32, "D": q_rows * f32,
-        # the atomic add reads every visited tile of the accumulator; the convert reads it once
-        "dQaccum": q_rows * d * f32 + n * d * f32}
-    expected_writes = {
-        "D": n * f32, "dQaccum": n * d * f32 + q_rows * d * f32,  # zeroed, then added into
-        "dK": n * d * e, "dV": n * d * e, "dQ": n * d * e}
-    if not causal:  # K/V once, Q-side tensors once per K/V block: Tc = ceil(N / Bc) times
-        assert q_rows == math.ceil(n / bc) * n
-    reads, writes, (hbm_read, hbm_write) = _two_level_by_tensor(
-        build_schedule("flash2", shape, br, bc, pass_="backward"))
-    assert reads == {k: bh * v for k, v in expected_reads.items()}
-    assert writes == {k: bh * v for k, v in expected_writes.items()}
-    assert hbm_read == bh * sum(expected_reads.values())
-    assert hbm_write == bh * sum(expected_writes.values())
-
-
-@pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7), (33, 5, 8, 33)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_flash1_backward_hbm_bytes(n, d, br, bc, causal):
-    # Algorithm 4: K, V read and dK, dV written once; per visited tile Q_i, O_i, dO_i, l_i, m_i
-    # read and dQ_i read and written (O and dQ in float32)
-    bh, e, f32 = 2, 2, 4
-    shape = AttentionShape(1, bh, n, d, dtype="fp16", causal=causal)
-    q_rows = sum(r for r, _ in _visited_tiles(n, br, bc, causal))
-    expected_reads = {"K": n * d * e, "V": n * d * e, "Q": q_rows * d * e,
-                      "O": q_rows * d * f32, "dO": q_rows * d * e, "dQ": q_rows * d * f32,
-                      "l": q_rows * f32, "m": q_rows * f32}
-    expected_writes = {"dQ": n * d * f32 + q_rows * d * f32, "dK": n * d * e, "dV": n * d * e}
-    reads, writes, _ = _two_level_by_tensor(build_schedule("flash1", shape, br, bc,
-                                                           pass_="backward"))
-    assert reads == {k: bh * v for k, v in expected_reads.items()}
-    assert writes == {k: bh * v for k, v in expected_writes.items()}
-
-
-@pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7)])
-def test_standard_backward_hbm_bytes(n, d, br, bc):
-    bh, e = 2, 2
-    shape = AttentionShape(1, bh, n, d, dtype="fp16")
-    t_r, t_c = math.ceil(n / br), math.ceil(n / bc)
-    nd, nn = n * d * e, n * n * e
-    expected_reads = {"P": nn + nn,  # dV GEMM, softmax backward
-                      "dO": t_c * nd + t_c * nd,  # dV GEMM (per Bc block), dP GEMM (per tile)
-                      "V": t_r * nd, "dP": nn, "dS": 2 * nn, "K": t_r * nd, "Q": t_c * nd}
-    expected_writes = {"dV": nd, "dP": nn, "dS": nn, "dQ": nd, "dK": nd}
-    reads, writes, _ = _two_level_by_tensor(build_schedule("standard", shape, br, bc,
-                                                           pass_="backward"))
-    assert reads == {k: bh * v for k, v in expected_reads.items()}
-    assert writes == {k: bh * v for k, v in expected_writes.items()}
+# ---- HBM bytes under the two-level model: iosim.closed_form's backward forms, checked against
+# the engine tensor by tensor in tests/test_closed_form.py -----------------------------------
 
 
 # ---- the atomic add in the trace; the l2 replay of forward + backward ------------------------
