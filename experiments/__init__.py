@@ -22,7 +22,7 @@ Convention every script follows (and ``experiments/validation.py``, when present
 from ._common import Section, is_quick
 
 #: The experiment scripts, in report order.
-SCRIPTS = ("figure2_table", "figure2_blocksize", "sram_sweep", "seq_len_sweep", "roofline",
-           "timeline")
+SCRIPTS = ("figure2_table", "figure2_blocksize", "sram_sweep", "seq_len_sweep",
+           "backward_tradeoff", "roofline", "timeline")
 
 __all__ = ["SCRIPTS", "Section", "is_quick"]

@@ -15,6 +15,7 @@ EXPECTED_FILES = {
     "figure2_blocksize": ["figure2_blocksize.csv", "figure2_blocksize.png"],
     "sram_sweep": ["sram_sweep.csv", "sram_sweep.png"],
     "seq_len_sweep": ["seq_len_sweep.csv", "seq_len_sweep.png"],
+    "backward_tradeoff": ["backward_tradeoff.csv", "backward_tradeoff.png"],
     "roofline": ["roofline_points.csv", "roofline_a100-40gb.png",
                  "roofline_h100-measured.png"],
     "timeline": ["timeline.csv", "timeline.png"],
@@ -68,6 +69,25 @@ def test_figure2_table_rows(quick_results):
     by = {(r["algorithm"], r["model"]): int(r["hbm_bytes"]) for r in rows
           if r["source"].startswith("iosim")}
     assert by[("flash2", "two-level")] < by[("standard", "two-level")]
+
+
+def test_backward_tradeoff_rows(quick_results):
+    out, sections = quick_results
+    rows = _csv(out / "backward_tradeoff.csv")
+    assert {(r["hardware"], r["model"]) for r in rows} == {
+        (h, m) for h in ("a100-40gb", "h100-measured") for m in ("two-level", "l2")}
+    for r in rows:
+        # flash2 recomputes (more FLOPs) and saves bytes; the columns are the differences
+        assert int(r["extra_flops"]) == int(r["flash2_flops"]) - int(r["standard_flops"]) > 0
+        assert int(r["hbm_bytes_saved"]) == \
+            int(r["standard_hbm_bytes"]) - int(r["flash2_hbm_bytes"]) > 0
+        assert int(r["seq_len"]) * int(r["batch_heads"]) == 2048  # B·H·N fixed (quick)
+    two_level = sorted((int(r["seq_len"]), int(r["hbm_bytes_saved"]), int(r["extra_flops"]))
+                       for r in rows if r["hardware"] == "a100-40gb" and r["model"] == "two-level")
+    assert len(two_level) == 3
+    # at fixed B·H·N both grow with N
+    assert all(a[1] < b[1] and a[2] < b[2] for a, b in zip(two_level, two_level[1:]))
+    assert "saved GB" in sections["backward_tradeoff"][0].body
 
 
 def test_blocksize_rows(quick_results):
