@@ -11,7 +11,14 @@
 // Each warp owns 16 rows of Q_i and loads them itself (per-warp double buffer), so the inner loop needs no
 // CTA-wide barrier. Causal: Q blocks entirely above the diagonal of block j are skipped.
 //
-// Compile-time parameters: HEAD_DIM, BR, BC. Causal is a run-time flag.
+// Loads of the HBM scratch: each thread loads its whole fragment of O_i (DT x 2 float2) and its l_i, m_i in one
+// batch, before any of them is used, so a warp waits for them once per (j, i) step instead of once per 8-column
+// tile of O_i (the earlier version's per-column-tile load/branch/store blocks: 1 + D/8 round trips per step).
+// l_i, m_i are issued before the QK^T mma; O_i too where registers allow (O_EARLY), else right after the PV mma.
+//
+// Compile-time parameters: HEAD_DIM, BR, BC, O_EARLY (default 1 for BC < 128; with BC = 128 the S tile already
+// takes 64 registers a thread, and holding O_i across the mma loops spills (d=128) or splits the batch (d=64)
+// and measured slower). Causal is a run-time flag.
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -32,6 +39,20 @@ constexpr int KD = D / 16;
 constexpr int DT = D / 8;
 constexpr int KT = BC / 16;
 static_assert(BR % 16 == 0 && BC % 16 == 0 && D % 16 == 0, "block sizes");
+#ifndef O_EARLY
+#define O_EARLY (BC < 128)
+#endif
+
+// This thread's fragment of O_i (rows row_a, row_b; columns dt*8 + 2*c4, +1): all 2*DT loads issued together.
+__device__ __forceinline__ void load_o_frag(float2 (&oa)[DT], float2 (&ob)[DT], const float* __restrict__ Osb,
+                                            int row_a, int row_b, int c4, bool ld_a, bool ld_b) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        const int col = dt * 8 + 2 * c4;
+        oa[dt] = ld_a ? *reinterpret_cast<const float2*>(Osb + (size_t)row_a * D + col) : mk_f2(0.f, 0.f);
+        ob[dt] = ld_b ? *reinterpret_cast<const float2*>(Osb + (size_t)row_b * D + col) : mk_f2(0.f, 0.f);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 flash1_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __restrict__ V,
@@ -103,6 +124,16 @@ flash1_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
             const int row_a = wrow0 + g, row_b = row_a + 8;
             const bool va = row_a < N, vb = row_b < N;
 
+            // ---- previous statistics l_i, m_i (and O_i if O_EARLY) from HBM, issued before the QK^T mma so
+            // that their DRAM latency overlaps it ----
+            float mi_a = NEG_INF_F, mi_b = NEG_INF_F, li_a = 0.f, li_b = 0.f;  // stored in base-2 units
+            if (!first) {
+                if (va) { mi_a = Msb[row_a]; li_a = Lsb[row_a]; }
+                if (vb) { mi_b = Msb[row_b]; li_b = Lsb[row_b]; }
+            }
+            float2 oa[DT], ob[DT];
+            if constexpr (O_EARLY) load_o_frag(oa, ob, Osb, row_a, row_b, c4, !first && va, !first && vb);
+
             // ---- S = Q_i K_j^T ----
             float s[NT][4];
 #pragma unroll
@@ -164,12 +195,6 @@ flash1_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
             lt_b += __shfl_xor_sync(0xffffffffu, lt_b, 1);
             lt_b += __shfl_xor_sync(0xffffffffu, lt_b, 2);
 
-            // ---- previous statistics (HBM) ----
-            float mi_a = NEG_INF_F, mi_b = NEG_INF_F, li_a = 0.f, li_b = 0.f;  // stored in base-2 units
-            if (!first) {
-                if (va) { mi_a = Msb[row_a]; li_a = Lsb[row_a]; }
-                if (vb) { mi_b = Msb[row_b]; li_b = Lsb[row_b]; }
-            }
             const float mn_a = fmaxf(mi_a, mts_a), mn_b = fmaxf(mi_b, mts_b);
             const float mnz_a = (mn_a == NEG_INF_F) ? 0.f : mn_a;
             const float mnz_b = (mn_b == NEG_INF_F) ? 0.f : mn_b;
@@ -197,27 +222,28 @@ flash1_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
                     mma16816(acc[dt + 1], pf[kt], b2, b3);
                 }
             }
-            // ---- O_i update (rescale old O from HBM) and write back ----
+            if constexpr (!O_EARLY) load_o_frag(oa, ob, Osb, row_a, row_b, c4, !first && va, !first && vb);
+            // ---- O_i update (rescale old O) and write back: one loop per destination, so no branch separates
+            // the loads from each other or from the stores ----
             const float fo_a = li_a * ea_old * inv_a, fo_b = li_b * eb_old * inv_b;
             const float fn_a = ea_new * inv_a, fn_b = eb_new * inv_b;
+            if (last) {
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                const int col = dt * 8 + 2 * c4;
-                float2 oa = mk_f2(0.f, 0.f), ob = mk_f2(0.f, 0.f);
-                if (!first) {
-                    if (va) oa = *reinterpret_cast<const float2*>(Osb + (size_t)row_a * D + col);
-                    if (vb) ob = *reinterpret_cast<const float2*>(Osb + (size_t)row_b * D + col);
+                for (int dt = 0; dt < DT; ++dt) {
+                    const int col = dt * 8 + 2 * c4;
+                    if (va) *reinterpret_cast<u32*>(Ob + (size_t)row_a * D + col) =
+                        pack_h2(fo_a * oa[dt].x + fn_a * acc[dt][0], fo_a * oa[dt].y + fn_a * acc[dt][1]);
+                    if (vb) *reinterpret_cast<u32*>(Ob + (size_t)row_b * D + col) =
+                        pack_h2(fo_b * ob[dt].x + fn_b * acc[dt][2], fo_b * ob[dt].y + fn_b * acc[dt][3]);
                 }
-                const float r0 = fo_a * oa.x + fn_a * acc[dt][0];
-                const float r1 = fo_a * oa.y + fn_a * acc[dt][1];
-                const float r2 = fo_b * ob.x + fn_b * acc[dt][2];
-                const float r3 = fo_b * ob.y + fn_b * acc[dt][3];
-                if (last) {
-                    if (va) *reinterpret_cast<u32*>(Ob + (size_t)row_a * D + col) = pack_h2(r0, r1);
-                    if (vb) *reinterpret_cast<u32*>(Ob + (size_t)row_b * D + col) = pack_h2(r2, r3);
-                } else {
-                    if (va) *reinterpret_cast<float2*>(Osb + (size_t)row_a * D + col) = mk_f2(r0, r1);
-                    if (vb) *reinterpret_cast<float2*>(Osb + (size_t)row_b * D + col) = mk_f2(r2, r3);
+            } else {
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    const int col = dt * 8 + 2 * c4;
+                    if (va) *reinterpret_cast<float2*>(Osb + (size_t)row_a * D + col) =
+                        mk_f2(fo_a * oa[dt].x + fn_a * acc[dt][0], fo_a * oa[dt].y + fn_a * acc[dt][1]);
+                    if (vb) *reinterpret_cast<float2*>(Osb + (size_t)row_b * D + col) =
+                        mk_f2(fo_b * ob[dt].x + fn_b * acc[dt][2], fo_b * ob[dt].y + fn_b * acc[dt][3]);
                 }
             }
             if (!last && c4 == 0) {
