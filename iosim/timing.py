@@ -114,16 +114,22 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     sfu_w = h["sfu"] / warps * sfu_issue
     scalar_alone = (fp32_w + sfu_w + h["depth"] * hw.fp32_latency_cycles
                     + np.where(h["sfu"] > 0, hw.special_latency_cycles, 0.0))
-    # loads not issued ahead wait at least the L2 latency (the DRAM part is added below)
+    # loads not issued ahead wait at least the L2 latency (the DRAM part is added below);
+    # back-to-back loads are in flight together, so a group of them waits once
     exposed = is_load & (h["prefetched"] == 0)
+    starts = h["cta_start"]
+    group = _load_groups(is_load, starts)
+    exposed_events = np.flatnonzero(exposed)
+    _, first = np.unique(group[exposed_events], return_index=True)
+    waits = np.zeros(len(is_load), dtype=bool)
+    waits[exposed_events[first]] = True  # the first exposed load of each group
     latency = (np.where(is_compute, mma_alone + scalar_alone - tensor_w - fp32_w - sfu_w, 0.0)
-               + np.where(exposed, hw.l2_latency_cycles, 0.0)
+               + np.where(waits, hw.l2_latency_cycles, 0.0)
                + h["sync"] * hw.barrier_cycles)
     # shared-memory bytes the SM moves for the CTA: MMA operands (with per-warp re-reads),
     # other ops' buffers, and tiles copied in or out
     smem_bytes = np.where(has_mma, h["smem_operand_bytes"],
                           h["sram_read"] + h["sram_write"]).astype(np.float64)
-    starts = h["cta_start"]
     heads = kt.heads
 
     def per_cta(values):
@@ -152,9 +158,26 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     loaded = np.tile(tile_bytes[head_events], heads)
     miss = np.minimum(np.divide(hbm, loaded, out=np.zeros_like(hbm), where=loaded > 0), 1.0)
     demand["exposed_hbm_bytes"] = np.bincount(ctas, weights=hbm, minlength=n_ctas)
-    demand["latency_cycles"] += np.bincount(
-        ctas, weights=miss * (hw.dram_latency_cycles - hw.l2_latency_cycles), minlength=n_ctas)
+    # a group waits for DRAM as long as its worst-missing load does
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    groups = (group[head_events][None, :]
+              + n_groups * np.arange(heads, dtype=np.int64)[:, None]).ravel()
+    worst = np.zeros(n_groups * heads)
+    np.maximum.at(worst, groups, miss * (hw.dram_latency_cycles - hw.l2_latency_cycles))
+    group_cta = np.zeros(n_groups * heads, dtype=np.int64)
+    group_cta[groups] = ctas
+    demand["latency_cycles"] += np.bincount(group_cta, weights=worst, minlength=n_ctas)
     return demand
+
+
+def _load_groups(is_load: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
+    """Per event, the index of its group of back-to-back loads (a new group at each load that
+    follows a non-load or starts a CTA); meaningful for loads only."""
+    starts_group = is_load.copy()
+    starts_group[1:] &= ~is_load[:-1]
+    starts_group[cta_start[:-1][cta_start[:-1] < len(is_load)]] = is_load[
+        cta_start[:-1][cta_start[:-1] < len(is_load)]]
+    return np.cumsum(starts_group) - 1
 
 
 @njit_cached

@@ -186,3 +186,29 @@ def test_causal_flash2_launches_the_longest_row_blocks_first():
                               block_cols=64)
     ref = iosim.reference_attention(q, k, v, causal=True)
     assert np.max(np.abs(out - ref)) < 1e-10
+
+
+def test_back_to_back_loads_wait_once_as_a_group():
+    from iosim.timing import _load_groups
+
+    kind = np.array([2, 0, 0, 0, 2, 0, 1, 0, 0])  # compute, 3 loads, compute, load, store, 2 loads
+    groups = _load_groups(kind == 0, np.array([0, 7, 9]))  # a second CTA starts at event 7
+    loads = np.flatnonzero(kind == 0)
+    assert list(groups[loads]) == [0, 0, 0, 1, 2, 2]
+    # flash1's inner step loads Q_i, O_i, l_i, m_i back to back: one wait per step, not four
+    shape = iosim.AttentionShape(1, 1, 256, 64)
+    schedule = iosim.build_schedule("flash1", shape, 64, 64)
+    trace = build_trace(schedule)
+    kt = trace.kernels[1]
+    (row, hbm) = replay(trace, H100, "two-level")[1]
+    demand = cta_demands(kt, hbm, H100, "fp16")
+    h = kt.head
+    steps = 4 * 4  # (N / Bc) x (N / Br) inner steps of the one CTA
+    exposed = int(np.count_nonzero((h["kind"] == 0) & (h["prefetched"] == 0)))
+    assert exposed == 2 * 4 + 4 * steps  # K, V per outer step; Q, O, l, m per inner step
+    # every tile misses under the two-level model: one DRAM latency per group of loads
+    compute = cta_demands(kt, np.zeros_like(hbm), H100, "fp16")["latency_cycles"][0]
+    # a Q/O/l/m group per inner step; each outer step's K/V loads join its first inner group
+    groups = steps
+    assert demand["latency_cycles"][0] - compute == pytest.approx(
+        groups * (H100.dram_latency_cycles - H100.l2_latency_cycles))
