@@ -297,6 +297,18 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def _workload(q, k, v, scale, causal: bool):
+    """Checked q, k, v and scale, their AttentionShape, and q's (B, H) for reshaping back."""
+    q, k, v = _check_inputs(q, k, v)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not np.isfinite(scale) or scale <= 0):
+        raise IosimError(f"scale must be a positive finite number, got {scale!r}")
+    b, h = (q.shape[0], q.shape[1]) if q.ndim == 4 else (1, 1)
+    n, d = q.shape[-2:]
+    shape = AttentionShape(b, h, n, d, dtype=_DTYPES[q.dtype], causal=causal)
+    return q, k, v, shape
+
+
 def run_attention(q, k, v, *, algorithm: str, block_rows=None, block_cols=None,
                   causal: bool = False, scale: float | None = None):
     """Attention computed by running ``algorithm``'s schedule tile by tile.
@@ -304,16 +316,9 @@ def run_attention(q, k, v, *, algorithm: str, block_rows=None, block_cols=None,
     q, k, v: arrays of shape (N, d) or (B, H, N, d), float16, float32 or float64 (float64 in,
     float64 out; lower precisions accumulate in float32 as a GPU kernel does). Returns O with the
     input's shape and dtype."""
-    q, k, v = _check_inputs(q, k, v)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not np.isfinite(scale) or scale <= 0):
-        raise IosimError(f"scale must be a positive finite number, got {scale!r}")
-    four_d = q.ndim == 4
-    b, h = (q.shape[0], q.shape[1]) if four_d else (1, 1)
-    n, d = q.shape[-2:]
-    shape = AttentionShape(b, h, n, d, dtype=_DTYPES[q.dtype], causal=causal)
+    q, k, v, shape = _workload(q, k, v, scale, causal)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols)
-    flat = [x.reshape(b * h, n, d) for x in (q, k, v)]
+    flat = [x.reshape(shape.batch_heads, shape.seq_len, shape.head_dim) for x in (q, k, v)]
     out = execute(schedule, *flat, scale=scale).output
     return out.astype(q.dtype).reshape(q.shape)
 
@@ -326,21 +331,15 @@ def run_attention_backward(q, k, v, d_out, *, algorithm: str, block_rows=None, b
 
     Arrays as for :func:`run_attention` (d_out the shape and dtype of q); returns three arrays
     with the input's shape and dtype."""
-    q, k, v = _check_inputs(q, k, v)
+    q, k, v, shape = _workload(q, k, v, scale, causal)
     d_out = np.asarray(d_out)
     if d_out.shape != q.shape or d_out.dtype != q.dtype:
         raise IosimError(f"d_out must have the shape and dtype of q {q.shape} {q.dtype}, got "
                          f"{d_out.shape} {d_out.dtype}")
     if not np.all(np.isfinite(d_out)):
         raise IosimError("d_out contains NaN or infinite values; inputs must be finite")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not np.isfinite(scale) or scale <= 0):
-        raise IosimError(f"scale must be a positive finite number, got {scale!r}")
-    four_d = q.ndim == 4
-    b, h = (q.shape[0], q.shape[1]) if four_d else (1, 1)
-    n, d = q.shape[-2:]
-    shape = AttentionShape(b, h, n, d, dtype=_DTYPES[q.dtype], causal=causal)
     schedule = build_schedule(algorithm, shape, block_rows, block_cols, pass_="both")
-    flat = [x.reshape(b * h, n, d) for x in (q, k, v, d_out)]
+    flat = [x.reshape(shape.batch_heads, shape.seq_len, shape.head_dim)
+            for x in (q, k, v, d_out)]
     tensors = execute(schedule, *flat, scale=scale).tensors
     return tuple(tensors[name].astype(q.dtype).reshape(q.shape) for name in ("dQ", "dK", "dV"))

@@ -21,18 +21,26 @@ from . import common
 F32 = common.F32
 
 
-def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
-    """FlashAttention-2's forward tiles: (128, 128) for d <= 64, (128, 64) for d <= 128, else
-    (64, 64); the larger halved until the live tiles ``fits``."""
+def _table_blocks(shape, fits, by_head_dim, halve_rows_first: bool) -> tuple[int, int]:
+    """The (Br, Bc) of ``by_head_dim`` (d <= 64, d <= 128, larger) clipped to N, the larger
+    (ties: rows if ``halve_rows_first``, else columns) halved until the live tiles ``fits``."""
     d, n = shape.head_dim, shape.seq_len
-    block_rows, block_cols = (128, 128) if d <= 64 else (128, 64) if d <= 128 else (64, 64)
+    block_rows, block_cols = by_head_dim[0] if d <= 64 else by_head_dim[1] if d <= 128 \
+        else by_head_dim[2]
     block_rows, block_cols = min(block_rows, n), min(block_cols, n)
     while not fits(block_rows, block_cols) and block_rows * block_cols > 1:
-        if block_rows >= block_cols:
+        rows_first = block_rows > block_cols or (block_rows == block_cols and halve_rows_first)
+        if rows_first:
             block_rows = max(1, block_rows // 2)
         else:
             block_cols = max(1, block_cols // 2)
     return block_rows, block_cols
+
+
+def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
+    """FlashAttention-2's forward tiles: (128, 128) for d <= 64, (128, 64) for d <= 128, else
+    (64, 64); the larger halved until the live tiles ``fits``."""
+    return _table_blocks(shape, fits, ((128, 128), (128, 64), (64, 64)), halve_rows_first=True)
 
 
 def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
@@ -76,15 +84,7 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
 def default_backward_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
     """FlashAttention-2's backward tiles (Br query rows, Bc key rows): (128, 128) for d <= 64,
     (64, 128) for d <= 128, else (64, 64); the larger halved until the live tiles ``fits``."""
-    d, n = shape.head_dim, shape.seq_len
-    block_rows, block_cols = (128, 128) if d <= 64 else (64, 128) if d <= 128 else (64, 64)
-    block_rows, block_cols = min(block_rows, n), min(block_cols, n)
-    while not fits(block_rows, block_cols) and block_rows * block_cols > 1:
-        if block_cols >= block_rows:
-            block_cols = max(1, block_cols // 2)
-        else:
-            block_rows = max(1, block_rows // 2)
-    return block_rows, block_cols
+    return _table_blocks(shape, fits, ((128, 128), (64, 128), (64, 64)), halve_rows_first=False)
 
 
 def build_backward(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:
