@@ -102,19 +102,8 @@ def qk_gemm(shape, block_rows: int, block_cols: int, scaled: bool) -> Kernel:
 
 def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
     """O = P V as a tiled GEMM: one CTA per Br rows of O, streaming P and V blocks of Bc."""
-    e = shape.elem_bytes
-    body = (Fill("O", 0.0),
-            Loop("j", (Load("Pij", "P", "i", "j"), Load("Vj", "V", "j", "d"),
-                       MatMul("O", "Pij", "Vj", accumulate=True))),
-            Store("O", "O", "i", "d"))
-    # a library GEMM pipelines its k loop: the next P and V tiles are copied in while these
-    # are multiplied (GEMM_STAGES buffers each)
-    buffers = (BufferSpec("Pij", "i", "j", e, stages=GEMM_STAGES),
-               BufferSpec("Vj", "j", "d", e, stages=GEMM_STAGES),
-               BufferSpec("O", "i", "d", F32, "reg"))
-    return Kernel("pv_gemm", grid=("i",), body=body, buffers=buffers,
-                  blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-                  warps=GEMM_WARPS)
+    return nn_gemm("pv_gemm", shape, block_rows, block_cols, out="O", scores="P", operand="V",
+                   phase="forward")
 
 
 def rowwise_rows(shape, sram_bytes: int, row_tiles: int = 1) -> int:
@@ -183,10 +172,11 @@ def nt_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, a: str
 
 
 def nn_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, scores: str,
-            operand: str, scaled: bool = False) -> Kernel:
+            operand: str, scaled: bool = False, phase: str = "backward") -> Kernel:
     """out = [scale·] scores @ operand (scores N x N, operand and out N x d): one CTA per Br
     rows of out, streaming Bc-wide blocks of the scores' rows and Bc rows of the operand
-    (the backward's dQ = scale·dS K; the forward's O = PV is the same GEMM)."""
+    (the backward's dQ = scale·dS K; the forward's O = PV). A library GEMM pipelines its k
+    loop: the next tiles are copied in while these are multiplied (GEMM_STAGES buffers each)."""
     e = shape.elem_bytes
     body = (Fill("C", 0.0),
             Loop("j", (Load("Aij", scores, "i", "j"), Load("Bj", operand, "j", "d"),
@@ -197,7 +187,7 @@ def nn_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, scores
                BufferSpec("C", "i", "d", F32, "reg"))
     return Kernel(name, grid=("i",), body=body, buffers=buffers,
                   blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-                  warps=GEMM_WARPS, phase="backward")
+                  warps=GEMM_WARPS, phase=phase)
 
 
 def tn_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, scores: str,
