@@ -12,7 +12,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 FIGURES = ("roofline_a100-40gb.png", "roofline_h100-measured.png", "figure2_blocksize.png",
            "sram_sweep.png", "seq_len_sweep.png", "validation_time.png", "validation_bytes.png",
-           "validation_roofline.png", "timeline.png", "backward_tradeoff.png")
+           "validation_roofline.png", "timeline.png", "backward_tradeoff.png",
+           "design_space.png")
 
 VALIDATION_INTRO = """# Validation on the H100
 

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: all cores)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument("--scheduler", default=None,
+                     help="where the pairs run: local worker processes (default), 'local' (a "
+                          "Dask LocalCluster) or a Dask scheduler address such as "
+                          "tcp://host:8786 (default from DASK_SCHEDULER_ADDRESS)")
     return parser
 
 
@@ -155,7 +159,8 @@ def _explore(args) -> None:
     rows = explore(args.algorithm, _shape(args), hardware=args.hardware,
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
-                   rows_per_warp=args.rows_per_warp, pass_=args.pass_, **_budget(args))
+                   rows_per_warp=args.rows_per_warp, pass_=args.pass_,
+                   scheduler=args.scheduler, **_budget(args))
     print(format_ranking(rows[: args.top]))
     for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
         if warning:

@@ -18,11 +18,9 @@ rows come back sorted by predicted time, ties broken by HBM bytes (read + write)
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import operator
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 from . import budget
@@ -33,7 +31,7 @@ from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .shape import AttentionShape
 from .simulate import check_model, check_time_model
-from .workers import process_pool
+from .distribute import map_jobs
 
 POW2_SIZES = (16, 32, 64, 128, 256)
 MULT16_LIMIT = 512
@@ -169,7 +167,7 @@ def rank_key(row: BlockChoice):
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
             candidates=None, time_model: str = "timed", rows_per_warp=None,
-            pass_: str = "forward",
+            pass_: str = "forward", scheduler: str | None = None,
             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
             max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
@@ -180,7 +178,9 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     ``candidates``: see the module docstring (None means "pow2"); ``time_model``: "timed"
     (default) or "roofline", the prediction the pairs are ranked by; ``rows_per_warp``
     (flash1, flash2): query rows per warp, hence warps per CTA; ``pass_``: "forward",
-    "backward" or "both" (the block sizes of the pass's kernels); ``max_memory_bytes`` (of the
+    "backward" or "both" (the block sizes of the pass's kernels); ``scheduler``: where the pairs
+    run (:mod:`iosim.distribute`: local processes by default, "local" for a Dask LocalCluster,
+    or a Dask scheduler address); ``max_memory_bytes`` (of the
     pairs simulated at once, one per worker) and ``max_seconds`` (of the whole ranking) bound the
     estimated cost (:mod:`iosim.budget`; None: no limit). Raises :class:`IosimError` for bad
     input, when no pair fits, or (:class:`~iosim.budget.BudgetError`) when the estimate exceeds
@@ -208,21 +208,8 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             for br, bc, need in pairs]
     _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, min(workers, len(jobs)),
                   max_memory_bytes, max_seconds)
-    bar = _progress_bar(len(jobs), f"{algorithm} {shape.describe()}", progress)
-    rows = []
-    try:
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                rows.append(_simulate_pair(job))
-                bar.update(1)
-        else:
-            with process_pool(min(workers, len(jobs))) as pool:
-                futures = [pool.submit(_simulate_pair, job) for job in jobs]
-                for future in concurrent.futures.as_completed(futures):
-                    rows.append(future.result())
-                    bar.update(1)
-    finally:
-        bar.close()
+    rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
+                    progress=progress, desc=f"{algorithm} {shape.describe()}")
     return sorted(rows, key=rank_key)
 
 
@@ -249,13 +236,6 @@ def _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, parallel,
             f"{' and '.join(over)} ({parallel} at a time); use a smaller batch, fewer heads or "
             "a shorter sequence (the ranking rarely changes with B·H), fewer --workers, or "
             "raise the budget (--max-memory-gb, --max-minutes)")
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="pair", file=sys.stderr, disable=not enabled,
-                leave=False)
 
 
 def format_ranking(rows) -> str:

@@ -16,6 +16,7 @@ EXPECTED_FILES = {
     "sram_sweep": ["sram_sweep.csv", "sram_sweep.png"],
     "seq_len_sweep": ["seq_len_sweep.csv", "seq_len_sweep.png"],
     "backward_tradeoff": ["backward_tradeoff.csv", "backward_tradeoff.png"],
+    "design_space": ["design_space.csv", "design_space.png"],
     "roofline": ["roofline_points.csv", "roofline_a100-40gb.png",
                  "roofline_h100-measured.png"],
     "timeline": ["timeline.csv", "timeline.png"],
@@ -356,3 +357,20 @@ def test_figure2_table_has_forward_plus_backward_on_both_presets(quick_results):
     assert int(by[("a100-40gb", "standard", "two-level")]["hbm_bytes"]) > int(
         fwd[("standard", "two-level")]["hbm_bytes"])
     assert "forward plus backward" in sections["figure2_table"][0].body
+
+
+def test_design_space_keeps_the_fastest_pair_per_point(quick_results):
+    from experiments.design_space import grid
+
+    out, _ = quick_results
+    rows = _csv(out / "design_space.csv")
+    g = grid(True)
+    assert {(int(r["sram_kib_per_sm"]), int(r["l2_mib"]), float(r["hbm_tb_s"])) for r in rows} \
+        == {(s, l2, bw) for s in g["sram_kib"] for l2 in g["l2_mib"] for bw in g["hbm_tb_s"]}
+    assert all(int(r["block_rows"]) in g["blocks"] for r in rows)
+    # more shared memory never makes the best pair slower (it only adds choices)
+    for l2 in g["l2_mib"]:
+        times = [float(r["predicted_time_s"]) for r in sorted(
+            (r for r in rows if int(r["l2_mib"]) == l2), key=lambda r: int(r["sram_kib_per_sm"]))]
+        assert times == sorted(times, reverse=True) or len(set(times)) == 1 or \
+            times[-1] <= times[0]
