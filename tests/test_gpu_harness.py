@@ -532,3 +532,56 @@ def test_committed_occupancy_is_valid():
         if r["algorithm"] in SW.FLASH:
             assert r["launch__block_size"] == r["threads"]
             assert r["launch__shared_mem_per_block_dynamic"] == r["smem_bytes"]
+
+
+# ------------------------------------------------------------------------------- backward data (bench_backward)
+def test_committed_bench_backward_is_well_formed():
+    import iosim
+    from gpu import backward as BW
+
+    doc = json.loads((DATA / "bench_backward.json").read_text())
+    assert BW.validate(doc) == []
+    assert doc["device"]["name"] and doc["schema"] == BW.SCHEMA
+    assert all(r["passed"] for r in doc["runs"])
+    have = {(r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"]) for r in doc["runs"]}
+    assert {(8, 16, 4096, 64, False), (8, 16, 4096, 128, False)} <= have
+    for r in doc["runs"]:
+        sched = iosim.build_schedule("standard", iosim.AttentionShape(r["batch"], r["heads"], r["seq_len"],
+                                                                      r["head_dim"], causal=r["causal"]),
+                                     64, 64, pass_="backward")
+        assert [k["name"] for k in r["kernels"]] == [k.name for k in sched.kernels]
+        # per-kernel medians add up to about the whole backward's median
+        assert sum(k["time_s"]["median"] for k in r["kernels"]) == pytest.approx(r["time_s"]["median"], rel=0.05)
+        for g in ("dq", "dk", "dv"):
+            c = r["grads"][g]
+            assert c["rel_error"] <= 2 * c["rel_error_fp16_reference"] + 1e-4
+            assert c["stable_across_runs"] is True
+        assert r["baselines"]["sdpa"]["time_s"]["n"] >= 10
+
+
+def test_backward_validate_catches_problems():
+    from gpu import backward as BW
+
+    doc = json.loads((DATA / "bench_backward.json").read_text())
+    bad = json.loads(json.dumps(doc))
+    bad["runs"][0]["kernels"][0]["name"] = "dv"
+    bad["runs"][0]["grads"]["dq"]["rel_error"] = 1.0
+    probs = BW.validate(bad)
+    assert any("kernel names" in p for p in probs) and any("grads.dq" in p for p in probs)
+    assert BW.validate({"schema": "x"})
+
+
+def test_backward_reference_numpy_matches_iosim():
+    from gpu import backward as BW
+    from iosim.reference import reference_attention_backward
+
+    rng = np.random.default_rng(5)
+    q, k, v, do = (rng.standard_normal((2, 2, 11, 4)).astype(np.float16) for _ in range(4))
+    for causal in (False, True):
+        got = BW.attention_backward_reference(q, k, v, do, causal)
+        want = reference_attention_backward(q, k, v, do, causal=causal)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+        plain = BW.backward_fp16_plain(q, k, v, do, causal)
+        for a, b in zip(plain, got):
+            assert np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b) < 5e-3

@@ -1,0 +1,445 @@
+"""The unfused standard attention backward on the GPU, checked and timed: ``python -m gpu.backward``.
+
+Kernels (names as the simulator's ``iosim.schedules.standard.build_backward``), P saved by the forward pass:
+  dv_gemm          dV = Pᵀ dO                     cuBLAS strided-batched GEMM (fp16 in/out, fp32 compute)
+  dp_gemm          dP = dO Vᵀ                     cuBLAS
+  softmax_backward dS = P ∘ (dP − rowsum(P ∘ dP))  row kernel in softmax.cu (one read of P, dP; one write of dS)
+  dq_gemm          dQ = scale·dS K                cuBLAS (scale as alpha)
+  dk_gemm          dK = scale·dSᵀ Q               cuBLAS (scale as alpha)
+Correctness: dQ, dK, dV against a float64 gradient computed on the GPU per (b, h) slice; each must satisfy
+rel_error <= 2 * (rel error of a plain fp16 autograd matmul-softmax-matmul on the same inputs) + 1e-4, all
+elements finite (outputs poisoned with NaN first), two runs with identical error. Baselines (PyTorch): SDPA
+forward + .backward() and plain autograd, timed around the backward only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+from . import kernels as K
+from . import reference as R
+
+SCHEMA = "iosim-gpu-bench-backward/1"
+KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"]}
+GRADS = ("dq", "dk", "dv")
+
+
+# ----------------------------------------------------------------------------------------------- GEMMs
+def dv_gemm(p, do, dv, alpha=1.0):
+    """dV[b,h] = alpha * P[b,h]ᵀ dO[b,h]; p (B,H,N,N), do/dv (B,H,N,d)."""
+    B, H, N, d = do.shape
+    # row-major dV = Pᵀ dO  <=>  column-major dVᵀ (d x N) = dOᵀ P ; P (row-major) is Pᵀ column-major -> OP_T
+    K.gemm_strided_batched(K.OP_N, K.OP_T, d, N, N, alpha, do, d, N * d, p, N, N * N, 0.0, dv, d, N * d, B * H)
+
+
+def dq_gemm(ds, k, dq, alpha):
+    """dQ[b,h] = alpha * dS[b,h] K[b,h]."""
+    B, H, N, d = k.shape
+    K.gemm_strided_batched(K.OP_N, K.OP_N, d, N, N, alpha, k, d, N * d, ds, N, N * N, 0.0, dq, d, N * d, B * H)
+
+
+class StandardBackward:
+    """The five backward kernels of the standard pipeline. ``run(q, k, v, do, P, dq, dk, dv, events=None)``."""
+
+    def __init__(self, shape, causal=False):
+        import cupy as cp
+
+        self.B, self.H, self.N, self.d = shape
+        self.causal = bool(causal)  # nothing to do: P is 0 where the forward masked
+        self.scale = 1.0 / math.sqrt(self.d)
+        self.kernel_names = list(KERNEL_NAMES["standard"])
+        B, H, N = self.B, self.H, self.N
+        self.dP = cp.empty((B, H, N, N), dtype=cp.float16)
+        self.dS = cp.empty((B, H, N, N), dtype=cp.float16)
+        self.tpr, self.vpt = K.softmax_launch_shape(N)
+        self.cta = max(256, self.tpr)
+        self.rows = B * H * N
+        self.grid_rows = (self.rows + self.cta // self.tpr - 1) // (self.cta // self.tpr)
+        self.k_bwd = K._raw_kernel("softmax.cu", "softmax_backward")
+
+    def softmax_backward(self, P, dP, dS):
+        import numpy as np
+
+        self.k_bwd((self.grid_rows,), (self.cta,), (P, dP, dS, np.int64(self.rows), np.int32(self.N),
+                                                     np.int32(self.tpr), np.int32(self.vpt)))
+
+    def run(self, q, k, v, do, P, dq, dk, dv, events=None):
+        rec = (lambda i: events[i].record()) if events is not None else (lambda i: None)
+        rec(0)
+        dv_gemm(P, do, dv); rec(1)
+        K.qk_gemm(do, v, self.dP, 1.0); rec(2)          # dP = dO Vᵀ (same layout as S = Q Kᵀ)
+        self.softmax_backward(P, self.dP, self.dS); rec(3)
+        dq_gemm(self.dS, k, dq, self.scale); rec(4)
+        dv_gemm(self.dS, q, dk, self.scale); rec(5)     # dK = scale dSᵀ Q (same layout as dV = Pᵀ dO)
+
+    def free(self):
+        self.dP = self.dS = None
+
+
+def forward_P(q, k, v, causal):
+    """Run the standard forward pipeline (qk_gemm, softmax, pv_gemm); return (O, P) with P its saved fp16 P."""
+    import cupy as cp
+
+    pipe = K.make_pipeline("standard", tuple(q.shape), causal)
+    o = cp.empty_like(q)
+    pipe.run(q, k, v, o)
+    P = pipe.P
+    pipe.S = None
+    return o, P
+
+
+# ------------------------------------------------------------------------------------------- references
+def attention_backward_reference(q, k, v, do, causal, scale=None, xp=None):
+    """float64 (dQ, dK, dV), one (b, h) slice at a time (on the GPU with xp=cupy)."""
+    import numpy as np
+
+    xp = xp or np
+    B, H, N, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    outs = [xp.empty((B, H, N, d), dtype=xp.float64) for _ in range(3)]
+    keep = xp.tril(xp.ones((N, N), dtype=bool)) if causal else None
+    for b in range(B):
+        for h in range(H):
+            qq, kk, vv, gg = (x[b, h].astype(xp.float64) for x in (q, k, v, do))
+            s = (qq @ kk.T) * scale
+            if causal:
+                s = xp.where(keep, s, -xp.inf)
+            s -= s.max(axis=1, keepdims=True)
+            p = xp.exp(s)
+            p /= p.sum(axis=1, keepdims=True)
+            outs[2][b, h] = p.T @ gg
+            dp = gg @ vv.T
+            ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+            outs[0][b, h] = scale * (ds @ kk)
+            outs[1][b, h] = scale * (ds.T @ qq)
+            del s, p, dp, ds
+    return tuple(outs)
+
+
+def backward_fp16_plain(q, k, v, do, causal, scale=None, xp=None):
+    """A plain fp16 autograd-style backward without PyTorch (S, P, dP, dS rounded to fp16, fp32 accumulation)."""
+    import numpy as np
+
+    xp = xp or np
+    B, H, N, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    outs = [xp.empty((B, H, N, d), dtype=xp.float16) for _ in range(3)]
+    keep = xp.tril(xp.ones((N, N), dtype=bool)) if causal else None
+    f32, f16 = xp.float32, xp.float16
+    for b in range(B):
+        for h in range(H):
+            qq, kk, vv, gg = (x[b, h].astype(f32) for x in (q, k, v, do))
+            s = ((qq @ kk.T).astype(f16).astype(f32) * scale).astype(f16).astype(f32)
+            if causal:
+                s = xp.where(keep, s, -xp.inf)
+            s -= s.max(axis=1, keepdims=True)
+            p = xp.exp(s)
+            p = (p / p.sum(axis=1, keepdims=True)).astype(f16).astype(f32)
+            outs[2][b, h] = (p.T @ gg).astype(f16)
+            dp = (gg @ vv.T).astype(f16).astype(f32)
+            ds = (p * (dp - (p * dp).sum(axis=1, keepdims=True))).astype(f16).astype(f32)
+            outs[0][b, h] = (scale * (ds @ kk)).astype(f16)
+            outs[1][b, h] = (scale * (ds.T @ qq)).astype(f16)
+    return tuple(outs)
+
+
+def torch_plain_grads(q, k, v, do, causal):
+    """PyTorch fp16 autograd of softmax(scale QKᵀ [mask]) V; returns CuPy (dQ, dK, dV)."""
+    import cupy as cp
+    import torch
+
+    tq, tk, tv = (torch.from_dlpack(x).detach().clone().requires_grad_(True) for x in (q, k, v))
+    tdo = torch.from_dlpack(do)
+    o = _torch_plain_forward(tq, tk, tv, causal)
+    o.backward(tdo)
+    torch.cuda.synchronize()
+    res = tuple(cp.from_dlpack(x.grad.detach()).copy() for x in (tq, tk, tv))
+    del o, tq, tk, tv
+    return res
+
+
+def _torch_plain_forward(tq, tk, tv, causal):
+    import torch
+
+    N, d = tq.shape[-2], tq.shape[-1]
+    s = torch.matmul(tq, tk.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    if causal:
+        s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), tv)
+
+
+# ------------------------------------------------------------------------------------------------ check
+def check_backward(q, k, v, do, P, refs, fp16_errs, causal=False):
+    """Run the backward twice with NaN-poisoned outputs; per-gradient error rule; identical errors."""
+    import cupy as cp
+
+    B, H, N, d = q.shape
+    bw = StandardBackward((B, H, N, d), causal)
+    grads = [cp.empty((B, H, N, d), dtype=cp.float16) for _ in range(3)]
+    errs = []
+    for _ in range(2):
+        for g in grads:
+            g.fill(float("nan"))
+        bw.run(q, k, v, do, P, grads[0], grads[1], grads[2])
+        cp.cuda.runtime.deviceSynchronize()
+        errs.append([R.rel_error(g, r, xp=cp) for g, r in zip(grads, refs)])
+    bw.free()
+    out = {}
+    ok = True
+    for i, name in enumerate(GRADS):
+        c = R.check_error(errs[0][i], fp16_errs[i])
+        stable = errs[0][i] == errs[1][i]
+        c["stable_across_runs"] = bool(stable)
+        c["passed"] = bool(c["passed"] and stable)
+        ok = ok and c["passed"]
+        out[name] = c
+    return {"grads": out, "passed": bool(ok)}, grads
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _stats(ts):
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+
+
+def time_backward(bw, sets, warmup, repeats):
+    import cupy as cp
+
+    B, H, N, d = bw.B, bw.H, bw.N, bw.d
+    grads = [cp.empty((B, H, N, d), dtype=cp.float16) for _ in range(3)]
+    nk = len(bw.kernel_names)
+    totals, per = [], [[] for _ in range(nk)]
+    for it in range(warmup + repeats):
+        q, k, v, do, P = sets[it % len(sets)]
+        ev = [cp.cuda.Event() for _ in range(nk + 1)]
+        bw.run(q, k, v, do, P, *grads, events=ev)
+        ev[-1].synchronize()
+        if it >= warmup:
+            totals.append(cp.cuda.get_elapsed_time(ev[0], ev[-1]) / 1e3)
+            for i in range(nk):
+                per[i].append(cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) / 1e3)
+    return _stats(totals), [{"name": n, "time_s": _stats(t)} for n, t in zip(bw.kernel_names, per)]
+
+
+def time_torch(kind, sets, causal, warmup, repeats):
+    """Backward-only time of a PyTorch baseline ('sdpa' or 'torch_plain'); forward run untimed each repeat."""
+    import torch
+
+    ts = []
+    for it in range(warmup + repeats):
+        q, k, v, do, _ = sets[it % len(sets)]
+        tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_(True) for x in (q, k, v))
+        tdo = torch.from_dlpack(do)
+        if kind == "sdpa":
+            o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        else:
+            o = _torch_plain_forward(tq, tk, tv, causal)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        o.backward(tdo)
+        b.record()
+        b.synchronize()
+        if it >= warmup:
+            ts.append(a.elapsed_time(b) / 1e3)
+        del o, tq, tk, tv
+    return _stats(ts)
+
+
+def sdpa_grads(q, k, v, do, causal):
+    import cupy as cp
+    import torch
+
+    tq, tk, tv = (torch.from_dlpack(x).detach().clone().requires_grad_(True) for x in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+    o.backward(torch.from_dlpack(do))
+    torch.cuda.synchronize()
+    return tuple(cp.from_dlpack(x.grad.detach()).copy() for x in (tq, tk, tv))
+
+
+def sdpa_backend(q, k, v, causal):
+    """Which SDPA backend runs (the first of flash, efficient, cudnn, math that accepts the inputs)."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        tq, tk, tv = (torch.from_dlpack(x[:1, :1]).detach().requires_grad_(True) for x in (q, k, v))
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                         ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+            try:
+                with sdpa_kernel([be]):
+                    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                return name + " (first accepting backend in flash, efficient, cudnn, math order; default policy)"
+            except Exception:
+                continue
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
+    return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_shape(shape, causal, args, log):
+    import cupy as cp
+
+    B, H, N, d = shape
+    rs = cp.random.RandomState(args.seed + N + d)
+    sets = []
+    t0 = time.perf_counter()
+    for _ in range(args.input_sets):
+        q, k, v, do = (rs.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(4))
+        _, P = forward_P(q, k, v, causal)
+        sets.append((q, k, v, do, P))
+    q, k, v, do, P = sets[0]
+    refs = attention_backward_reference(q, k, v, do, causal, xp=cp)
+    tgrads = torch_plain_grads(q, k, v, do, causal)
+    fp16_errs = [R.rel_error(g, r, xp=cp) for g, r in zip(tgrads, refs)]
+    del tgrads
+    sgrads = sdpa_grads(q, k, v, do, causal)
+    sdpa_errs = [R.rel_error(g, r, xp=cp) for g, r in zip(sgrads, refs)]
+    del sgrads
+    chk, _ = check_backward(q, k, v, do, P, refs, fp16_errs, causal)
+    del refs
+    cp.get_default_memory_pool().free_all_blocks()
+    bw = StandardBackward(shape, causal)
+    total, kern = time_backward(bw, sets, args.warmup, args.repeats)
+    bw.free()
+    cp.get_default_memory_pool().free_all_blocks()
+    base = {}
+    for kind in ("sdpa", "torch_plain"):
+        try:
+            base[kind] = {"time_s": time_torch(kind, sets, causal, args.warmup, args.repeats)}
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory
+            base[kind] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    base["sdpa"]["backend"] = sdpa_backend(q, k, v, causal)
+    base["sdpa"]["rel_errors"] = dict(zip(GRADS, sdpa_errs))
+    base["torch_plain"]["rel_errors"] = dict(zip(GRADS, fp16_errs))
+    flops = 8.0 * B * H * N * N * d * (0.5 if causal else 1.0)  # four GEMMs of 2·N²·d each
+    run = {"algorithm": "standard", "pass": "backward", "batch": B, "heads": H, "seq_len": N, "head_dim": d,
+           "causal": bool(causal), "passed": chk["passed"], "grads": chk["grads"],
+           "rel_error_fp16_reference_source": "torch_plain (fp16 autograd of matmul-softmax-matmul)",
+           "time_s": total, "tflops": flops / total["median"] / 1e12, "kernels": kern, "baselines": base,
+           "elapsed_s": time.perf_counter() - t0}
+    sets.clear()
+    import torch
+
+    torch.cuda.empty_cache()
+    cp.get_default_memory_pool().free_all_blocks()
+    km = " ".join(f"{x['name']}={x['time_s']['median'] * 1e3:.3f}" for x in kern)
+    bs = " ".join(f"{n}={b['time_s']['median'] * 1e3:.3f}" for n, b in base.items() if "time_s" in b)
+    ge = " ".join(f"{g}={chk['grads'][g]['rel_error']:.2e}/{chk['grads'][g]['error_bound']:.2e}" for g in GRADS)
+    log(f"B={B} H={H} N={N} d={d} causal={causal} passed={chk['passed']} total={total['median'] * 1e3:.3f} ms "
+        f"[{km}] baselines(ms) [{bs}] err/bound [{ge}] sdpa_err {['%.2e' % e for e in sdpa_errs]} "
+        f"({run['elapsed_s']:.1f}s)")
+    return run
+
+
+def validate(doc) -> list[str]:
+    """Problems of a bench_backward document (empty list when well-formed)."""
+    errs = []
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        return ["schema is not " + SCHEMA]
+    for key in ("date", "device", "settings", "runs"):
+        if key not in doc:
+            errs.append(f"missing {key}")
+    if not isinstance(doc.get("device"), dict) or not doc["device"].get("name"):
+        errs.append("device.name missing")
+
+    def t_ok(t):
+        return (isinstance(t, dict) and all(isinstance(t.get(x), (int, float)) for x in ("median", "min", "max", "n"))
+                and 0 < t["min"] <= t["median"] <= t["max"] and t["n"] >= 10)
+
+    for i, r in enumerate(doc.get("runs") or []):
+        where = f"runs[{i}]"
+        if r.get("algorithm") not in KERNEL_NAMES:
+            errs.append(f"{where}: algorithm {r.get('algorithm')!r}")
+            continue
+        if [x.get("name") for x in r.get("kernels", [])] != KERNEL_NAMES[r["algorithm"]]:
+            errs.append(f"{where}: kernel names {[x.get('name') for x in r.get('kernels', [])]}")
+        for x in r.get("kernels", []):
+            if not t_ok(x.get("time_s")):
+                errs.append(f"{where}: kernel {x.get('name')} time_s")
+        if not t_ok(r.get("time_s")):
+            errs.append(f"{where}: time_s")
+        g = r.get("grads") or {}
+        for name in GRADS:
+            c = g.get(name)
+            if not isinstance(c, dict):
+                errs.append(f"{where}: grads.{name} missing")
+                continue
+            ok = (c.get("rel_error") is not None and c["rel_error"] <= c.get("error_bound", -1)
+                  and c.get("stable_across_runs") is True)
+            if bool(c.get("passed")) != bool(ok):
+                errs.append(f"{where}: grads.{name}.passed inconsistent")
+        if bool(r.get("passed")) != all(bool((g.get(n) or {}).get("passed")) for n in GRADS):
+            errs.append(f"{where}: passed inconsistent")
+    if not doc.get("runs"):
+        errs.append("no runs")
+    return errs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gpu.backward")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 1024, 2048])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--input-sets", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--deadline-s", type=float, default=400)
+    ap.add_argument("--append", action="store_true",
+                    help="add the runs to --out's existing runs (same schema) instead of starting a new file")
+    args = ap.parse_args(argv)
+    from .bench import device_info, now_iso
+    from .schema import write_json_atomic
+
+    t0 = time.perf_counter()
+
+    def log(m):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True)
+
+    doc = {"schema": SCHEMA, "date": now_iso(), "device": device_info(),
+           "settings": {"dtype": "fp16", "accumulate": "fp32", "warmup": args.warmup, "repeats": args.repeats,
+                        "input_sets": args.input_sets, "seed": args.seed,
+                        "input_distribution": "standard normal (Q, K, V, dO), rounded to fp16",
+                        "saved_from_forward": "P from the standard forward pipeline (qk_gemm, softmax, pv_gemm)",
+                        "timer": "CUDA events around the backward and between its kernels; baselines: "
+                                 "torch.cuda events around .backward() only (forward untimed, each repeat)",
+                        "error_rule": "per gradient dQ, dK, dV: rel_error <= 2 * rel_error_fp16_reference + 1e-4, "
+                                      "all elements finite (outputs NaN-poisoned), two runs with identical error",
+                        "reference": "float64 analytic gradient on the GPU per (b, h) slice",
+                        "tflops": "8*B*H*N^2*d (four GEMMs) over the median",
+                        "nvrtc_options": K.compile_log(), "command": " ".join(sys.argv)},
+           "runs": []}
+    if args.append and os.path.exists(args.out):
+        import json
+
+        old = json.load(open(args.out))
+        if old.get("schema") == SCHEMA:
+            doc["runs"] = list(old["runs"])
+            doc["settings"]["appended_to"] = {"date": old.get("date"), "device": old.get("device"),
+                                              "command": old.get("settings", {}).get("command")}
+    for N in args.seq_lens:
+        for d in args.head_dims:
+            if time.perf_counter() - t0 > args.deadline_s:
+                log(f"deadline: skipping N={N} d={d}")
+                continue
+            try:
+                doc["runs"].append(run_shape((args.batch, args.heads, N, d), args.causal, args, log))
+            except Exception as e:  # noqa: BLE001
+                log(f"N={N} d={d} FAILED: {type(e).__name__}: {e}")
+            doc["elapsed_s"] = time.perf_counter() - t0
+            doc["settings"]["nvrtc_options"] = K.compile_log()
+            doc["schema_problems"] = validate(doc)
+            write_json_atomic(args.out, doc)
+    log(f"wrote {args.out}: {len(doc['runs'])} runs, problems {doc['schema_problems']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

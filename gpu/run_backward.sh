@@ -1,0 +1,16 @@
+#!/bin/bash
+# Device-side driver of the standard-backward measurement (writes under $OUT): bash gpu/run_backward.sh
+set -u
+export PYTHONUNBUFFERED=1
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy_cache}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv 2>&1
+  python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" 2>&1
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "backward or test_unfused" 2>&1 | tail -15
+  timeout 380 python3 -m gpu.backward --out "$OUT/bench_backward.json" --deadline-s ${BWD_DEADLINE:-300} 2>&1
+  date -u
+} 2>&1 | tee "$OUT/backward.log"
