@@ -2,11 +2,9 @@
 memoised ``simulate`` for many workloads, plotting setup and number formatting."""
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +15,7 @@ matplotlib.use("Agg")
 
 from iosim import AttentionShape  # noqa: E402
 from iosim.cli import OneLineParser
-from iosim.workers import process_pool
+from iosim.distribute import map_jobs
 
 DEFAULT_RESULTS = Path("results")
 QUICK_ENV = "IOSIM_QUICK"
@@ -108,47 +106,21 @@ def _cost_guess(job: SimJob) -> float:
 
 
 def simulate_many(jobs, desc: str = "simulate", progress: bool = True) -> list[dict]:
-    """Summaries of ``jobs`` (in order), simulated in worker processes; repeated jobs (within a
-    run of ``python -m experiments``) are answered from a memo."""
-    from tqdm import tqdm
-
+    """Summaries of ``jobs`` (in order), simulated by :func:`iosim.distribute.map_jobs` (worker
+    processes, or the Dask scheduler that ``DASK_SCHEDULER_ADDRESS`` names); repeated jobs
+    (within a run of ``python -m experiments``) are answered from a memo."""
     jobs = [SimJob(*j) if not isinstance(j, SimJob) else j for j in jobs]
     todo = sorted({j for j in jobs if j not in _MEMO}, key=_cost_guess, reverse=True)
-    if todo:
-        bar = tqdm(total=len(todo), desc=desc, unit="sim", file=sys.stderr, leave=False,
-                   disable=not progress)
-        try:
-            if workers() == 1 or len(todo) == 1:
-                for job in todo:
-                    _MEMO[job] = _run(job)
-                    bar.update(1)
-            else:
-                with process_pool(min(workers(), len(todo))) as pool:
-                    futures = {pool.submit(_run, job): job for job in todo}
-                    for future in concurrent.futures.as_completed(futures):
-                        _MEMO[futures[future]] = future.result()
-                        bar.update(1)
-        finally:
-            bar.close()
+    for job, summary in zip(todo, map_jobs(_run, todo, workers=workers(), progress=progress,
+                                           desc=desc)):
+        _MEMO[job] = summary
     return [_MEMO[j] for j in jobs]
 
 
 def parallel_map(fn, items, desc: str = "run", progress: bool = True) -> list:
-    """``[fn(x) for x in items]`` over worker processes (``fn`` must be module-level)."""
-    from tqdm import tqdm
-
-    items = list(items)
-    if workers() == 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    out = [None] * len(items)
-    with tqdm(total=len(items), desc=desc, unit="job", file=sys.stderr, leave=False,
-              disable=not progress) as bar, \
-            process_pool(min(workers(), len(items))) as pool:
-        futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
-        for future in concurrent.futures.as_completed(futures):
-            out[futures[future]] = future.result()
-            bar.update(1)
-    return out
+    """``[fn(x) for x in items]`` through :func:`iosim.distribute.map_jobs` (``fn`` must be
+    module-level)."""
+    return map_jobs(fn, list(items), workers=workers(), progress=progress, desc=desc)
 
 
 # ---- plotting and formatting -----------------------------------------------------------------
