@@ -379,6 +379,104 @@ def validate(doc) -> list[str]:
     return errs
 
 
+# ------------------------------------------------------------------------------------------------ ncu
+class _MarkerHook:
+    """Stands in for a CUDA event in ``StandardBackward.run``: launches the marker kernel with ``tag``."""
+
+    def __init__(self, tag):
+        self.tag = tag
+
+    def record(self):
+        K.marker(self.tag)
+
+
+NCU_SHAPES = [(8, 16, 4096, 64), (8, 16, 4096, 128), (8, 16, 1024, 64), (8, 16, 2048, 64)]
+
+
+def ncu_child(manifest_path, seed):
+    """Under ncu: per shape one warm-up backward, then one inside NVTX range iosim_prof with a marker
+    (tag 8*r + i + 1) before each of the five kernels and a closing marker (tag 0)."""
+    import json
+
+    import cupy as cp
+    from cupy.cuda import nvtx
+
+    man = []
+    for r, shape in enumerate(NCU_SHAPES):
+        rs = cp.random.RandomState(seed + r)
+        q, k, v, do = (rs.standard_normal(shape, dtype=cp.float32).astype(cp.float16) for _ in range(4))
+        _, P = forward_P(q, k, v, False)
+        bw = StandardBackward(shape, False)
+        grads = [cp.empty(shape, dtype=cp.float16) for _ in range(3)]
+        K.marker(0)
+        bw.run(q, k, v, do, P, *grads)
+        cp.cuda.runtime.deviceSynchronize()
+        nvtx.RangePush("iosim_prof")
+        hooks = [_MarkerHook(8 * r + i + 1) for i in range(5)] + [_MarkerHook(0)]
+        bw.run(q, k, v, do, P, *grads, events=hooks)
+        cp.cuda.runtime.deviceSynchronize()
+        nvtx.RangePop()
+        man.append({"shape": list(shape), "tags": [8 * r + i + 1 for i in range(5)]})
+        bw.free()
+        del P, q, k, v, do, grads
+        cp.get_default_memory_pool().free_all_blocks()
+    with open(manifest_path, "w") as f:
+        json.dump(man, f)
+
+
+def cmd_ncu(args):
+    """Run ncu over ``ncu_child``; attach per-kernel DRAM bytes to the matching non-causal runs of --out."""
+    import json
+    import shutil
+    import subprocess
+
+    from . import ncu as NCU
+    from .schema import write_json_atomic
+
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    csv_path, man_path = args.out + ".ncu.csv", args.out + ".manifest.json"
+    cmd = [ncu, "--clock-control", "none", "--cache-control", "all", "--metrics", ",".join(NCU.METRICS),
+           "--csv", "--print-units", "base", "--nvtx", "--nvtx-include", "iosim_prof/", "--log-file", csv_path,
+           sys.executable, "-m", "gpu.backward", "--ncu-child", "--manifest", man_path, "--out", args.out]
+    print("running: " + " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    kernels = NCU.parse_csv(open(csv_path).read())
+    segs = NCU.segments(kernels)
+    man = json.load(open(man_path))
+    doc = json.load(open(args.out))
+    n = 0
+    for m in man:
+        B, H, N, d = m["shape"]
+        recs = []
+        for name, tag in zip(KERNEL_NAMES["standard"], m["tags"]):
+            ks = segs.get(tag, [])
+            own = [x["base"] for x in ks if x["base"] == "softmax_backward"]
+            if name == "softmax_backward" and not own:
+                print(f"ncu: no softmax_backward in segment {tag}", flush=True)
+            recs.append({"name": name, "launches": len(ks), "kernel_names": [x["name"][:120] for x in ks],
+                         "dram_read_bytes": sum(x["dram_read_bytes"] or 0 for x in ks),
+                         "dram_write_bytes": sum(x["dram_write_bytes"] or 0 for x in ks),
+                         "ncu_duration_s": sum(x["duration_s"] or 0 for x in ks)})
+            print(f"ncu {m['shape']} {name}: {recs[-1]['launches']} launches, read "
+                  f"{recs[-1]['dram_read_bytes'] / 1e9:.3f} GB write {recs[-1]['dram_write_bytes'] / 1e9:.3f} GB "
+                  f"{recs[-1]['ncu_duration_s'] * 1e3:.3f} ms", flush=True)
+        for r in doc["runs"]:
+            if (r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"]) == (B, H, N, d, False):
+                for kr, rec in zip(r["kernels"], recs):
+                    if rec["launches"]:
+                        kr.update({k2: rec[k2] for k2 in ("dram_read_bytes", "dram_write_bytes", "ncu_duration_s",
+                                                          "launches")})
+                n += 1
+    doc["settings"]["ncu"] = {"command": " ".join(cmd[:12]), "rc": rc, "cache_control": "all (flush before each "
+                              "kernel)", "clock_control": "none", "runs_merged": n,
+                              "note": "a flushed L2 is write-back: bytes left dirty in L2 at a kernel's end are "
+                                      "not counted as its DRAM writes; reads are exact"}
+    doc["schema_problems"] = validate(doc)
+    write_json_atomic(args.out, doc)
+    print(f"ncu: merged into {n} runs (rc {rc})", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpu.backward")
     ap.add_argument("--out", required=True)
@@ -394,7 +492,15 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=400)
     ap.add_argument("--append", action="store_true",
                     help="add the runs to --out's existing runs (same schema) instead of starting a new file")
+    ap.add_argument("--ncu", action="store_true", help="profile with ncu and merge DRAM bytes into --out")
+    ap.add_argument("--ncu-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.ncu_child:
+        ncu_child(args.manifest, args.seed)
+        return 0
+    if args.ncu:
+        return cmd_ncu(args)
     from .bench import device_info, now_iso
     from .schema import write_json_atomic
 

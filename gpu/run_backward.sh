@@ -1,5 +1,7 @@
 #!/bin/bash
-# Device-side driver of the standard-backward measurement (writes under $OUT): bash gpu/run_backward.sh
+# Device-side driver of the standard-backward measurement (writes under $OUT).
+#   bash gpu/run_backward.sh          # GPU tests, then the non-causal sweep -> $OUT/bench_backward.json
+#   bash gpu/run_backward.sh more     # append causal runs to the committed file, then ncu DRAM bytes
 set -u
 export PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy_cache}
@@ -9,8 +11,14 @@ mkdir -p "$OUT"
   date -u
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv 2>&1
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" 2>&1
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
-      -k "backward or test_unfused" 2>&1 | tail -15
-  timeout 380 python3 -m gpu.backward --out "$OUT/bench_backward.json" --deadline-s ${BWD_DEADLINE:-300} 2>&1
+  if [ "${1:-}" = more ]; then
+    cp experiments/data/h100/bench_backward.json "$OUT/bench_backward.json"
+    timeout 200 python3 -m gpu.backward --out "$OUT/bench_backward.json" --append --causal --deadline-s 150 2>&1
+    timeout 240 python3 -m gpu.backward --ncu --out "$OUT/bench_backward.json" 2>&1 | grep -v "^==PROF==" | tail -40
+  else
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
+        -k "backward or test_unfused" 2>&1 | tail -15
+    timeout 380 python3 -m gpu.backward --out "$OUT/bench_backward.json" --deadline-s ${BWD_DEADLINE:-300} 2>&1
+  fi
   date -u
-} 2>&1 | tee "$OUT/backward.log"
+} 2>&1 | tee "$OUT/backward${1:+_$1}.log"
