@@ -1,8 +1,10 @@
 """The trace builder: a schedule becomes compact NumPy arrays of events, kernel by kernel.
 
-Each CTA's program is walked once per grid point of one batch·head (the same steps the numeric
-executor runs); the events of the other batch·heads differ only by a constant address offset per
-tensor and are produced by NumPy broadcasting, not Python loops.
+One batch·head's events are built by :mod:`iosim.trace_fast`, which walks each CTA program once
+as a tree and assembles every CTA's events with NumPy; :func:`_head_template_reference` walks
+every CTA op by op (the same steps the numeric executor runs) and is kept as its reference.
+The events of the other batch·heads differ only by a constant address offset per tensor and are
+produced by NumPy broadcasting, not Python loops.
 
 Event kinds: LOAD (a tile HBM -> SRAM), STORE (SRAM -> HBM) and COMPUTE (FLOPs by unit, the
 exp/log evaluations among the scalar FLOPs, and the SRAM bytes the op reads and writes). An
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import schedule as sch
-from . import work
+from . import trace_fast, work
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocator would place them
@@ -103,8 +105,11 @@ def _tile_extent(token, index, dims, kernel):
     return index[token] * kernel.blocks[token], dims[token]
 
 
-def _head_template(kernel, schedule, base, tensor_ids):
-    """Walk every CTA of one batch·head; return its events (as columns) and CTA offsets."""
+def _head_template_reference(kernel, schedule, base, tensor_ids):
+    """Walk every CTA of one batch·head; return its events (as columns) and CTA offsets.
+
+    The reference for :func:`iosim.trace_fast.head_template` (the same arrays, vectorised):
+    one Python step per op of every CTA."""
     shape = schedule.shape
     n, d = shape.seq_len, shape.head_dim
     extents = {"N": n, "d": d, "1": 1}
@@ -162,8 +167,13 @@ def _head_template(kernel, schedule, base, tensor_ids):
     return {c: np.asarray(v, dtype=_DTYPES[c]) for c, v in cols.items()}, np.asarray(cta_start)
 
 
-def build_trace(schedule) -> Trace:
-    """Events of every kernel of ``schedule`` over all batch·heads."""
+def build_trace(schedule, reference: bool = False) -> Trace:
+    """Events of every kernel of ``schedule`` over all batch·heads.
+
+    One batch·head's events come from :func:`iosim.trace_fast.head_template` (vectorised), or
+    with ``reference`` from the op-by-op walker :func:`_head_template_reference` (the same
+    arrays, slower)."""
+    template_of = _head_template_reference if reference else trace_fast.head_template
     shape = schedule.shape
     base, head_stride = tensor_layout(schedule)
     names = tuple(t.name for t in schedule.tensors)
@@ -172,7 +182,7 @@ def build_trace(schedule) -> Trace:
     heads = shape.batch_heads
     kernels = []
     for kernel in schedule.kernels:
-        template, starts = _head_template(kernel, schedule, base, tensor_ids)
+        template, starts = template_of(kernel, schedule, base, tensor_ids)
         per_head = len(template["kind"])
         columns = {c: np.tile(template[c], heads) for c in _COLUMNS}
         head = {c: template[c] for c in _HEAD_COLUMNS}

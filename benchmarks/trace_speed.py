@@ -1,0 +1,78 @@
+"""How fast ``iosim.trace.build_trace`` runs: the op-by-op reference walker against the vectorised
+builder (iosim.trace_fast). A plain script that prints numbers (and checks the two agree).
+
+    python benchmarks/trace_speed.py                 # every case
+    python benchmarks/trace_speed.py --skip-reference-over 5e6
+
+Cases: flash2 forward, B=8 H=16 N=4096 d=128, Br=Bc=16, 64, 128; and B=1 H=1 N=16384 d=128,
+Br=Bc=16, 64, 128. Per case: events, then seconds of the one-batch·head template (the part that
+was a Python loop per op) and of the whole ``build_trace`` (the template tiled over batch·heads
+by NumPy, the same in both), old and new, best of ``--repeat``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import iosim
+from iosim import trace as tr
+from iosim import trace_fast
+
+CASES = [(8, 16, 4096, 16), (8, 16, 4096, 64), (8, 16, 4096, 128),
+         (1, 1, 16384, 16), (1, 1, 16384, 64), (1, 1, 16384, 128)]
+
+
+def _best(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _template_seconds(schedule, template_of, repeat):
+    base, _ = tr.tensor_layout(schedule)
+    ids = {t.name: i for i, t in enumerate(schedule.tensors)}
+    kernel = schedule.kernels[0]
+    return _best(lambda: template_of(kernel, schedule, base, ids), repeat)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--skip-reference-over", type=float, default=float("inf"),
+                        help="skip the old builder above this many events per batch·head")
+    args = parser.parse_args()
+    print(f"{'B':>2} {'H':>3} {'N':>6} {'Br=Bc':>5} {'events/head':>11} {'events':>10}  "
+          f"{'template old':>12} {'new':>8} {'x':>7}  {'build_trace old':>15} {'new':>8} {'x':>6}")
+    for batch, heads, n, block in CASES:
+        shape = iosim.AttentionShape(batch=batch, heads=heads, seq_len=n, head_dim=128,
+                                     causal=args.causal)
+        schedule = iosim.build_schedule("flash2", shape, block, block)
+        t_new, (cols, starts) = _template_seconds(schedule, trace_fast.head_template,
+                                                  args.repeat)
+        per_head = len(cols["kind"])
+        b_new, _ = _best(lambda: tr.build_trace(schedule), args.repeat)
+        if per_head > args.skip_reference_over:
+            print(f"{batch:>2} {heads:>3} {n:>6} {block:>5} {per_head:>11} "
+                  f"{per_head * batch * heads:>10}  {'-':>12} {t_new:>8.3f} {'-':>7}  "
+                  f"{'-':>15} {b_new:>8.3f} {'-':>6}", flush=True)
+            continue
+        t_old, (ref_cols, ref_starts) = _template_seconds(schedule, tr._head_template_reference,
+                                                          args.repeat)
+        assert np.array_equal(starts, ref_starts)
+        assert all(np.array_equal(cols[c], ref_cols[c]) for c in ref_cols)
+        del ref_cols
+        b_old, _ = _best(lambda: tr.build_trace(schedule, reference=True), args.repeat)
+        print(f"{batch:>2} {heads:>3} {n:>6} {block:>5} {per_head:>11} "
+              f"{per_head * batch * heads:>10}  {t_old:>12.3f} {t_new:>8.3f} "
+              f"{t_old / t_new:>7.0f}  {b_old:>15.3f} {b_new:>8.3f} {b_old / b_new:>6.1f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

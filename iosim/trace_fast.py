@@ -1,0 +1,254 @@
+"""Vectorised trace building: one batch·head's events without a Python loop per tile.
+
+The same events as :func:`iosim.trace._head_template_reference` (which walks every CTA op by op
+through :func:`iosim.schedule.walk`), built by walking each kernel's program *once* as a tree:
+
+* a **context** is one activation of a loop body (or of the CTA program, for the grid): the block
+  index of every bound variable and, per variable that has a tile extent, whether its current
+  block is the ragged last one. Contexts are NumPy arrays, one entry per activation, in program
+  order;
+* a :class:`~iosim.schedule.Loop` expands each context into one sub-context per block
+  (``np.repeat``/``np.tile``), drops the blocks above the causal diagonal, and places each
+  sub-context's events after those of the earlier iterations (exclusive cumulative sums of the
+  event counts);
+* an op's event values depend on the tile extents only, i.e. on the ragged flags of the bound
+  variables: they are computed in Python once per combination of flags (at most 2^k for k block
+  variables) and gathered into the event columns by the context's combination code. Addresses
+  are ``base + (row0 * row_len + col0) * elem_bytes`` with row0/col0 from the block indices;
+* ``sync`` (the first shared-memory load of a run of loads) is computed afterwards from the
+  previous event of the same CTA.
+
+The tile extents of a variable whose loop has ended stay those of its last executed iteration,
+as in :func:`~iosim.schedule.walk`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import schedule as sch
+from . import work
+
+LOAD, STORE, COMPUTE = 0, 1, 2
+
+
+def _names():
+    from .trace import _COLUMNS, _DTYPES, _WORK_COLUMNS
+    return _COLUMNS + _WORK_COLUMNS, _DTYPES
+
+
+class _Builder:
+    def __init__(self, kernel, schedule, base, tensor_ids):
+        shape = schedule.shape
+        self.kernel = kernel
+        self.n, self.d, self.causal = shape.seq_len, shape.head_dim, shape.causal
+        self.extents = {"N": self.n, "d": self.d, "1": 1}
+        self.tensors = schedule.tensor_map()
+        self.buffers = kernel.buffer_map()
+        self.base, self.tensor_ids = base, tensor_ids
+        self.blocks = dict(kernel.blocks)
+        self.nb = {v: sch.n_blocks(self.n, s) for v, s in self.blocks.items()}
+        # the extent of a variable's ragged last block (== its block size when N divides)
+        self.last = {v: self.n - (self.nb[v] - 1) * s for v, s in self.blocks.items()}
+        self.names, self.dtypes = _names()
+        self._tables = {}
+
+    # ---- contexts ----------------------------------------------------------------------------
+    def ragged(self, var, idx):
+        if self.n % self.blocks[var] == 0 and self.n >= self.blocks[var]:
+            return np.zeros(len(idx), dtype=bool)
+        return idx == self.nb[var] - 1
+
+    def grid(self):
+        kernel = self.kernel
+        orders = []
+        for var in kernel.grid:
+            order = np.arange(self.nb[var], dtype=np.int64)
+            if self.causal and kernel.longest_first and var == kernel.row_var:
+                order = order[::-1]
+            orders.append(order)
+        if orders:
+            mesh = np.meshgrid(*orders, indexing="ij")
+            idx = {v: m.ravel().astype(np.int64) for v, m in zip(kernel.grid, mesh)}
+            m = mesh[0].size
+        else:
+            idx, m = {}, 1
+        rag = {v: self.ragged(v, idx[v]) for v in kernel.grid}
+        return idx, rag, m
+
+    def expand(self, loop, idx, m):
+        """(parent context, indices) of the executed iterations of ``loop`` in each context."""
+        k = self.nb[loop.var]
+        parent = np.repeat(np.arange(m, dtype=np.int64), k)
+        sub = {v: a[parent] for v, a in idx.items()}
+        sub[loop.var] = np.tile(np.arange(k, dtype=np.int64), m)
+        if self.causal and loop.causal_skip:
+            r, c = self.kernel.row_var, self.kernel.col_var
+            keep = ~(sub[c] * self.blocks[c] > (sub[r] + 1) * self.blocks[r] - 1)
+            parent = parent[keep]
+            sub = {v: a[keep] for v, a in sub.items()}
+        return parent, sub
+
+    def count(self, body, idx, m):
+        total = np.zeros(m, dtype=np.int64)
+        fixed = 0
+        for item in body:
+            if isinstance(item, sch.Loop):
+                parent, sub = self.expand(item, idx, m)
+                c = self.count(item.body, sub, len(parent))
+                total += _group_sums(parent, c, m)
+            else:
+                fixed += 2 if isinstance(item, sch.Store) and item.accumulate else 1
+        return total + fixed
+
+    # ---- events ------------------------------------------------------------------------------
+    def dims_of(self, vars_, code):
+        dims = dict(self.extents)
+        for bit, v in enumerate(vars_):
+            dims[v] = self.last[v] if (code >> bit) & 1 else min(self.blocks[v], self.n)
+        return dims
+
+    def op_rows(self, op, dims):
+        """The op's events (tuples over the columns, addr 0, sync = the first-load candidate)
+        and whether each is a Load op's event."""
+        buffers = self.buffers
+        if isinstance(op, (sch.Load, sch.Store)):
+            spec = self.tensors[op.tensor]
+            nrows = dims[op.rows] if op.rows in ("N", "d", "1") else dims[op.rows]
+            ncols = dims[op.cols]
+            row_len = self.extents[spec.cols]
+            e = spec.elem_bytes
+            row_bytes, stride = ncols * e, row_len * e
+            if ncols == row_len:
+                row_bytes, nrows = row_bytes * nrows, 1
+            buf = buffers[op.buffer]
+            tile_bytes = nrows * row_bytes
+            on_chip = tile_bytes if buf.space == "smem" else 0
+            is_load = isinstance(op, sch.Load)
+            tid = self.tensor_ids[op.tensor]
+            rows = []
+            if not is_load and op.accumulate:
+                rows.append(((LOAD, tid, 0, nrows, row_bytes, stride, 0, 0, 0, 0, 0,
+                              0, 0, 0, 0, 0, 0, 1, 0), 0))
+            rows.append(((LOAD if is_load else STORE, tid, 0, nrows, row_bytes, stride, 0, 0, 0,
+                          0 if is_load else on_chip, on_chip if is_load else 0,
+                          0, 0, 0, 0, 0, 0, int(is_load and buf.stages > 1),
+                          int(is_load and buf.space == "smem")), int(is_load)))
+            return rows
+        flops_tensor, flops_scalar = op.flops(dims, buffers)
+        special = op.special_ops(dims, buffers) if hasattr(op, "special_ops") else 0
+
+        def smem(names):
+            return sum(dims[buffers[b].rows] * dims[buffers[b].cols] * buffers[b].elem_bytes
+                       for b in names if buffers[b].space == "smem")
+
+        return [((COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
+                  smem(op.reads), smem(op.writes),
+                  *work.op_work(op, dims, buffers, self.kernel), 0, 0), 0)]
+
+    def tables(self, op, vars_):
+        """Per event of the op: one array per column over the 2^k extent codes (or a scalar
+        where every code gives the same value), and the Load-op flag."""
+        key = (id(op), vars_)
+        if key not in self._tables:
+            per_code = [self.op_rows(op, self.dims_of(vars_, code))
+                        for code in range(1 << len(vars_))]
+            events = []
+            for e in range(len(per_code[0])):
+                cols = []
+                for ci, name in enumerate(self.names):
+                    vals = [rows[e][0][ci] for rows in per_code]
+                    if all(v == vals[0] for v in vals):
+                        cols.append(vals[0])
+                    else:
+                        cols.append(np.asarray(vals, dtype=self.dtypes[name]))
+                events.append((cols, per_code[0][e][1]))
+            self._tables[key] = (op, events)  # keep op alive so id() stays unique
+        return self._tables[key][1]
+
+    def address(self, op, idx, m):
+        spec = self.tensors[op.tensor]
+        row_len = self.extents[spec.cols]
+        row0 = idx[op.rows] * self.blocks[op.rows] if op.rows not in self.extents else 0
+        col0 = idx[op.cols] * self.blocks[op.cols] if op.cols not in self.extents else 0
+        addr = self.base[op.tensor] + (row0 * row_len + col0) * spec.elem_bytes
+        return np.broadcast_to(np.asarray(addr, dtype=np.int64), (m,))
+
+    def emit(self, body, idx, rag, m, pos):
+        """Write the events of ``body`` run in each of ``m`` contexts, starting at ``pos``;
+        return the extents' ragged flags after the body."""
+        pos = pos.copy()
+        rag = dict(rag)
+        code = vars_ = None
+        for item in body:
+            if isinstance(item, sch.Loop):
+                var = item.var
+                parent, sub = self.expand(item, idx, m)
+                m2 = len(parent)
+                c = self.count(item.body, sub, m2)
+                cs = np.zeros(m2 + 1, dtype=np.int64)
+                np.cumsum(c, out=cs[1:])
+                bounds = np.searchsorted(parent, np.arange(m + 1))
+                start = pos[parent] + cs[:-1] - cs[bounds[:-1]][parent]
+                sub_rag = {v: a[parent] for v, a in rag.items()}
+                sub_rag[var] = self.ragged(var, sub[var])
+                after = self.emit(item.body, sub, sub_rag, m2, start)
+                pos += cs[bounds[1:]] - cs[bounds[:-1]]
+                # extents stay those of the last executed iteration
+                ran = bounds[1:] > bounds[:-1]
+                last = bounds[1:][ran] - 1
+                for v, a in after.items():
+                    new = rag[v].copy() if v in rag else np.zeros(m, dtype=bool)
+                    new[ran] = a[last]
+                    rag[v] = new
+                code = None
+                continue
+            if code is None:
+                vars_ = tuple(sorted(rag))
+                code = np.zeros(m, dtype=np.int64)
+                for bit, v in enumerate(vars_):
+                    code |= rag[v].astype(np.int64) << bit
+            events = self.tables(item, vars_)
+            addr = self.address(item, idx, m) if isinstance(item, (sch.Load, sch.Store)) else None
+            for cols, load_op in events:
+                for name, col in zip(self.names, cols):
+                    out = self.out[name]
+                    if isinstance(col, np.ndarray):
+                        out[pos] = col[code]
+                    elif col:
+                        out[pos] = col
+                if addr is not None:
+                    self.out["addr"][pos] = addr
+                if load_op:
+                    self.load_op[pos] = True
+                pos += 1
+        return rag
+
+    def build(self):
+        idx, rag, m = self.grid()
+        counts = self.count(self.kernel.body, idx, m)
+        cta_start = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(counts, out=cta_start[1:])
+        total = int(cta_start[-1])
+        self.out = {c: np.zeros(total, dtype=self.dtypes[c]) for c in self.names}
+        self.load_op = np.zeros(total, dtype=bool)
+        self.emit(self.kernel.body, idx, rag, m, cta_start[:-1])
+        # sync: a shared-memory load not preceded (in its CTA) by another Load op
+        previous = np.zeros(total, dtype=bool)
+        previous[1:] = self.load_op[:-1]
+        previous[cta_start[:-1][counts > 0]] = False
+        sync = self.out["sync"]
+        sync[previous] = 0
+        return self.out, cta_start
+
+
+def _group_sums(parent, values, m):
+    """Sum of ``values`` per parent (``parent`` sorted), for parents 0..m-1."""
+    cs = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(values, out=cs[1:])
+    bounds = np.searchsorted(parent, np.arange(m + 1))
+    return cs[bounds[1:]] - cs[bounds[:-1]]
+
+
+def head_template(kernel, schedule, base, tensor_ids):
+    """One batch·head's events (as columns) and CTA offsets, vectorised; see the module doc."""
+    return _Builder(kernel, schedule, base, tensor_ids).build()
