@@ -449,6 +449,61 @@ def _markdown(table: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _backward_summary(rows: list[dict]) -> list[dict]:
+    """Per backward kernel (and all): median and worst APE of time and DRAM bytes."""
+    table = []
+    for kernel in sorted({r["kernel"] for r in rows}) + ["all"]:
+        mine = [r for r in rows if kernel in ("all", r["kernel"])]
+        t_med, t_max, n = _stats(r["time_ape"] for r in mine)
+        f_med, _, _ = _stats(r["time_ape_roofline"] for r in mine)
+        b_med, b_max, _ = _stats(r["bytes_ape_l2"] for r in mine)
+        table.append({"kernel": kernel, "kernels": n, "time_ape_median_pct": t_med,
+                      "time_ape_worst_pct": t_max, "time_ape_median_pct_roofline": f_med,
+                      "bytes_ape_median_pct_l2": b_med, "bytes_ape_worst_pct_l2": b_max})
+    return table
+
+
+def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> list[dict]:
+    """The backward kernels measured in ``bench_backward.json`` (the unfused standard backward),
+    each beside iosim's prediction for the same kernel (``pass_="backward"``): time under both
+    time models, DRAM bytes under the l2 model."""
+    from iosim.simulate import simulate_schedule
+
+    path = data_dir / "bench_backward.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    hw = iosim.load_hardware(hardware)
+    rows = []
+    for run in doc.get("runs", []):
+        if not run.get("passed"):
+            continue
+        schedule = iosim.build_schedule(run["algorithm"], _shape(run), run.get("block_rows"),
+                                        run.get("block_cols"), hw.sram_bytes_per_block,
+                                        pass_="backward")
+        predicted = {k.name: k for k in simulate_schedule(schedule, hardware=hw).kernels}
+        for measured in run["kernels"]:
+            kernel = predicted.get(measured["name"])
+            timing = measured.get("time_s") or {}
+            if kernel is None or not timing.get("median"):
+                continue
+            row = {"algorithm": run["algorithm"], "batch": run["batch"], "heads": run["heads"],
+                   "seq_len": run["seq_len"], "head_dim": run["head_dim"],
+                   "causal": run["causal"], "kernel": measured["name"],
+                   "measured_time_s": timing["median"],
+                   "predicted_time_s": kernel.times_s["timed"],
+                   "predicted_time_roofline_s": kernel.times_s["roofline"],
+                   "time_ape": _ape(kernel.times_s["timed"], timing["median"]),
+                   "time_ape_roofline": _ape(kernel.times_s["roofline"], timing["median"]),
+                   "measured_dram_bytes": None, "bytes_ape_l2": None}
+            if measured.get("dram_read_bytes") is not None:
+                row["measured_dram_bytes"] = (measured["dram_read_bytes"]
+                                              + measured["dram_write_bytes"])
+                row["bytes_ape_l2"] = _ape(kernel.hbm_bytes, row["measured_dram_bytes"])
+            rows.append(row)
+    return rows
+
+
 def _figure_lines(rows: list[dict], hardware: str) -> list[str]:
     """The three validation figures with their captions (counts from ``rows``)."""
     timed = sum(1 for r in rows if r.get("measured_time_s"))
@@ -495,11 +550,14 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
     blocks = block_choice(rows)
     resident = occupancy(rows)
     occ_check = occupancy_check(data_dir)
+    backward = compare_backward(data_dir)
     mma_by_warps = _mma_by_warps(data_dir)
     write_csv(results_dir / "validation_kernels.csv", rows)
     write_csv(results_dir / "validation_occupancy.csv", resident)
     if occ_check:
         write_csv(results_dir / "validation_occupancy_check.csv", occ_check)
+    if backward:
+        write_csv(results_dir / "validation_backward.csv", backward)
     write_csv(results_dir / "validation_summary.csv", summary)
     write_csv(results_dir / "validation_blocks.csv", blocks)
     _scatter(results_dir / "validation_time.png", rows, "measured_time_s",
@@ -559,6 +617,17 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         _markdown(resident, ["algorithm", "resident_warps_per_sm", "kernels",
                              "time_ape_median_pct", "time_ape_worst_pct",
                              "time_ape_median_pct_roofline", "time_ape_worst_pct_roofline"]),
+        "",
+        "### The backward pass (unfused standard attention)",
+        "Each kernel of the standard backward measured on the H100 (`bench_backward.json`: "
+        "cuBLAS GEMMs and our softmax-backward row kernel) beside iosim's prediction for the "
+        "same kernel (`--pass backward`).",
+        "",
+        (_markdown(_backward_summary(backward),
+                   ["kernel", "kernels", "time_ape_median_pct", "time_ape_worst_pct",
+                    "time_ape_median_pct_roofline", "bytes_ape_median_pct_l2",
+                    "bytes_ape_worst_pct_l2"])
+         if backward else "(no bench_backward.json in the data folder)"),
         "",
         "### The occupancy calculator against Nsight Compute",
         "Resident warps per SM of every real flash kernel variant (B=4, H=16, N=4096): the "

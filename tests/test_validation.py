@@ -154,3 +154,15 @@ def test_the_occupancy_calculator_agrees_with_nsight_compute_on_every_real_kerne
         assert row["model_threads"] == row["threads"]
         assert row["warps_per_sm_model"] == pytest.approx(row["warps_per_sm_ncu_theoretical"])
         assert row["warps_per_sm_ncu_achieved"] <= row["warps_per_sm_ncu_theoretical"] + 0.5
+
+
+def test_every_measured_backward_kernel_meets_its_prediction():
+    rows = validation.compare_backward()
+    runs = [r for r in json.loads((validation.DATA_DIR / "bench_backward.json").read_text())
+            ["runs"] if r["passed"]]
+    assert len(rows) == sum(len(r["kernels"]) for r in runs)  # every kernel matched by name
+    assert {r["kernel"] for r in rows} == {"dv_gemm", "dp_gemm", "softmax_backward",
+                                           "dq_gemm", "dk_gemm"}
+    summary = {s["kernel"]: s for s in validation._backward_summary(rows)}
+    # the backward's bytes are counted as exactly as the forward's (median within 5%)
+    assert summary["all"]["bytes_ape_median_pct_l2"] < 5
