@@ -113,7 +113,7 @@ class _Builder:
         buffers = self.buffers
         if isinstance(op, (sch.Load, sch.Store)):
             spec = self.tensors[op.tensor]
-            nrows = dims[op.rows] if op.rows in ("N", "d", "1") else dims[op.rows]
+            nrows = dims[op.rows]
             ncols = dims[op.cols]
             row_len = self.extents[spec.cols]
             e = spec.elem_bytes

@@ -9,15 +9,34 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from iosim import AttentionShape, IosimError, build_schedule
 from iosim import schedule as sch
-from iosim.trace import _COLUMNS, _HEAD_COLUMNS, build_trace
+from iosim.trace import (_COLUMNS, _HEAD_COLUMNS, _head_template_reference, build_trace,
+                         tensor_layout)
 
 ALGORITHMS = ("standard", "hf", "megatron", "flash1", "flash2")
 PASSES = ("forward", "backward", "both")
 BLOCKS = (8, 16, 32, 48, 64, 128)
 
 
+def _tiled_the_old_way(schedule, kernel_trace):
+    """Every batch·head's columns from the reference walker's template, tiled as build_trace
+    tiled them before it was vectorised (np.tile, then a per-event head offset)."""
+    base, head_stride = tensor_layout(schedule)
+    names = tuple(t.name for t in schedule.tensors)
+    ids = {name: i for i, name in enumerate(names)}
+    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    template, _ = _head_template_reference(kernel_trace.kernel, schedule, base, ids)
+    heads = schedule.shape.batch_heads
+    columns = {c: np.tile(template[c], heads) for c in _COLUMNS}
+    head_of_event = np.repeat(np.arange(heads, dtype=np.int64), len(template["kind"]))
+    columns["addr"] += head_of_event * stride_by_id[columns["tensor"]]
+    return columns
+
+
 def _assert_same(schedule):
     fast, ref = build_trace(schedule), build_trace(schedule, reference=True)
+    for kf in fast.kernels:
+        for column, values in _tiled_the_old_way(schedule, kf).items():
+            assert np.array_equal(getattr(kf, column), values), (kf.name, column)
     assert fast.tensor_names == ref.tensor_names
     assert np.array_equal(fast.tensor_base, ref.tensor_base)
     assert len(fast.kernels) == len(ref.kernels)
