@@ -1,7 +1,7 @@
 """What a simulation will cost, estimated before anything is built, and a budget to refuse it.
 
-The trace of a schedule has one event per op per CTA run; it is built for one batch·head in
-Python (:mod:`iosim.trace`) and repeated with NumPy for the others, then replayed. The estimate
+The trace of a schedule has one event per op per CTA run; it is built for one batch·head
+(:mod:`iosim.trace_fast`) and repeated with NumPy for the others, then replayed. The estimate
 counts the events from the program's structure alone (loops times their trip counts, halved
 for causal skipping), without walking it, and turns them into memory and seconds with the
 per-event figures below (measured on this project's 2-core development machine with
@@ -20,11 +20,13 @@ from .schedule import Loop, n_blocks
 #: counts, the timing model's per-event HBM bytes, and NumPy temporaries while tiling): the
 #: explorer example's largest pair (flash2 16 x 16, 59 M events) peaked at 5.9 GB.
 BYTES_PER_EVENT = 100
-#: Bytes each event of the one-head template occupies while Python builds it (lists of ints).
-BYTES_PER_TEMPLATE_EVENT = 800
-#: Seconds per template event (Python walks the program) and per trace event (NumPy tiling,
-#: the L2 replay and the timed model).
-SECONDS_PER_TEMPLATE_EVENT = 3e-6
+#: Bytes each event of the one-head template occupies while it is built (NumPy columns and
+#: their temporaries, iosim.trace_fast).
+BYTES_PER_TEMPLATE_EVENT = 200
+#: Seconds per template event (built with NumPy: 395 k events in 0.023 s for flash2 16 x 16 at
+#: N = 4096, benchmarks/trace_speed.py) and per trace event (tiling, the L2 replay and the
+#: timed model).
+SECONDS_PER_TEMPLATE_EVENT = 1e-7
 SECONDS_PER_EVENT = 3e-7
 
 def _half_the_memory() -> int:
