@@ -24,7 +24,10 @@ from . import kernels as K
 from . import reference as R
 
 SCHEMA = "iosim-gpu-bench-backward/1"
-KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"]}
+KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"],
+                "flash2": ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]}
+FLASH2_FWD_BLOCKS = (128, 64)   # (BR, BC) of the flash2 forward that produces O and L
+FLASH2_BWD_BLOCKS = (64, 64)    # (BR, BC) of flash2_bwd
 GRADS = ("dq", "dk", "dv")
 
 
@@ -78,6 +81,49 @@ class StandardBackward:
 
     def free(self):
         self.dP = self.dS = None
+
+
+class Flash2BackwardRun:
+    """``kernels.Flash2Backward`` behind StandardBackward's ``run(q, k, v, do, saved, dq, dk, dv, events)``,
+    ``saved`` = (O, L) from the flash2 forward."""
+
+    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False):
+        br, bc = block_rows or FLASH2_BWD_BLOCKS[0], block_cols or FLASH2_BWD_BLOCKS[1]
+        self.impl = K.Flash2Backward(shape, causal, br, bc, ordered=ordered)
+        self.ordered = bool(ordered)
+        self.B, self.H, self.N, self.d = shape
+        self.block_rows, self.block_cols = br, bc
+        self.kernel_names = list(self.impl.kernel_names)
+
+    def run(self, q, k, v, do, saved, dq, dk, dv, events=None):
+        o, L = saved
+        self.impl.run(q, k, v, o, L, do, dq, dk, dv, events=events)
+
+    def free(self):
+        self.impl.free()
+
+
+def make_backward(algorithm, shape, causal, ordered=False):
+    if algorithm == "flash2":
+        return Flash2BackwardRun(shape, causal, ordered=ordered)
+    return StandardBackward(shape, causal)
+
+
+def forward_saved(algorithm, q, k, v, causal):
+    """What the backward of ``algorithm`` reads from its forward: P (standard) or (O, L) (flash2)."""
+    if algorithm == "flash2":
+        return forward_flash2(q, k, v, causal)
+    return forward_P(q, k, v, causal)[1]
+
+
+def forward_flash2(q, k, v, causal):
+    """Run the flash2 forward (BR, BC = FLASH2_FWD_BLOCKS); return (O, L)."""
+    import cupy as cp
+
+    pipe = K.make_pipeline("flash2", tuple(q.shape), causal, *FLASH2_FWD_BLOCKS)
+    o = cp.empty_like(q)
+    pipe.run(q, k, v, o)
+    return o, pipe.L
 
 
 def forward_P(q, k, v, causal):
@@ -173,12 +219,13 @@ def _torch_plain_forward(tq, tk, tv, causal):
 
 
 # ------------------------------------------------------------------------------------------------ check
-def check_backward(q, k, v, do, P, refs, fp16_errs, causal=False):
-    """Run the backward twice with NaN-poisoned outputs; per-gradient error rule; identical errors."""
+def check_backward(q, k, v, do, P, refs, fp16_errs, causal=False, algorithm="standard", ordered=False):
+    """Run the backward twice with NaN-poisoned outputs; per-gradient error rule; identical errors.
+    ``P`` is what the algorithm's forward saved (``forward_saved``)."""
     import cupy as cp
 
     B, H, N, d = q.shape
-    bw = StandardBackward((B, H, N, d), causal)
+    bw = make_backward(algorithm, (B, H, N, d), causal, ordered)
     grads = [cp.empty((B, H, N, d), dtype=cp.float16) for _ in range(3)]
     errs = []
     for _ in range(2):
@@ -289,8 +336,7 @@ def run_shape(shape, causal, args, log):
     t0 = time.perf_counter()
     for _ in range(args.input_sets):
         q, k, v, do = (rs.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(4))
-        _, P = forward_P(q, k, v, causal)
-        sets.append((q, k, v, do, P))
+        sets.append((q, k, v, do, forward_saved(args.algorithm, q, k, v, causal)))
     q, k, v, do, P = sets[0]
     refs = attention_backward_reference(q, k, v, do, causal, xp=cp)
     tgrads = torch_plain_grads(q, k, v, do, causal)
@@ -299,11 +345,15 @@ def run_shape(shape, causal, args, log):
     sgrads = sdpa_grads(q, k, v, do, causal)
     sdpa_errs = [R.rel_error(g, r, xp=cp) for g, r in zip(sgrads, refs)]
     del sgrads
-    chk, _ = check_backward(q, k, v, do, P, refs, fp16_errs, causal)
+    chk, _ = check_backward(q, k, v, do, P, refs, fp16_errs, causal, args.algorithm, args.ordered)
     del refs
     cp.get_default_memory_pool().free_all_blocks()
-    bw = StandardBackward(shape, causal)
+    bw = make_backward(args.algorithm, shape, causal, args.ordered)
     total, kern = time_backward(bw, sets, args.warmup, args.repeats)
+    blocks = ({"block_rows": bw.block_rows, "block_cols": bw.block_cols,
+               "dq_accumulation": ("fp32 atomicAdd, K/V blocks in blockIdx.x order per Q block (deterministic)"
+                                   if args.ordered else "fp32 atomicAdd, unordered (as FA2)")}
+              if args.algorithm == "flash2" else {})
     bw.free()
     cp.get_default_memory_pool().free_all_blocks()
     base = {}
@@ -316,11 +366,16 @@ def run_shape(shape, causal, args, log):
     base["sdpa"]["rel_errors"] = dict(zip(GRADS, sdpa_errs))
     base["torch_plain"]["rel_errors"] = dict(zip(GRADS, fp16_errs))
     flops = 8.0 * B * H * N * N * d * (0.5 if causal else 1.0)  # four GEMMs of 2·N²·d each
-    run = {"algorithm": "standard", "pass": "backward", "batch": B, "heads": H, "seq_len": N, "head_dim": d,
+    run = {"algorithm": args.algorithm, "pass": "backward", **blocks,
+           "batch": B, "heads": H, "seq_len": N, "head_dim": d,
            "causal": bool(causal), "passed": chk["passed"], "grads": chk["grads"],
            "rel_error_fp16_reference_source": "torch_plain (fp16 autograd of matmul-softmax-matmul)",
            "time_s": total, "tflops": flops / total["median"] / 1e12, "kernels": kern, "baselines": base,
            "elapsed_s": time.perf_counter() - t0}
+    if args.algorithm == "flash2":
+        run["saved_from_forward"] = (f"O and L from the flash2 forward (BR, BC = {FLASH2_FWD_BLOCKS}); "
+                                     "D = rowsum(dO o O) by flash2_bwd_dot")
+        run["tflops_5gemm"] = flops * 1.25 / total["median"] / 1e12  # + the recomputed S = Q Kᵀ
     sets.clear()
     import torch
 
@@ -329,7 +384,8 @@ def run_shape(shape, causal, args, log):
     km = " ".join(f"{x['name']}={x['time_s']['median'] * 1e3:.3f}" for x in kern)
     bs = " ".join(f"{n}={b['time_s']['median'] * 1e3:.3f}" for n, b in base.items() if "time_s" in b)
     ge = " ".join(f"{g}={chk['grads'][g]['rel_error']:.2e}/{chk['grads'][g]['error_bound']:.2e}" for g in GRADS)
-    log(f"B={B} H={H} N={N} d={d} causal={causal} passed={chk['passed']} total={total['median'] * 1e3:.3f} ms "
+    tag = args.algorithm + (" ordered" if args.ordered else "")
+    log(f"{tag} B={B} H={H} N={N} d={d} causal={causal} passed={chk['passed']} total={total['median'] * 1e3:.3f} ms "
         f"[{km}] baselines(ms) [{bs}] err/bound [{ge}] sdpa_err {['%.2e' % e for e in sdpa_errs]} "
         f"({run['elapsed_s']:.1f}s)")
     return run
@@ -485,6 +541,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--algorithm", choices=sorted(KERNEL_NAMES), default="standard")
+    ap.add_argument("--ordered", action="store_true",
+                    help="flash2: deterministic dQ (K/V blocks take turns per Q block) instead of unordered atomics")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--input-sets", type=int, default=3)
@@ -513,7 +572,9 @@ def main(argv=None) -> int:
            "settings": {"dtype": "fp16", "accumulate": "fp32", "warmup": args.warmup, "repeats": args.repeats,
                         "input_sets": args.input_sets, "seed": args.seed,
                         "input_distribution": "standard normal (Q, K, V, dO), rounded to fp16",
-                        "saved_from_forward": "P from the standard forward pipeline (qk_gemm, softmax, pv_gemm)",
+                        "saved_from_forward": ("P from the standard forward pipeline (qk_gemm, softmax, pv_gemm)"
+                                               if args.algorithm == "standard" else
+                                               "O, L from the flash2 forward (per run: saved_from_forward)"),
                         "timer": "CUDA events around the backward and between its kernels; baselines: "
                                  "torch.cuda events around .backward() only (forward untimed, each repeat)",
                         "error_rule": "per gradient dQ, dK, dV: rel_error <= 2 * rel_error_fp16_reference + 1e-4, "

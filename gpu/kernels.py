@@ -292,3 +292,63 @@ def marker(tag: int):
 
     k = _raw_kernel("softmax.cu", "iosim_marker")
     k((int(tag) + 1,), (32,), (np.int32(tag),))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FlashAttention-2 backward (gpu/flash2_bwd.cu): kernels named as iosim.schedules.flash2.build_backward
+FLASH2_BWD_KERNEL_NAMES = ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]
+
+
+def flash2_bwd_smem_bytes(block_rows: int, block_cols: int, head_dim: int) -> int:
+    """Q, dO (block_rows x d), K, V (block_cols x d), dSᵀ (block_cols x block_rows) fp16 + L, D (fp32 rows)."""
+    return 2 * head_dim * (2 * block_rows + 2 * block_cols) + 2 * block_cols * block_rows + 8 * block_rows
+
+
+class Flash2Backward:
+    """dQ, dK, dV from Q, K, V, O, dO and the forward's L. ``run(q, k, v, o, L, do, dq, dk, dv, events=None)``
+    records ``events[0..3]`` around flash2_bwd_dot, flash2_bwd, flash2_bwd_convert."""
+
+    def __init__(self, shape, causal=False, block_rows=64, block_cols=64, ordered=False):
+        import cupy as cp
+
+        self.ordered = bool(ordered)  # deterministic dQ: K/V blocks add in blockIdx.x order per Q block
+        self.B, self.H, self.N, self.d = shape
+        self.causal = bool(causal)
+        self.br, self.bc = int(block_rows), int(block_cols)
+        if self.br // 16 > self.bc // 16 or self.br % 16 or self.bc % 16:
+            raise ValueError(f"flash2 backward needs BR <= BC, multiples of 16 (got {self.br}, {self.bc})")
+        self.scale = 1.0 / math.sqrt(self.d)
+        self.kernel_names = list(FLASH2_BWD_KERNEL_NAMES)
+        defines = {"HEAD_DIM": self.d, "BR": self.br, "BC": self.bc}
+        self.k_dot = _raw_kernel("flash2_bwd.cu", "flash2_bwd_dot", defines)
+        self.k_main = _raw_kernel("flash2_bwd.cu", "flash2_bwd", defines)
+        self.k_conv = _raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", defines)
+        self.smem = flash2_bwd_smem_bytes(self.br, self.bc, self.d)
+        self.k_main.max_dynamic_shared_size_bytes = self.smem
+        self.threads = (self.bc // 16) * 32
+        B, H, N, d = self.B, self.H, self.N, self.d
+        self.Dv = cp.empty((B, H, N), dtype=cp.float32)
+        self.dQacc = cp.empty((B, H, N, d), dtype=cp.float32)
+        self.sem = cp.zeros((B * H * ((N + self.br - 1) // self.br),), dtype=cp.int32)
+
+    def run(self, q, k, v, o, L, do, dq, dk, dv, events=None):
+        import numpy as np
+
+        B, H, N, d = self.B, self.H, self.N, self.d
+        rows = B * H * N
+        _rec(events, 0)
+        self.k_dot(((rows + 3) // 4,), (128,), (o, do, self.Dv, self.dQacc, self.sem, np.int64(rows),
+                                               np.int32(N)))
+        _rec(events, 1)
+        grid = ((N + self.bc - 1) // self.bc, B * H)
+        self.k_main(grid, (self.threads,), (q, k, v, do, L, self.Dv, self.dQacc, dk, dv, self.sem,
+                                            np.int32(N), np.float32(self.scale), np.int32(self.causal),
+                                            np.int32(self.ordered)), shared_mem=self.smem)
+        _rec(events, 2)
+        n = rows * d
+        self.k_conv((min(132 * 16, (n + 255) // 256),), (256,), (self.dQacc, dq, np.int64(n),
+                                                                  np.float32(self.scale)))
+        _rec(events, 3)
+
+    def free(self):
+        self.Dv = self.dQacc = self.sem = None

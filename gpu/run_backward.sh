@@ -2,6 +2,8 @@
 # Device-side driver of the standard-backward measurement (writes under $OUT).
 #   bash gpu/run_backward.sh          # GPU tests, then the non-causal sweep -> $OUT/bench_backward.json
 #   bash gpu/run_backward.sh more     # append causal runs to the committed file, then ncu DRAM bytes
+#   bash gpu/run_backward.sh flash2   # flash2 backward: GPU tests (small shapes), then flash2 runs (unordered
+#                                     # atomics, causal and not; ordered dQ at N=4096) appended to the committed file
 set -u
 export PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy_cache}
@@ -11,7 +13,19 @@ mkdir -p "$OUT"
   date -u
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv 2>&1
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" 2>&1
-  if [ "${1:-}" = more ]; then
+  if [ "${1:-}" = flash2 ]; then
+    cp experiments/data/h100/bench_backward.json "$OUT/bench_backward.json"
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+        -k "flash2_backward" 2>&1 | tail -25
+    for c in "" "--causal"; do
+      timeout 110 python3 -m gpu.backward --algorithm flash2 --out "$OUT/bench_backward.json" --append $c \
+          --deadline-s 90 2>&1
+    done
+    for c in "" "--causal"; do
+      timeout 60 python3 -m gpu.backward --algorithm flash2 --ordered --seq-lens 4096 \
+          --out "$OUT/bench_backward.json" --append $c --deadline-s 45 2>&1
+    done
+  elif [ "${1:-}" = more ]; then
     cp experiments/data/h100/bench_backward.json "$OUT/bench_backward.json"
     timeout 200 python3 -m gpu.backward --out "$OUT/bench_backward.json" --append --causal --deadline-s 150 2>&1
     timeout 240 python3 -m gpu.backward --ncu --out "$OUT/bench_backward.json" 2>&1 | grep -v "^==PROF==" | tail -40

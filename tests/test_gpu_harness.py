@@ -542,20 +542,24 @@ def test_committed_bench_backward_is_well_formed():
     doc = json.loads((DATA / "bench_backward.json").read_text())
     assert BW.validate(doc) == []
     assert doc["device"]["name"] and doc["schema"] == BW.SCHEMA
-    assert all(r["passed"] for r in doc["runs"])
+    # every run passes the whole rule, except dQ's bitwise reproducibility under flash2's unordered atomicAdd
+    unordered = [r for r in doc["runs"] if "unordered" in r.get("dq_accumulation", "")]
+    assert all(r["passed"] for r in doc["runs"] if r not in unordered)
+    assert all(r["grads"]["dk"]["passed"] and r["grads"]["dv"]["passed"] for r in unordered)
     have = {(r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"]) for r in doc["runs"]}
     assert {(8, 16, 4096, 64, False), (8, 16, 4096, 128, False)} <= have
     for r in doc["runs"]:
-        sched = iosim.build_schedule("standard", iosim.AttentionShape(r["batch"], r["heads"], r["seq_len"],
-                                                                      r["head_dim"], causal=r["causal"]),
-                                     64, 64, pass_="backward")
+        br, bc = r.get("block_rows", 64), r.get("block_cols", 64)
+        sched = iosim.build_schedule(r["algorithm"], iosim.AttentionShape(r["batch"], r["heads"], r["seq_len"],
+                                                                          r["head_dim"], causal=r["causal"]),
+                                     br, bc, pass_="backward")
         assert [k["name"] for k in r["kernels"]] == [k.name for k in sched.kernels]
         # per-kernel medians add up to about the whole backward's median
         assert sum(k["time_s"]["median"] for k in r["kernels"]) == pytest.approx(r["time_s"]["median"], rel=0.05)
         for g in ("dq", "dk", "dv"):
             c = r["grads"][g]
-            assert c["rel_error"] <= 2 * c["rel_error_fp16_reference"] + 1e-4
-            assert c["stable_across_runs"] is True
+            assert c["rel_error"] is not None and c["rel_error"] <= 2 * c["rel_error_fp16_reference"] + 1e-4
+            assert c["stable_across_runs"] is True or (r in unordered and g == "dq")
         assert r["baselines"]["sdpa"]["time_s"]["n"] >= 10
 
 
@@ -585,3 +589,17 @@ def test_backward_reference_numpy_matches_iosim():
         plain = BW.backward_fp16_plain(q, k, v, do, causal)
         for a, b in zip(plain, got):
             assert np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b) < 5e-3
+
+
+def test_flash2_backward_kernel_names_match_simulator():
+    from gpu import backward as BW
+    from iosim.schedules import flash2 as F2
+
+    src = (Path(K.__file__).parent / "flash2_bwd.cu").read_text()
+    for name in BW.KERNEL_NAMES["flash2"]:
+        assert f"\n{name}(" in src
+    assert K.FLASH2_BWD_KERNEL_NAMES == BW.KERNEL_NAMES["flash2"]
+    fsrc = Path(F2.__file__).read_text()
+    for name in BW.KERNEL_NAMES["flash2"]:
+        assert f'"{name}"' in fsrc
+    assert K.flash2_bwd_smem_bytes(64, 64, 128) == 2 * 128 * 256 + 2 * 64 * 64 + 8 * 64
