@@ -621,7 +621,13 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "### The backward pass (unfused standard attention)",
         "Each kernel of the standard backward measured on the H100 (`bench_backward.json`: "
         "cuBLAS GEMMs and our softmax-backward row kernel) beside iosim's prediction for the "
-        "same kernel (`--pass backward`).",
+        "same kernel (`--pass backward`), and the first version of our FlashAttention-2 "
+        "backward kernels (`gpu/flash2_bwd.cu`; only its runs with ordered dQ accumulation "
+        "pass the run-twice-identical rule, so only they are compared). That kernel runs far "
+        "slower than the model predicts for the algorithm, and slower than SDPA's backward: "
+        "the ordered dQ accumulation makes the K/V blocks of a head wait for each other, the "
+        "d = 128 build spills registers and the tiles are single-buffered (gpu/NOTES.md); the "
+        "model describes FlashAttention-2's schedule, not these costs.",
         "",
         (_markdown(_backward_summary(backward),
                    ["kernel", "kernels", "time_ape_median_pct", "time_ape_worst_pct",
