@@ -180,6 +180,19 @@ def scatter_style(algorithm: str, size: float = 30, **overrides) -> dict:
     return style
 
 
+def length_axes(ax, lengths) -> None:
+    """Log-log axes over sequence lengths: N on a base-2 x axis labelled at each length (no
+    minor labels), plain 1/2/5 labels on the y axis."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([str(n) for n in lengths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    plain_log_axis(ax.yaxis)
+
+
 def plain_log_axis(axis, subs=(1.0, 2.0, 5.0)) -> None:
     """Label a log ``axis`` (``ax.xaxis`` / ``ax.yaxis``) with plain numbers at 1, 2, 5 x 10^k
     and no minor-tick labels (matplotlib's default labels minor ticks of a short log axis as

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.ticker import NullFormatter
 
 from iosim import AttentionShape, load_hardware
 from iosim.results import markdown_table, save_figure, write_csv
 
 from ._common import (Section, SimJob, cli, close, is_quick, line_style, new_figure,
-                      plain_log_axis, simulate_many)
+                      length_axes, simulate_many)
 
 HARDWARE = ("a100-40gb", "h100-measured")
 MODELS = ("two-level", "l2")
@@ -93,12 +92,7 @@ def _figure(rows, lengths, tokens, path: Path) -> None:
     for ax, ylabel, title in (
             (left, "GB saved  /  extra GFLOP", "flash2 vs standard: bytes saved, FLOPs added"),
             (right, "predicted time, forward + backward (ms)", "predicted time")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([str(n) for n in lengths])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        plain_log_axis(ax.yaxis)
+        length_axes(ax, lengths)
         ax.set_xlabel(f"sequence length N (B·H = {tokens} / N)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

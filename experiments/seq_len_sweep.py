@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.ticker import NullFormatter
 
 from iosim import AttentionShape
 from iosim.results import markdown_table, save_figure, write_csv
 
 from ._common import (Section, SimJob, cli, close, draw_order, is_quick, line_style,
-                      new_figure, plain_log_axis, simulate_many)
+                      new_figure, length_axes, simulate_many)
 
 HARDWARE = "h100-measured"
 MODEL = "l2"
@@ -86,12 +85,7 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
         for col, (ylabel, what) in enumerate((("HBM reads + writes (GB)", "HBM traffic"),
                                               ("predicted time (ms)", "predicted time"))):
             ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(lengths)
-            ax.set_xticklabels([str(n) for n in lengths])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            plain_log_axis(ax.yaxis)
+            length_axes(ax, lengths)
             ax.set_xlabel("sequence length N (batch = %d / N)" % tokens)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{what}, {mask}")
