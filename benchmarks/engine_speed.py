@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import iosim  # noqa: E402
 from iosim import engine  # noqa: E402
 from iosim.schedules import build_schedule  # noqa: E402
-from iosim.simulate import concurrent_ctas  # noqa: E402
+from iosim.simulate import concurrent_ctas, kernel_occupancies  # noqa: E402
 from iosim.trace import build_trace  # noqa: E402
 
 GPT2_MEDIUM = dict(batch=64, heads=16, seq_len=1024, head_dim=64, dtype="fp16")
@@ -106,13 +106,13 @@ def timed(fn):
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
-def replay_kernels(kernels, hw, n_sets, assoc):
-    """Run every kernel through engine.replay_l2; total line accesses."""
+def replay_kernels(trace, hw, n_sets, assoc):
+    """Run every kernel of ``trace`` through engine.replay_l2; total line accesses."""
     accesses = 0
-    for kt in kernels:
+    for kt, occ in zip(trace.kernels, kernel_occupancies(trace, hw)):
         counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
         event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
-        slots = concurrent_ctas(kt.smem_bytes_per_cta, hw, kt.n_ctas)
+        slots = concurrent_ctas(occ, hw, kt.n_ctas)
         engine.replay_l2(kt.cta_start, kt.kind, kt.addr, kt.rows, kt.row_bytes, kt.row_stride,
                          slots, n_sets, assoc, hw.l2_line_bytes, hw.l2_sector_bytes, counts,
                          event_counts)
@@ -122,7 +122,7 @@ def replay_kernels(kernels, hw, n_sets, assoc):
 
 def traces_of(algorithm, shape, hw):
     schedule = build_schedule(algorithm, shape, sram_bytes=hw.sram_bytes_per_block)
-    return build_trace(schedule).kernels
+    return build_trace(schedule)
 
 
 def best_of(repeat, fn):

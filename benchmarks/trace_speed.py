@@ -9,8 +9,9 @@ Br=Bc=16, 64, 128. Per case: events, then seconds of the one-batch·head templat
 was a Python loop per op) and of the whole ``build_trace`` (the template tiled over batch·heads
 by NumPy), old and new, best of ``--repeat`` after one untimed warm-up build (the first
 touch of a few GB of fresh memory costs page faults, ~1 s per GB on a small VM). The old
-``build_trace`` (``reference=True``) is the reference walker with the old tiling (a per-event
-head index); the new one adds the per-head address offsets as one (heads x events) broadcast.
+``build_trace`` (``reference=True``) is the reference walker; both now add the per-head address
+offsets as one (heads x events) broadcast (the table below was measured when the reference
+also tiled addresses the old way, with a per-event head index).
 
 Measured 2026-11-26 (2-core shared VM, seconds, best of 2; non-causal / --causal):
 

@@ -45,10 +45,6 @@ class Occupancy:
     def warps_per_sm(self) -> int:
         return self.ctas_per_sm * self.warps_per_cta
 
-    def fraction(self, hardware) -> float:
-        """Resident warps over the SM's maximum (the 'theoretical occupancy')."""
-        return self.warps_per_sm / hardware.max_warps_per_sm
-
     def to_dict(self) -> dict:
         out = asdict(self)
         out["warps_per_sm"] = self.warps_per_sm

@@ -102,10 +102,16 @@ class SimulationResult:
         })
 
 
-def concurrent_ctas(kernel, shape, hardware: Hardware, n_ctas: int) -> int:
-    """CTAs resident at once: SMs x CTAs per SM as the occupancy calculator allows."""
-    per_sm = occupancy(kernel, shape.head_dim, shape.seq_len, hardware).ctas_per_sm
-    return max(1, min(n_ctas, hardware.sm_count * per_sm))
+def concurrent_ctas(occ, hardware: Hardware, n_ctas: int) -> int:
+    """CTAs resident at once: SMs x the CTAs per SM that occupancy ``occ`` allows."""
+    return max(1, min(n_ctas, hardware.sm_count * occ.ctas_per_sm))
+
+
+def kernel_occupancies(trace, hardware: Hardware) -> list:
+    """The occupancy (:mod:`iosim.occupancy`) of every kernel of ``trace``."""
+    shape = trace.schedule.shape
+    return [occupancy(kt.kernel, shape.head_dim, shape.seq_len, hardware)
+            for kt in trace.kernels]
 
 
 def check_time_model(time_model: str) -> str:
@@ -138,16 +144,19 @@ def tile_traffic_by_tensor(kt, tensor_names) -> dict:
     return traffic
 
 
-def replay(trace, hardware: Hardware, model: str) -> list[tuple[dict, np.ndarray]]:
+def replay(trace, hardware: Hardware, model: str,
+           occupancies=None) -> list[tuple[dict, np.ndarray]]:
     """Run every kernel of ``trace`` through the engine: per kernel, its counter dict and each
-    event's HBM bytes (read, plus written back by the evictions it caused)."""
+    event's HBM bytes (read, plus written back by the evictions it caused). The L2 model keeps
+    as many CTAs resident as ``occupancies`` (default: :func:`kernel_occupancies`) allow."""
     results = []
-    shape = trace.schedule.shape
-    for kt in trace.kernels:
+    if occupancies is None:
+        occupancies = kernel_occupancies(trace, hardware)
+    for kt, occ in zip(trace.kernels, occupancies):
         counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
         engine.sum_events(kt.kind, kt.rows, kt.row_bytes, kt.flops_tensor, kt.flops_scalar,
                           kt.sram_read, kt.sram_write, counts)
-        slots = concurrent_ctas(kt.kernel, shape, hardware, kt.n_ctas)
+        slots = concurrent_ctas(occ, hardware, kt.n_ctas)
         if model == "l2":
             counts[engine.HBM_READ] = counts[engine.HBM_WRITE] = 0
             event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
@@ -202,8 +211,10 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
     schedule = trace.schedule
     shape = schedule.shape
     kernels, timelines = [], {}
-    for (row, hbm_by_event), kt in zip(replay(trace, hardware, model), trace.kernels):
-        timed = time_kernel(kt, hbm_by_event, hardware, shape)
+    occupancies = kernel_occupancies(trace, hardware)
+    for (row, hbm_by_event), kt, occ in zip(replay(trace, hardware, model, occupancies),
+                                            trace.kernels, occupancies):
+        timed = time_kernel(kt, hbm_by_event, hardware, shape, occ)
         timelines[kt.name] = timed
         kernels.append(_finish(KernelResult(**row), timed, hardware, shape.dtype, model,
                                time_model))

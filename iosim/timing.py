@@ -64,12 +64,6 @@ class TimedKernel:
     cta_end_s: np.ndarray = field(repr=False)
     cta_limiter: np.ndarray = field(repr=False)  # index into LIMITERS
 
-    def timeline(self) -> dict:
-        """Per CTA: SM, start and end time (seconds) and limiter, as plain lists."""
-        return {"sm": self.cta_sm.tolist(), "start_s": self.cta_start_s.tolist(),
-                "end_s": self.cta_end_s.tolist(),
-                "limiter": [LIMITERS[i] for i in self.cta_limiter]}
-
 
 def _per_cta(values: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
     """Sum of ``values`` over each CTA's events (CTAs with no events get 0)."""
@@ -339,11 +333,13 @@ def dispatch(n_sms, slots_per_sm, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes
     return end
 
 
-def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape) -> TimedKernel:
+def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None) -> TimedKernel:
     """Run the timed model on one kernel trace of a workload of ``shape`` (see the module
-    docstring). ``hbm_by_event``: each event's HBM bytes, read and written back."""
+    docstring). ``hbm_by_event``: each event's HBM bytes, read and written back; ``occ``: the
+    kernel's occupancy, when the caller has it already."""
     hw = hardware
-    occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
+    if occ is None:
+        occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
     demand = cta_demands(kt, hbm_by_event, hw, shape.dtype)
     clock = hw.clock_hz
     n = kt.n_ctas

@@ -171,8 +171,8 @@ def build_trace(schedule, reference: bool = False) -> Trace:
     """Events of every kernel of ``schedule`` over all batch·heads.
 
     One batch·head's events come from :func:`iosim.trace_fast.head_template` (vectorised), or
-    with ``reference`` from the op-by-op walker :func:`_head_template_reference`, tiled over
-    batch·heads as before the vectorised builder (the same arrays, slower)."""
+    with ``reference`` from the op-by-op walker :func:`_head_template_reference` (the same
+    arrays, slower: the oracle the tests compare the vectorised builder with)."""
     template_of = _head_template_reference if reference else trace_fast.head_template
     shape = schedule.shape
     base, head_stride = tensor_layout(schedule)
@@ -189,13 +189,9 @@ def build_trace(schedule, reference: bool = False) -> Trace:
         head["cta_start"] = starts
         # batch·head h's addresses: the template's plus h times the tensor's per-head stride
         # (tensor id -1, compute events, picks the trailing 0 stride)
-        if reference:  # as before trace_fast: a per-event head index
-            head_of_event = np.repeat(np.arange(heads, dtype=np.int64), per_head)
-            columns["addr"] += head_of_event * stride_by_id[columns["tensor"]]
-        else:  # one (heads x events) broadcast product
-            addr = columns["addr"].reshape(heads, per_head)
-            addr += (np.arange(heads, dtype=np.int64)[:, None]
-                     * stride_by_id[template["tensor"]][None, :])
+        addr = columns["addr"].reshape(heads, per_head)
+        addr += (np.arange(heads, dtype=np.int64)[:, None]
+                 * stride_by_id[template["tensor"]][None, :])
         ctas_per_head = len(starts) - 1
         cta_start = (starts[:-1][None, :] + per_head * np.arange(heads)[:, None]).ravel()
         cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
