@@ -117,9 +117,16 @@ def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[i
                   rows_per_warp=None, pass_: str = "forward") -> list[tuple[int, int, int]]:
     """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits the hardware's
     SRAM per thread block and whose CTAs fit an SM (warps, registers: the occupancy rules)."""
+    return [(br, bc, need) for (br, bc), (need, _) in
+            _fitting_schedules(algorithm, shape, hardware, sizes, rows_per_warp, pass_)]
+
+
+def _fitting_schedules(algorithm, shape, hardware, sizes, rows_per_warp, pass_) -> list:
+    """((Br, Bc), (SRAM bytes per CTA, schedule)) of every fitting pair, sorted by (Br, Bc)
+    (sizes clipped to N give each pair once)."""
     from .occupancy import occupancy
 
-    pairs = []
+    found = {}
     for br in sizes:
         for bc in sizes:
             try:
@@ -131,8 +138,8 @@ def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[i
             except TilingError:
                 continue
             need = max(k.smem_bytes(shape.head_dim, shape.seq_len) for k in schedule.kernels)
-            pairs.append((schedule.block_rows, schedule.block_cols, need))
-    return sorted(set(pairs))
+            found[(schedule.block_rows, schedule.block_cols)] = (need, schedule)
+    return sorted(found.items(), key=lambda item: item[0])
 
 
 def _simulate_pair(job) -> BlockChoice:
@@ -198,7 +205,8 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
     sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
-    pairs = fitting_pairs(algorithm, shape, hw, sizes, rows_per_warp, pass_)
+    fitting = _fitting_schedules(algorithm, shape, hw, sizes, rows_per_warp, pass_)
+    pairs = [(br, bc, need) for (br, bc), (need, _) in fitting]
     if not pairs:
         raise IosimError(
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
@@ -206,22 +214,19 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             "raise --sram-bytes or try smaller candidate sizes")
     jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need)
             for br, bc, need in pairs]
-    _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, min(workers, len(jobs)),
-                  max_memory_bytes, max_seconds)
+    _check_budget(algorithm, shape, [schedule for _, (_, schedule) in fitting],
+                  min(workers, len(jobs)), max_memory_bytes, max_seconds)
     rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
                     progress=progress, desc=f"{algorithm} {shape.describe()}")
     return sorted(rows, key=rank_key)
 
 
-def _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, parallel,
-                  max_memory_bytes, max_seconds) -> None:
+def _check_budget(algorithm, shape, schedules, parallel, max_memory_bytes,
+                  max_seconds) -> None:
     """Refuse a ranking whose estimated memory (the ``parallel`` costliest pairs at once) or
     time (all pairs over ``parallel`` workers) exceeds the budget, before simulating any."""
-    costs = sorted((budget.estimate(build_schedule(algorithm, shape, br, bc,
-                                                   sram_bytes=hw.sram_bytes_per_block,
-                                                   rows_per_warp=rows_per_warp,
-                                                   pass_=pass_))
-                    for br, bc, _ in pairs), key=lambda c: -c.memory_bytes)
+    costs = sorted((budget.estimate(schedule) for schedule in schedules),
+                   key=lambda c: -c.memory_bytes)
     memory = sum(c.memory_bytes for c in costs[:parallel])
     seconds = sum(c.seconds for c in costs) / parallel
     over = []
@@ -232,7 +237,7 @@ def _check_budget(algorithm, shape, hw, rows_per_warp, pass_, pairs, parallel,
         over.append(f"{seconds / 60:.3g} min over the budget of {max_seconds / 60:.3g} min")
     if over:
         raise budget.BudgetError(
-            f"ranking {len(pairs)} block pairs of {algorithm} at {shape.describe()} would take "
+            f"ranking {len(schedules)} block pairs of {algorithm} at {shape.describe()} would take "
             f"{' and '.join(over)} ({parallel} at a time); use a smaller batch, fewer heads or "
             "a shorter sequence (the ranking rarely changes with B·H), fewer --workers, or "
             "raise the budget (--max-memory-gb, --max-minutes)")
