@@ -180,15 +180,15 @@ def scatter_style(algorithm: str, size: float = 30, **overrides) -> dict:
     return style
 
 
-def length_axes(ax, lengths) -> None:
-    """Log-log axes over sequence lengths: N on a base-2 x axis labelled at each length (no
-    minor labels), plain 1/2/5 labels on the y axis."""
+def pow2_log_axes(ax, ticks) -> None:
+    """Log-log axes over powers of two (sequence lengths, block sizes): a base-2 x axis
+    labelled at each of ``ticks`` (no minor labels), plain 1/2/5 labels on the y axis."""
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(lengths)
-    ax.set_xticklabels([str(n) for n in lengths])
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(n) for n in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     plain_log_axis(ax.yaxis)
 

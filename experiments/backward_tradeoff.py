@@ -12,7 +12,7 @@ from iosim import AttentionShape, load_hardware
 from iosim.results import markdown_table, save_figure, write_csv
 
 from ._common import (Section, SimJob, cli, close, is_quick, line_style, new_figure,
-                      length_axes, simulate_many)
+                      pow2_log_axes, simulate_many)
 
 HARDWARE = ("a100-40gb", "h100-measured")
 MODELS = ("two-level", "l2")
@@ -92,7 +92,7 @@ def _figure(rows, lengths, tokens, path: Path) -> None:
     for ax, ylabel, title in (
             (left, "GB saved  /  extra GFLOP", "flash2 vs standard: bytes saved, FLOPs added"),
             (right, "predicted time, forward + backward (ms)", "predicted time")):
-        length_axes(ax, lengths)
+        pow2_log_axes(ax, lengths)
         ax.set_xlabel(f"sequence length N (B·H = {tokens} / N)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

@@ -19,7 +19,7 @@ from iosim.results import markdown_table, save_figure, write_csv
 from iosim.schedules import build_schedule
 
 from ._common import (Section, SimJob, cli, close, is_quick, line_style, new_figure,
-                      plain_log_axis, simulate_many)
+                      pow2_log_axes, simulate_many)
 
 HARDWARE = "a100-40gb"
 MODELS = ("two-level", "l2")
@@ -66,7 +66,6 @@ def plot(rows: list[dict], sizes: list[int], shape: AttentionShape, path: Path) 
     """One row of panels per memory model (HBM traffic, predicted time), the series in each;
     one legend for the series (they are the same in every panel) and, inside a panel, a note
     naming the series whose lines coincide there."""
-    from matplotlib.ticker import NullFormatter
 
     fig, axes = new_figure(ncols=2, nrows=len(MODELS), width=5.6, height=3.6, sharey="col")
     panels = (("hbm_bytes", 1e-9, "HBM reads + writes (GB)", "HBM accesses"),
@@ -89,12 +88,7 @@ def plot(rows: list[dict], sizes: list[int], shape: AttentionShape, path: Path) 
                 ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right",
                         va="top", fontsize=7.5, color="0.25",
                         bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.8", alpha=0.9))
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(sizes)
-            ax.set_xticklabels([str(s) for s in sizes])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            plain_log_axis(ax.yaxis)
+            pow2_log_axes(ax, sizes)
             ax.set_xlabel("block size Bc (columns of S per block)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{title}, {model} model")

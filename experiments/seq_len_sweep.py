@@ -10,7 +10,7 @@ from iosim import AttentionShape
 from iosim.results import markdown_table, save_figure, write_csv
 
 from ._common import (Section, SimJob, cli, close, draw_order, is_quick, line_style,
-                      new_figure, length_axes, simulate_many)
+                      new_figure, pow2_log_axes, simulate_many)
 
 HARDWARE = "h100-measured"
 MODEL = "l2"
@@ -85,7 +85,7 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
         for col, (ylabel, what) in enumerate((("HBM reads + writes (GB)", "HBM traffic"),
                                               ("predicted time (ms)", "predicted time"))):
             ax = axes[row][col]
-            length_axes(ax, lengths)
+            pow2_log_axes(ax, lengths)
             ax.set_xlabel("sequence length N (batch = %d / N)" % tokens)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{what}, {mask}")

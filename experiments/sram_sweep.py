@@ -92,7 +92,7 @@ def _settles(sel: list[dict]) -> dict | None:
 def describe(rows: list[dict], shape: AttentionShape, lower_bound: int) -> str:
     """What the three curves do, read from ``rows``: where each falls, where it stops and how
     far above the lower bound it stops."""
-    n, d = shape.seq_len, shape.head_dim
+    n = shape.seq_len
     by = {label: sorted((r for r in rows if r["series"] == label), key=lambda r: r["sram_bytes"])
           for label in SERIES_STYLE}
     parts = []
