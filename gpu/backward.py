@@ -151,18 +151,13 @@ def attention_backward_reference(q, k, v, do, causal, scale=None, xp=None):
     for b in range(B):
         for h in range(H):
             qq, kk, vv, gg = (x[b, h].astype(xp.float64) for x in (q, k, v, do))
-            s = (qq @ kk.T) * scale
-            if causal:
-                s = xp.where(keep, s, -xp.inf)
-            s -= s.max(axis=1, keepdims=True)
-            p = xp.exp(s)
-            p /= p.sum(axis=1, keepdims=True)
+            p = R.softmax_rows((qq @ kk.T) * scale, keep, xp)
             outs[2][b, h] = p.T @ gg
             dp = gg @ vv.T
             ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
             outs[0][b, h] = scale * (ds @ kk)
             outs[1][b, h] = scale * (ds.T @ qq)
-            del s, p, dp, ds
+            del p, dp, ds
     return tuple(outs)
 
 
@@ -180,11 +175,7 @@ def backward_fp16_plain(q, k, v, do, causal, scale=None, xp=None):
         for h in range(H):
             qq, kk, vv, gg = (x[b, h].astype(f32) for x in (q, k, v, do))
             s = ((qq @ kk.T).astype(f16).astype(f32) * scale).astype(f16).astype(f32)
-            if causal:
-                s = xp.where(keep, s, -xp.inf)
-            s -= s.max(axis=1, keepdims=True)
-            p = xp.exp(s)
-            p = (p / p.sum(axis=1, keepdims=True)).astype(f16).astype(f32)
+            p = R.softmax_rows(s, keep, xp).astype(f16).astype(f32)
             outs[2][b, h] = (p.T @ gg).astype(f16)
             dp = (gg @ vv.T).astype(f16).astype(f32)
             ds = (p * (dp - (p * dp).sum(axis=1, keepdims=True))).astype(f16).astype(f32)

@@ -15,6 +15,18 @@ ERROR_FACTOR = 2.0
 ERROR_SLACK = 1e-4
 
 
+def softmax_rows(s, keep=None, xp=np):
+    """The stable row softmax of scores ``s`` (set to -inf where ``keep`` is False, when
+    given), in ``s``'s dtype: subtract each row's max, exponentiate, divide by the row sum.
+    Works in place on ``s`` (pass a temporary; N x N in float64 is large) and returns it."""
+    if keep is not None:
+        s = xp.where(keep, s, -xp.inf)
+    s -= s.max(axis=1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=1, keepdims=True)
+    return s
+
+
 def attention_reference(q, k, v, causal: bool, scale: float | None = None, xp=np):
     """softmax(scale * q k^T [causal mask]) v in float64, computed one (b, h) slice at a time.
 
@@ -31,14 +43,9 @@ def attention_reference(q, k, v, causal: bool, scale: float | None = None, xp=np
             qq = q[b, h].astype(xp.float64)
             kk = k[b, h].astype(xp.float64)
             vv = v[b, h].astype(xp.float64)
-            s = (qq @ kk.T) * scale
-            if causal:
-                s = xp.where(keep, s, -xp.inf)
-            s -= s.max(axis=1, keepdims=True)
-            p = xp.exp(s)
-            p /= p.sum(axis=1, keepdims=True)
+            p = softmax_rows((qq @ kk.T) * scale, keep if causal else None, xp)
             out[b, h] = p @ vv
-            del s, p
+            del p
     return out
 
 
@@ -74,11 +81,7 @@ def attention_fp16_plain(q, k, v, causal: bool, scale: float | None = None, xp=n
         for h in range(H):
             s = (q[b, h].astype(xp.float32) @ k[b, h].astype(xp.float32).T).astype(xp.float16)
             s = (s.astype(xp.float32) * scale).astype(xp.float16).astype(xp.float32)
-            if causal:
-                s = xp.where(keep, s, -xp.inf)
-            s -= s.max(axis=1, keepdims=True)
-            p = xp.exp(s)
-            p = (p / p.sum(axis=1, keepdims=True)).astype(xp.float16)
+            p = softmax_rows(s, keep if causal else None, xp).astype(xp.float16)
             out[b, h] = (p.astype(xp.float32) @ v[b, h].astype(xp.float32)).astype(xp.float16)
     return out
 
