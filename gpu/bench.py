@@ -31,6 +31,15 @@ DEFAULTS = {"warmup": 3, "repeats": 20, "input_sets": 3}
 
 
 
+
+def kernel_resources(algorithm: str, pipe) -> dict:
+    """What a flash pipeline's kernel is built with (warp tiling, Q in registers, threads and
+    shared memory per CTA), for its record; nothing for the other algorithms."""
+    if algorithm not in SW.FLASH:
+        return {}
+    return {"warp_rows": 16 * pipe.wm, "q_in_registers": bool(pipe.qreg),
+            "threads": pipe.threads, "smem_bytes": pipe.smem}
+
 def profiled_run(pipe, q, k, v, out, tag: int) -> None:
     """For ncu: run ``pipe`` once as warm-up, then once inside the NVTX range ``iosim_prof``
     between marker kernels (``tag``, then 0, which closes the segment: later launches such as
@@ -246,9 +255,7 @@ def run_group(group: list[dict], args, deadline: float, log) -> tuple[list, list
         pipe = None
         try:
             pipe = K.make_pipeline(alg, (B, H, N, d), causal, cfg["block_rows"], cfg["block_cols"])
-            if alg in SW.FLASH:
-                rec.update(warp_rows=16 * pipe.wm, q_in_registers=bool(pipe.qreg), threads=pipe.threads,
-                           smem_bytes=pipe.smem)
+            rec.update(kernel_resources(alg, pipe))
             # correctness on poisoned output, twice (a moving error is a race)
             chk = check_pipeline(pipe, q0, k0, v0, out, ref, fp16_err)
             rec.update(chk)
@@ -294,8 +301,6 @@ def base_doc(args) -> dict:
 
 
 def cmd_bench(args) -> int:
-    import cupy as cp
-
     t0 = time.monotonic()
     deadline = t0 + args.deadline_s
     doc = base_doc(args)

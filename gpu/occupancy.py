@@ -198,9 +198,7 @@ def cmd_child(args) -> int:
             pipe = None
             try:
                 pipe = K.make_pipeline(alg, (B, H, N, d), False, var["block_rows"], var["block_cols"])
-                if alg in SW.FLASH:
-                    entry.update(warp_rows=16 * pipe.wm, q_in_registers=bool(pipe.qreg), threads=pipe.threads,
-                                 smem_bytes=pipe.smem)
+                entry.update(BN.kernel_resources(alg, pipe))
                 chk = BN.check_pipeline(pipe, q, k, v, out, ref, fp16_err)
                 entry.update(chk)
                 if not chk["passed"]:
