@@ -38,7 +38,7 @@ def _as_path(path) -> Path:
                          f"{type(path).__name__}") from None
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
-    if raw == "" or raw.strip() == "":
+    if raw.strip() == "":
         raise IosimError(f"the output path is empty or blank; {_ALLOWED}")
     return Path(raw)
 
