@@ -9,6 +9,11 @@
 // Writes O (fp16, (B,H,N,D)) and the log-sum-exp L (fp32, (B,H,N), natural log, of scale*QK^T) once.
 //
 // Compile-time parameters (defines): HEAD_DIM (64/128), BR, BC (multiples of 16), WM, QREG. Causal is a run-time flag.
+//
+// GQA (define GQA=1; gpu/inference.py): K, V are (B, Hkv, M, D) with Hkv = H / group; query head h of batch b
+// (blockIdx.y = b*H + h) reads kv head h / group, i.e. K/V slice blockIdx.y / group; the kernel takes two more
+// arguments (int M, int group). M may differ from N; causal is then aligned at the end: query row r sees key c
+// iff c <= r + (M - N). Without GQA the kernel (signature, code, SASS) is the MHA kernel: M = N, group = 1.
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -25,6 +30,9 @@
 #endif
 #ifndef WM
 #define WM 1      // 16-row m-tiles per warp (1: 16 rows, 2: 32 rows -- halves the K/V shared-memory reads per FLOP)
+#endif
+#ifndef GQA
+#define GQA 0     // 1: grouped-query K/V (B, H/group, M, D) and two more kernel arguments (M, group); see above
 #endif
 #ifndef QREG
 #define QREG 1    // 1: Q fragments live in registers for the whole CTA; 0: re-read from shared memory each block
@@ -43,8 +51,21 @@ static_assert(NT % 2 == 0 && DT % 2 == 0 && KD % 2 == 0, "pairs of n-tiles");
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __restrict__ V,
-           h16* __restrict__ O, float* __restrict__ L, int N, float scale, int causal)
+           h16* __restrict__ O, float* __restrict__ L, int N, float scale, int causal
+#if GQA
+           , int M, int group
+#endif
+           )
 {
+#if GQA
+#define KV_LEN M                 // K/V rows per (batch, kv head)
+#define KV_OFF (M - N)           // end-aligned causal: row r sees keys c <= r + KV_OFF
+#define KV_SLICE (bh / group)    // (b*H + h) / group = b*Hkv + h/group
+#else
+#define KV_LEN N
+#define KV_OFF 0
+#define KV_SLICE bh
+#endif
     extern __shared__ __align__(128) unsigned char smem_raw[];
     h16* sQ = reinterpret_cast<h16*>(smem_raw);            // BR x D
     h16* sK = sQ + BR * D;                                   // 2 x BC x D
@@ -58,14 +79,14 @@ flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
     const int q0 = qb * BR;
     const size_t bh = blockIdx.y;
     const h16* Qb = Q + bh * (size_t)N * D;
-    const h16* Kb = K + bh * (size_t)N * D;
-    const h16* Vb = V + bh * (size_t)N * D;
+    const h16* Kb = K + KV_SLICE * (size_t)KV_LEN * D;
+    const h16* Vb = V + KV_SLICE * (size_t)KV_LEN * D;
 
-    const int nkb_all = (N + BC - 1) / BC;
+    const int nkb_all = (KV_LEN + BC - 1) / BC;
     int nkb = nkb_all;
     if (causal) {
         const int last_row = min(q0 + BR, N) - 1;
-        nkb = min(nkb_all, last_row / BC + 1);
+        nkb = min(nkb_all, (last_row + KV_OFF) / BC + 1);
     }
 
     const float sl2 = scale * 1.4426950408889634f;  // scale * log2(e)
@@ -74,8 +95,8 @@ flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
 
     // prologue: Q, K0, V0
     load_tile_async<BR, D, THREADS>(sQ, Qb, q0, N, tid);
-    load_tile_async<BC, D, THREADS>(sK, Kb, 0, N, tid);
-    load_tile_async<BC, D, THREADS>(sV, Vb, 0, N, tid);
+    load_tile_async<BC, D, THREADS>(sK, Kb, 0, KV_LEN, tid);
+    load_tile_async<BC, D, THREADS>(sV, Vb, 0, KV_LEN, tid);
     cp_async_commit();
 
 #if QREG
@@ -110,13 +131,13 @@ flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
 #endif
         if (j + 1 < nkb) {
             const int nb = (j + 1) & 1;
-            load_tile_async<BC, D, THREADS>(sK + nb * BC * D, Kb, (j + 1) * BC, N, tid);
-            load_tile_async<BC, D, THREADS>(sV + nb * BC * D, Vb, (j + 1) * BC, N, tid);
+            load_tile_async<BC, D, THREADS>(sK + nb * BC * D, Kb, (j + 1) * BC, KV_LEN, tid);
+            load_tile_async<BC, D, THREADS>(sV + nb * BC * D, Vb, (j + 1) * BC, KV_LEN, tid);
             cp_async_commit();
         }
         const int k0 = j * BC;
         // causal: this warp's rows all lie left of (above) this block -> nothing to add
-        if (causal && k0 > wrow0 + ROWS_W - 1) continue;
+        if (causal && k0 > wrow0 + ROWS_W - 1 + KV_OFF) continue;
 
         const int buf = j & 1;
         const u32 kbase = sKa + buf * BC * D * 2;
@@ -161,7 +182,7 @@ flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
         }
 
         // ---- mask tail columns / causal ----
-        const bool need_mask = (k0 + BC > N) || (causal && (k0 + BC - 1 > wrow0));
+        const bool need_mask = (k0 + BC > KV_LEN) || (causal && (k0 + BC - 1 > wrow0 + KV_OFF));
         if (need_mask) {
 #pragma unroll
             for (int mt = 0; mt < WM; ++mt)
@@ -171,7 +192,7 @@ flash2_fwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
                     for (int e = 0; e < 4; ++e) {
                         const int col = k0 + nt * 8 + 2 * c4 + (e & 1);
                         const int row = wrow0 + mt * 16 + g + ((e < 2) ? 0 : 8);
-                        if (col >= N || (causal && col > row)) s[mt][nt][e] = NEG_INF_F;
+                        if (col >= KV_LEN || (causal && col > row + KV_OFF)) s[mt][nt][e] = NEG_INF_F;
                     }
                 }
         }
