@@ -12,6 +12,7 @@ import numpy as np
 
 from . import schedule as sch
 from .errors import IosimError, TensorOverflowWarning
+from .reference import dropout_keep
 from .schedules import build_schedule
 from .shape import AttentionShape
 
@@ -91,9 +92,11 @@ def _overflow_message(overflow: _Overflow, schedule) -> str:
 
 
 class _CTA:
-    """Numeric state of one CTA: its on-chip buffers, over the global tensors of one head."""
+    """Numeric state of one CTA: its on-chip buffers, over the global tensors of one head
+    (``head``: the batch·query head, or for a kernel over K/V heads the batch·K/V head)."""
 
-    def __init__(self, kernel, head_tensors, compute_dtype, scale, overflow=None):
+    def __init__(self, kernel, head_tensors, compute_dtype, scale, overflow=None, *,
+                 head=0, shape=None, slabbed=(), seed=0):
         self.kernel = kernel
         self.buffers = {}
         self.tensors = head_tensors
@@ -101,30 +104,46 @@ class _CTA:
         self.scale = scale
         self.specs = kernel.buffer_map()
         self.overflow = _Overflow() if overflow is None else overflow
+        self.head, self.shape, self.slabbed, self.seed = head, shape, slabbed, seed
 
-    def _slice(self, token, index, block_sizes):
-        if token in ("N", "d", "1"):
-            return slice(None)
-        start = index[token] * block_sizes[token]
-        return slice(start, start + block_sizes[token])
+    def _slice(self, token, index, dims):
+        if token not in index:  # a whole-extent token ("N", "M", "L", "G", "d", "1")
+            return slice(0, dims[token])
+        start = index[token] * self.kernel.blocks[token]
+        return slice(start, start + dims[token])
 
     def _offset(self, token, index):
-        return 0 if token == "N" else index[token] * self.kernel.blocks[token]
+        return index[token] * self.kernel.blocks[token] if token in index else 0
+
+    def _tensor(self, name, index):
+        """The (rows, cols) array of tensor ``name`` this CTA addresses (its slab, if any)."""
+        array = self.tensors[name]
+        slab_var = self.slabbed.get(name)
+        return array if slab_var is None else array[index[slab_var]]
+
+    def _query_rows(self, token, index, count):
+        """(query head, query row) of each of ``count`` tile rows starting at ``token``'s
+        block: rows of a "G" tile run over the group's heads, N rows each."""
+        rows = self._offset(token, index) + np.arange(count)
+        if (token if token not in self.kernel.blocks else self.kernel.span(token)) == "G":
+            n, g = self.shape.seq_len, self.shape.group_size
+            return self.head * g + rows // n, rows % n
+        return np.full(count, self.head), rows
 
     def step(self, step: sch.Step):
         op, index, dims = step.op, step.index, step.dims
-        buf, blocks = self.buffers, self.kernel.blocks
+        buf = self.buffers
         if isinstance(op, sch.Load):
-            tile = self.tensors[op.tensor][self._slice(op.rows, index, blocks),
-                                           self._slice(op.cols, index, blocks)]
+            tile = self._tensor(op.tensor, index)[self._slice(op.rows, index, dims),
+                                                  self._slice(op.cols, index, dims)]
             buf[op.buffer] = tile.astype(self.compute_dtype)
         elif isinstance(op, sch.Store):
-            target = self.tensors[op.tensor]
+            target = self._tensor(op.tensor, index)
             source = buf[op.buffer]
             with np.errstate(over="ignore"):  # reported once, as a TensorOverflowWarning
                 stored = source.astype(target.dtype)
             self.overflow.record(op.tensor, self.kernel.name, source, stored)
-            tile = (self._slice(op.rows, index, blocks), self._slice(op.cols, index, blocks))
+            tile = (self._slice(op.rows, index, dims), self._slice(op.cols, index, dims))
             if op.accumulate:  # an atomic add into the tensor (float32 on the GPU)
                 with np.errstate(over="ignore", invalid="ignore"):
                     target[tile] += stored
@@ -152,9 +171,23 @@ class _CTA:
             buf[op.buffer] = buf[op.buffer] * self.scale
         elif isinstance(op, sch.CausalMask):
             x = buf[op.buffer]
-            rows = self._offset(op.row_var, index) + np.arange(x.shape[0])[:, None]
+            _, rows = self._query_rows(op.row_var, index, x.shape[0])
+            rows = rows[:, None] + sch.causal_offset(self.kernel, dims)
             cols = self._offset(op.col_var, index) + np.arange(x.shape[1])[None, :]
             buf[op.buffer] = np.where(cols > rows, op.value, x)
+        elif isinstance(op, sch.KeyPaddingMask):
+            x = buf[op.buffer]
+            cols = self._offset(op.col_var, index) + np.arange(x.shape[1])[None, :]
+            buf[op.buffer] = np.where(cols >= dims["L"], -np.inf, x)
+        elif isinstance(op, sch.Dropout):
+            x = buf[op.buffer]
+            heads, rows = self._query_rows(op.row_var, index, x.shape[0])
+            cols = self._offset(op.col_var, index) + np.arange(x.shape[1])
+            keep = dropout_keep(self.seed, heads[:, None], rows[:, None], cols[None, :],
+                                self.shape.dropout)
+            buf[op.buffer] = np.where(keep, x / (1.0 - self.shape.dropout), 0.0).astype(x.dtype)
+            if op.mask_out:
+                buf[op.mask_out] = keep.astype(self.compute_dtype)
         elif isinstance(op, sch.Softmax):
             x = buf[op.src]
             with np.errstate(invalid="ignore"):  # inf - inf: a row an overflow made infinite
@@ -187,9 +220,14 @@ class _CTA:
         elif isinstance(op, sch.RowScale):
             buf[op.buffer] = buf[op.buffer] * buf[op.factor]
         elif isinstance(op, sch.RowDivide):
-            buf[op.buffer] = buf[op.buffer] / buf[op.divisor]
+            # a row that saw no unmasked key (possible within one KV split) stays 0, as the
+            # kernels leave it
+            divisor = buf[op.divisor]
+            buf[op.buffer] = np.divide(buf[op.buffer], divisor, where=divisor != 0,
+                                       out=np.zeros_like(buf[op.buffer]))
         elif isinstance(op, sch.LogSumExp):
-            buf[op.out] = buf[op.row_max] + np.log(buf[op.row_sum])
+            with np.errstate(divide="ignore"):  # log 0 = -inf: a row with no unmasked key
+                buf[op.out] = buf[op.row_max] + np.log(buf[op.row_sum])
         elif isinstance(op, sch.RowDot):
             buf[op.out] = (buf[op.a] * buf[op.b]).sum(axis=1, keepdims=True)
         elif isinstance(op, sch.SoftmaxBackward):
@@ -201,31 +239,48 @@ class _CTA:
 
 
 def execute(schedule: sch.Schedule, q, k, v, d_out=None, *, scale: float | None = None,
-            capture: tuple = (), saved: dict | None = None) -> ExecutionResult:
-    """Run ``schedule`` on q, k, v of shape (B·H, N, d) and return every tensor it wrote.
+            capture: tuple = (), saved: dict | None = None, seed: int = 0) -> ExecutionResult:
+    """Run ``schedule`` on q of shape (B·H, N, d) and k, v of shape (B·H_kv, N_kv, d) (the
+    schedule's shape says H_kv and N_kv; both equal H and N for plain multi-head attention)
+    and return every tensor it wrote.
 
-    A schedule with backward kernels needs ``d_out`` (dO, the gradient of the output, same
-    shape); its gradients are ``tensors["dQ"]``, ``["dK"]`` and ``["dV"]``. A backward-only
-    schedule also reads what the forward pass saved (P for the unfused pipelines, O and L for
-    FlashAttention-2): pass them as ``saved`` (tensor name -> array of shape (B·H, rows, cols),
-    e.g. the forward run's ``tensors``), or build the schedule with ``pass_="both"``.
+    A schedule with backward kernels needs ``d_out`` (dO, the gradient of the output, the
+    shape of q); its gradients are ``tensors["dQ"]``, ``["dK"]`` and ``["dV"]``. A
+    backward-only schedule also reads what the forward pass saved (P for the unfused
+    pipelines, O and L for FlashAttention-2): pass them as ``saved`` (tensor name -> array
+    of the tensor's shape, e.g. the forward run's ``tensors``), or build the schedule with
+    ``pass_="both"``.
 
     ``capture`` names on-chip buffers (rows indexed by the kernel's row variable) whose value at
     the end of each CTA is kept, e.g. ("m", "l") for FlashAttention-2's running max and sum.
+    ``seed`` seeds the dropout mask (:func:`iosim.reference.dropout_keep`).
 
     Values that overflow a tensor's dtype (a float16 S past 65504) become inf and the output
     NaN/inf, as on the GPU; one :class:`~iosim.errors.TensorOverflowWarning` names the first
     tensor that overflowed (NumPy's own overflow warnings are suppressed)."""
     shape = schedule.shape
-    bh, n, d = q.shape
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    bh, n, d = shape.batch_heads, shape.seq_len, shape.head_dim
+    bkv, g = shape.batch_kv_heads, shape.group_size
+    for name, x, want in (("q", q, (bh, n, d)), ("k", k, (bkv, shape.kv_seq_len, d)),
+                          ("v", v, (bkv, shape.kv_seq_len, d))):
+        if x.shape != want:
+            raise IosimError(f"{name} must have shape {want} for {shape.describe()}, "
+                             f"got {x.shape}")
     exact = q.dtype == np.float64
     compute_dtype = np.float64 if exact else np.float32
     scale = shape.softmax_scale if scale is None else scale
     tensors = {}
-    dims = {"N": n, "d": d, "1": 1}
+    dims = schedule.kernels[0].base_dims(d, n)
+    slabbed = {}
     for spec in schedule.tensors:
         dtype = np.float64 if exact else (np.float32 if spec.float32 else q.dtype)
-        tensors[spec.name] = np.full((bh, dims[spec.rows], dims[spec.cols]), np.nan, dtype=dtype)
+        heads = bkv if spec.heads == "kv" else bh
+        slabs = (dims["S"],) if spec.slab_var else ()
+        if spec.slab_var:
+            slabbed[spec.name] = spec.slab_var
+        tensors[spec.name] = np.full((heads,) + slabs + (dims[spec.rows], dims[spec.cols]),
+                                     np.nan, dtype=dtype)
     tensors["Q"][...], tensors["K"][...], tensors["V"][...] = q, k, v
     if schedule.has_backward:
         if d_out is None:
@@ -258,16 +313,21 @@ def execute(schedule: sch.Schedule, q, k, v, d_out=None, *, scale: float | None 
                          "with pass_='both'")
     captured = {name: np.full((bh, n), np.nan) for name in capture}
     overflow = _Overflow()
+    layouts = {spec.name: spec.heads for spec in schedule.tensors}
     for kernel in schedule.kernels:
-        points = sch.grid_points(kernel, n, schedule.shape.causal)
-        for head in range(bh):
-            head_tensors = {name: t[head] for name, t in tensors.items()}
-            for point in points:
-                cta = _CTA(kernel, head_tensors, compute_dtype, scale, overflow)
-                for step in sch.walk(kernel, point, n, d, shape.causal):
+        per_kv = kernel.heads == "kv"
+        views = {name: _head_view(t, layouts[name], per_kv, g) for name, t in tensors.items()}
+        heads_per_batch = shape.kv_heads if per_kv else shape.heads
+        for head in range(bkv if per_kv else bh):
+            extents = {"L": shape.valid_kv_len(head // heads_per_batch)}
+            head_tensors = {name: view(head) for name, view in views.items()}
+            for point in sch.grid_points(kernel, n, shape.causal, extents):
+                cta = _CTA(kernel, head_tensors, compute_dtype, scale, overflow, head=head,
+                           shape=shape, slabbed=slabbed, seed=seed)
+                for step in sch.walk(kernel, point, n, d, shape.causal, extents):
                     cta.step(step)
                 for name in capture:
-                    if name in cta.buffers and kernel.row_var in point:
+                    if name in cta.buffers and kernel.row_var in point and not per_kv:
                         start = point[kernel.row_var] * kernel.blocks[kernel.row_var]
                         values = cta.buffers[name][:, 0]
                         captured[name][head, start:start + len(values)] = values
@@ -275,6 +335,19 @@ def execute(schedule: sch.Schedule, q, k, v, d_out=None, *, scale: float | None 
         warnings.warn(_overflow_message(overflow, schedule), TensorOverflowWarning,
                       stacklevel=_caller_stacklevel())
     return ExecutionResult(output=tensors.get("O"), tensors=tensors, captured=captured)
+
+
+def _head_view(tensor, layout: str, per_kv_kernel: bool, group: int):
+    """head index -> the (rows, cols) array a kernel's CTA of that head sees of ``tensor``:
+    a query head reads K/V head h // group; a K/V head sees a query-head tensor as its group's
+    rows stacked (group · rows, cols), a view since the group's heads are adjacent."""
+    if layout == "kv":
+        return (lambda h: tensor[h]) if per_kv_kernel else (lambda h: tensor[h // group])
+    if not per_kv_kernel:
+        return lambda h: tensor[h]
+    assert tensor.ndim == 3, "a split (slab) tensor is laid out per K/V head"
+    stacked = tensor.reshape(tensor.shape[0] // group, group * tensor.shape[1], tensor.shape[2])
+    return lambda h: stacked[h]
 
 
 def _ops(body):

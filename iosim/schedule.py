@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 from typing import Iterator, Union
 
 from .errors import TilingError
@@ -22,8 +24,16 @@ from .errors import TilingError
 # Extents of tile dimensions are named by tokens:
 #   the name of a block variable ("i", "j")  -> rows/cols of the current block of that variable
 #   "d"                                      -> the head dimension
-#   "N"                                      -> the whole sequence
+#   "N"                                      -> the whole query sequence (seq_len)
+#   "M"                                      -> the whole key/value sequence (kv_seq_len)
+#   "L"                                      -> the valid keys of the current batch element
+#                                               (kv_lens; M without a padding mask)
+#   "G"                                      -> the query rows of a K/V head's group of query
+#                                               heads (group_size · N), for kernels over K/V heads
+#   "S"                                      -> the KV splits of a split-KV kernel
 #   "1"                                      -> a single column (row vectors such as m, l)
+# A block variable runs over the extent of its *span* token: by default the kernel's row
+# variable over "N" and every other over "M" (Kernel.spans overrides).
 Dim = str
 
 
@@ -37,6 +47,12 @@ class TensorSpec:
     elem_bytes: int
     role: str  # "input", "output" or "intermediate"
     float32: bool = False  # kept in float32 whatever the input dtype (running max/sum, scratch)
+    # "q": one (rows x cols) slice per batch·query head; "kv": per batch·K/V head (K, V, dK, dV)
+    heads: str = "q"
+    # one slab per block of this variable (a split-KV kernel's partial outputs, one per split):
+    # the tensor is (heads, slabs, rows, cols) and a tile lies in the slab of the variable's
+    # current block
+    slab_var: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,65 @@ class CausalMask:
     row_var: Dim
     col_var: Dim
     value: float = float("-inf")  # 0.0: the mask's backward (zero the masked gradients)
+
+    @property
+    def reads(self):
+        return (self.buffer,)
+
+    @property
+    def writes(self):
+        return (self.buffer,)
+
+    def flops(self, dims, buffers):
+        return 0, _size(buffers[self.buffer], dims)
+
+
+#: Philox4x32-10, the counter-based generator cuRAND and PyTorch draw dropout masks from: 10
+#: rounds of 2 wide multiplies, 4 XORs and 2 key additions (8 integer instructions each) give
+#: four 32-bit random words per call.
+PHILOX_INSTRUCTIONS_PER_CALL = 10 * 8
+PHILOX_BITS_PER_CALL = 4 * 32
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """buffer[r, c] = buffer[r, c] · keep[r, c] / (1 − p), keep drawn from a counter-based RNG
+    at (query head, query row, key column): the same mask wherever and however often it is
+    regenerated. ``bits_per_element`` random bits decide one element: 32 (a float uniform, as
+    PyTorch's dropout kernel draws) or 8 (a byte threshold, as fused attention kernels do).
+    With ``mask_out`` the keep mask is also written to that (1-byte) buffer, for the backward.
+
+    Counted per element: the RNG's integer instructions (PHILOX_INSTRUCTIONS_PER_CALL over the
+    elements one call decides), a compare and a multiply; they run on the CUDA cores and are
+    counted with the scalar FLOPs."""
+
+    buffer: str
+    row_var: Dim
+    col_var: Dim
+    bits_per_element: int = 32
+    mask_out: str | None = None
+
+    @property
+    def reads(self):
+        return (self.buffer,)
+
+    @property
+    def writes(self):
+        return (self.buffer,) + ((self.mask_out,) if self.mask_out else ())
+
+    def flops(self, dims, buffers):
+        elements = _size(buffers[self.buffer], dims)
+        per_call = PHILOX_BITS_PER_CALL // self.bits_per_element
+        return 0, elements * 2 + -(-elements * PHILOX_INSTRUCTIONS_PER_CALL // per_call)
+
+
+@dataclass(frozen=True)
+class KeyPaddingMask:
+    """Set buffer[r, c] = -inf where key c is padding (c >= the batch element's valid keys,
+    token "L"): the unfused pipelines' key-padding mask."""
+
+    buffer: str
+    col_var: Dim
 
     @property
     def reads(self):
@@ -453,10 +528,14 @@ class Loop:
     var: str
     body: tuple
     causal_skip: bool = False
+    # the blocks of ``var`` inside the current block of this (grid) variable only: a split-KV
+    # CTA loops over the K/V blocks of its split
+    within: str | None = None
 
 
-Op = Union[Load, Store, Fill, Copy, MatMul, Scale, CausalMask, Softmax, OnlineSoftmax, BlockSoftmax,
-           Flash1Merge, RowScale, RowDivide, LogSumExp, RowDot, SoftmaxBackward, RecomputeProbs]
+Op = Union[Load, Store, Fill, Copy, MatMul, Scale, CausalMask, Dropout, KeyPaddingMask, Softmax,
+           OnlineSoftmax, BlockSoftmax, Flash1Merge, RowScale, RowDivide, LogSumExp, RowDot,
+           SoftmaxBackward, RecomputeProbs]
 
 #: The passes a kernel belongs to, and what :func:`iosim.schedules.build_schedule` builds.
 PASSES = ("forward", "backward", "both")
@@ -483,13 +562,53 @@ class Kernel:
     longest_first: bool = False
     registers_per_thread: int | None = None  # declared; None: estimated (iosim.occupancy)
     phase: str = "forward"  # "forward" or "backward": the pass the kernel belongs to
+    # ---- asynchronous (warp-specialised) kernels, Hopper style; the defaults describe a kernel
+    # whose warps all compute and copy their own tiles. ``tensor_path`` "wgmma": warpgroup MMAs
+    # (4 warps, 64 rows) reading their operands from shared memory once per warpgroup.
+    # ``producer_warps`` of the ``warps`` only issue copies (a producer warpgroup); their
+    # registers per thread are ``producer_registers_per_thread`` (lowered by setmaxnreg; None:
+    # the kernel's). ``copy_engine``: "cp.async" (the computing warps copy) or "tma" (bulk tensor
+    # copies issued by the producer, ``stages - 1`` tiles ahead of the consumers).
+    # ``overlap_softmax``: the softmax of tile j runs while the tensor cores do the next QKᵀ.
+    producer_warps: int = 0
+    producer_registers_per_thread: int | None = None
+    copy_engine: str = "cp.async"
+    overlap_softmax: bool = False
+    # the head index of the grid: "q" (one per batch·query head) or "kv" (one per batch·K/V
+    # head; "q" tensors are then seen as the group's rows, token "G")
+    heads: str = "q"
+    spans: tuple = ()  # (variable, token) pairs overriding the default span of a variable
+    # (token, extent) pairs of the workload (N, M, G, S, L), set by build_schedule from the shape;
+    # absent ones default to seq_len (N, M, L) or 1 (G, S)
+    extents: tuple = ()
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
+    @property
+    def consumer_warps(self) -> int:
+        """Warps that compute (all of them unless some are copy-only producers)."""
+        return self.warps - self.producer_warps
+
+    @property
+    def consumer_warpgroups(self) -> int:
+        """Groups of 4 computing warps (a wgmma kernel's warpgroups, 64 query rows each)."""
+        return max(1, self.consumer_warps // 4)
+
     def buffer_map(self) -> dict:
         return {b.name: b for b in self.buffers}
+
+    def span(self, var: str) -> str:
+        """The extent token a block variable runs over."""
+        return dict(self.spans).get(var, "N" if var == self.row_var else "M")
+
+    def base_dims(self, head_dim: int, seq_len: int) -> dict:
+        """Extent of every whole-extent token for this kernel's workload."""
+        dims = {"d": head_dim, "N": seq_len, "M": seq_len, "L": seq_len, "G": seq_len,
+                "S": 1, "1": 1}
+        dims.update(dict(self.extents))
+        return dims
 
     def smem_bytes(self, head_dim: int, seq_len: int) -> int:
         """Shared-memory bytes of the CTA's live tiles at full block size, every stage."""
@@ -534,9 +653,15 @@ def n_blocks(extent: int, size: int) -> int:
 
 
 def full_dims(kernel: Kernel, head_dim: int, seq_len: int) -> dict:
-    dims = {"d": head_dim, "N": seq_len, "1": 1}
-    dims.update({var: min(size, seq_len) for var, size in kernel.blocks.items()})
+    """Tile extents at full block size (a block no longer than its variable's extent)."""
+    dims = kernel.base_dims(head_dim, seq_len)
+    dims.update({var: min(size, dims[kernel.span(var)]) for var, size in kernel.blocks.items()})
     return dims
+
+
+def causal_offset(kernel: Kernel, dims: dict) -> int:
+    """Key position of query row 0 (M − N: the causal mask is aligned at the end of the keys)."""
+    return dims["M"] - dims["N"]
 
 
 @dataclass
@@ -548,26 +673,56 @@ class Step:
     dims: dict
 
 
-def block_above_diagonal(kernel: Kernel, index: dict) -> bool:
-    """True when the (row block, column block) tile lies wholly above the causal diagonal."""
+def last_visible_key(kernel: Kernel, row_block, dims: dict):
+    """The last key position any query row of row block ``row_block`` (an int or an array)
+    may see under the causal mask: its last row's position (rows sit at r + M − N). Rows of a
+    "G" tile run over a group of heads, N rows each, so a tile reaching a head's last row sees
+    key M − 1."""
+    r = kernel.row_var
+    size, n = kernel.blocks[r], dims["N"]
+    first = row_block * size
+    last = np.minimum(first + size, dims[kernel.span(r)]) - 1
+    if kernel.span(r) == "G":
+        last = np.where(last // n > first // n, n - 1, last % n)
+    return last + causal_offset(kernel, dims)
+
+
+def block_above_diagonal(kernel: Kernel, index: dict, dims: dict) -> bool:
+    """True when the (row block, column block) tile lies wholly above the causal diagonal.
+    A kernel without a row variable in ``index`` has no such tile."""
     r, c = kernel.row_var, kernel.col_var
-    first_col = index[c] * kernel.blocks[c]
-    last_row = (index[r] + 1) * kernel.blocks[r] - 1
-    return first_col > last_row
+    if r not in index:
+        return False
+    return index[c] * kernel.blocks[c] > int(last_visible_key(kernel, index[r], dims))
+
+
+def loop_range(kernel: Kernel, loop: Loop, index: dict, dims: dict) -> range:
+    """The block indices of ``loop`` in a CTA at ``index``: every block of its variable's
+    extent, or with ``within`` those inside the current block of that variable."""
+    size = kernel.blocks[loop.var]
+    count = n_blocks(dims[kernel.span(loop.var)], size)
+    if loop.within is None:
+        return range(count)
+    outer = kernel.blocks[loop.within]
+    per = outer // size
+    first = index[loop.within] * per
+    return range(first, min(first + per, count))
 
 
 def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
-         causal: bool) -> Iterator[Step]:
+         causal: bool, extents: dict | None = None) -> Iterator[Step]:
     """Yield the steps one CTA of ``kernel`` runs, in program order.
 
-    ``grid_index`` gives the block index of each grid variable of this CTA. Both the numeric
+    ``grid_index`` gives the block index of each grid variable of this CTA; ``extents``
+    overrides whole-extent tokens (the valid keys "L" of one batch element). Both the numeric
     executor and the trace builder consume this one sequence."""
     index = dict(grid_index)
-    dims = {"d": head_dim, "N": seq_len, "1": 1}
+    dims = kernel.base_dims(head_dim, seq_len)
+    dims.update(extents or {})
 
     def set_dim(var):
         size = kernel.blocks[var]
-        dims[var] = min(size, seq_len - index[var] * size)
+        dims[var] = min(size, dims[kernel.span(var)] - index[var] * size)
 
     for var in grid_index:
         set_dim(var)
@@ -575,9 +730,10 @@ def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
     def run(body):
         for item in body:
             if isinstance(item, Loop):
-                for block in range(n_blocks(seq_len, kernel.blocks[item.var])):
+                for block in loop_range(kernel, item, index, dims):
                     index[item.var] = block
-                    if causal and item.causal_skip and block_above_diagonal(kernel, index):
+                    if (causal and item.causal_skip
+                            and block_above_diagonal(kernel, index, dims)):
                         continue
                     set_dim(item.var)
                     yield from run(item.body)
@@ -588,12 +744,15 @@ def walk(kernel: Kernel, grid_index: dict, seq_len: int, head_dim: int,
     yield from run(kernel.body)
 
 
-def grid_points(kernel: Kernel, seq_len: int, causal: bool = False) -> list[dict]:
+def grid_points(kernel: Kernel, seq_len: int, causal: bool = False,
+                extents: dict | None = None) -> list[dict]:
     """Every CTA's grid index (excluding batch·head), in launch order (the row blocks in
     reverse when the shape is ``causal`` and the kernel launches the longest first)."""
+    dims = kernel.base_dims(0, seq_len)
+    dims.update(extents or {})
     points = [{}]
     for var in kernel.grid:
-        count = n_blocks(seq_len, kernel.blocks[var])
+        count = n_blocks(dims[kernel.span(var)], kernel.blocks[var])
         order = range(count)
         if causal and kernel.longest_first and var == kernel.row_var:
             order = reversed(order)

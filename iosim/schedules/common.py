@@ -29,15 +29,74 @@ ROWWISE_MAX_THREADS = 1024
 
 F32 = 4
 
+#: A fused kernel's K/V block variable runs over the valid keys only: it skips the K/V blocks
+#: a key-padding mask hides wholly, and its last block ends at the last valid key.
+FUSED_SPANS = (("j", "L"),)
+
 
 def qkv_tensors(shape) -> list[TensorSpec]:
+    """Q (N x d per query head); K and V (N_kv x d per K/V head)."""
     e = shape.elem_bytes
-    return [TensorSpec("Q", "N", "d", e, "input"), TensorSpec("K", "N", "d", e, "input"),
-            TensorSpec("V", "N", "d", e, "input")]
+    return [TensorSpec("Q", "N", "d", e, "input"),
+            TensorSpec("K", "M", "d", e, "input", heads="kv"),
+            TensorSpec("V", "M", "d", e, "input", heads="kv")]
 
 
-def score_tensor(name: str, shape) -> TensorSpec:
-    return TensorSpec(name, "N", "N", shape.elem_bytes, "intermediate")
+def score_tensor(name: str, shape, elem_bytes: int | None = None) -> TensorSpec:
+    """An N x N_kv matrix per query head (S, P, their gradients, a dropout mask)."""
+    e = shape.elem_bytes if elem_bytes is None else elem_bytes
+    return TensorSpec(name, "N", "M", e, "intermediate")
+
+
+def workload_extents(shape) -> dict:
+    """The whole-extent tokens of ``shape`` (see :mod:`iosim.schedule`)."""
+    return {"N": shape.seq_len, "M": shape.kv_seq_len, "L": shape.kv_seq_len,
+            "G": shape.group_size * shape.seq_len}
+
+
+def stamp_extents(schedule):
+    """``schedule`` with every kernel carrying its shape's extents (a kernel's own, such as a
+    split-KV kernel's "S", kept)."""
+    from dataclasses import replace
+
+    base = workload_extents(schedule.shape)
+    kernels = tuple(replace(k, extents=tuple(sorted({**base, **dict(k.extents)}.items())))
+                    for k in schedule.kernels)
+    return replace(schedule, kernels=kernels)
+
+
+def check_plain_backward(shape, algorithm: str) -> None:
+    """The backward schedules cover multi-head attention over N x N scores, unpadded and
+    without dropout; refuse the rest with a message saying so."""
+    extras = [what for what, present in (
+        (f"kv_heads={shape.kv_heads}", shape.kv_heads != shape.heads),
+        (f"kv_seq_len={shape.kv_seq_len}", shape.kv_seq_len != shape.seq_len),
+        ("kv_lens", shape.kv_lens is not None), (f"dropout={shape.dropout:g}", shape.dropout))
+        if present]
+    if extras:
+        raise TilingError(f"{algorithm}'s backward pass is modelled for kv_heads == heads, "
+                          f"kv_seq_len == seq_len, no key padding and no dropout; got "
+                          f"{', '.join(extras)} (simulate the forward pass for these shapes)")
+
+
+def dropout_ops(shape, buffer: str, row_var: str, col_var: str, fused: bool) -> tuple:
+    """The dropout op on the attention weights, if the shape has dropout: a fused kernel
+    regenerates its mask from 8 random bits per weight; PyTorch's dropout kernel draws a float
+    per weight and writes the mask ("keep") for the backward."""
+    from ..schedule import Dropout
+
+    if not shape.dropout:
+        return ()
+    if fused:
+        return (Dropout(buffer, row_var, col_var, bits_per_element=8),)
+    return (Dropout(buffer, row_var, col_var, bits_per_element=32, mask_out="keep"),)
+
+
+def padding_ops(shape, buffer: str, col_var: str) -> tuple:
+    """The key-padding mask of an unfused pipeline's scores, if the shape has one."""
+    from ..schedule import KeyPaddingMask
+
+    return (KeyPaddingMask(buffer, col_var),) if shape.kv_lens is not None else ()
 
 
 def flash_warps(block_rows: int, rows_per_warp=None) -> int:
@@ -51,7 +110,7 @@ def rowwise_warps(shape, rows: int) -> int:
     """Warps of a row-wise kernel's CTA: each row is split over a power of two of threads
     (32 to 512) that hold at most ROWWISE_VECTORS_PER_THREAD 16-byte vectors of it each, up to
     ROWWISE_MAX_THREADS per CTA (past that, each thread holds more)."""
-    vectors = max(1, -(-shape.seq_len * shape.elem_bytes // 16))
+    vectors = max(1, -(-shape.kv_seq_len * shape.elem_bytes // 16))
     low, high = ROWWISE_THREADS_PER_ROW
     threads = low
     while threads * ROWWISE_VECTORS_PER_THREAD < vectors and threads < high:
@@ -81,7 +140,7 @@ def clipped_note(given: dict, seq_len: int) -> str:
 
 def gemm_default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
     """A cuBLAS-like 128 x 128 output tile, halved until the operand tiles ``fits``."""
-    block = min(GEMM_TILE, shape.seq_len)
+    block = min(GEMM_TILE, shape.seq_len, shape.kv_seq_len)
     while block > 1 and not fits(block, block):
         block //= 2
     return block, block
@@ -108,11 +167,11 @@ def pv_gemm(shape, block_rows: int, block_cols: int) -> Kernel:
 
 def rowwise_rows(shape, sram_bytes: int, row_tiles: int = 1) -> int:
     """Rows per CTA of a row-wise kernel: up to ROWWISE_ROWS_PER_CTA whole rows of S in SRAM."""
-    row_bytes = shape.seq_len * shape.elem_bytes * row_tiles
+    row_bytes = shape.kv_seq_len * shape.elem_bytes * row_tiles
     rows = min(ROWWISE_ROWS_PER_CTA, sram_bytes // row_bytes, shape.seq_len)
     if rows < 1:
         raise TilingError(
-            f"a row of S ({row_bytes} bytes at N={shape.seq_len}) does not fit the "
+            f"a row of S ({row_bytes} bytes at N_kv={shape.kv_seq_len}) does not fit the "
             f"{sram_bytes} bytes of SRAM per thread block that the unfused softmax needs; "
             "use a shorter sequence or more SRAM")
     return rows
@@ -122,9 +181,20 @@ def rowwise_kernel(name: str, shape, rows: int, src: str, dst: str, ops: tuple) 
     """A kernel that reads whole rows of ``src``, applies ``ops`` on buffer "X" (in place)
     and writes them to ``dst``: one CTA per ``rows`` rows."""
     e = shape.elem_bytes
-    body = (Load("X", src, "i", "N"),) + tuple(ops) + (Store("X", dst, "i", "N"),)
-    return Kernel(name, grid=("i",), body=body, buffers=(BufferSpec("X", "i", "N", e),),
-                  blocks={"i": rows}, row_var="i", col_var="N", warps=rowwise_warps(shape, rows))
+    body = (Load("X", src, "i", "M"),) + tuple(ops) + (Store("X", dst, "i", "M"),)
+    return Kernel(name, grid=("i",), body=body, buffers=(BufferSpec("X", "i", "M", e),),
+                  blocks={"i": rows}, row_var="i", col_var="M", warps=rowwise_warps(shape, rows))
+
+
+def dropout_kernel(shape, rows: int, src: str, dst: str) -> Kernel:
+    """PyTorch's dropout on the attention weights: reads rows of ``src``, writes the dropped,
+    rescaled weights to ``dst`` and the keep mask (1 byte per weight) to "dropout_mask"."""
+    from dataclasses import replace
+
+    kernel = rowwise_kernel("dropout", shape, rows, src, dst,
+                            dropout_ops(shape, "X", "i", "M", fused=False))
+    return replace(kernel, body=kernel.body + (Store("keep", "dropout_mask", "i", "M"),),
+                   buffers=kernel.buffers + (BufferSpec("keep", "i", "M", 1, "reg"),))
 
 
 def output_tensor(shape, float32: bool = False) -> TensorSpec:
@@ -141,10 +211,27 @@ def gemm_rowwise_gemm(algorithm: str, shape, block_rows: int, block_cols: int,
 
     rows = rowwise_rows(shape, sram_bytes)
     kernels = (qk_gemm(shape, block_rows, block_cols, scaled=scaled_gemm),
-               rowwise_kernel(middle, shape, rows, "S", "P", middle_ops),
-               pv_gemm(shape, block_rows, block_cols))
-    tensors = tuple(qkv_tensors(shape)) + (score_tensor("S", shape), score_tensor("P", shape),
-                                           output_tensor(shape))
+               rowwise_kernel(middle, shape, rows, "S", "P", middle_ops))
+    return finish_unfused(algorithm, shape, block_rows, block_cols, rows, kernels,
+                          (score_tensor("S", shape),), notes)
+
+
+def finish_unfused(algorithm: str, shape, block_rows: int, block_cols: int, rows: int,
+                   kernels: tuple, score_tensors: tuple, notes: str):
+    """An unfused pipeline's kernels up to P, then (with dropout) PyTorch's dropout kernel,
+    then O = P V; its tensors."""
+    from ..schedule import Schedule
+
+    probs = "P"
+    extra = ()
+    if shape.dropout:
+        kernels += (dropout_kernel(shape, rows, "P", "Pd"),)
+        probs = "Pd"
+        extra = (score_tensor("Pd", shape), score_tensor("dropout_mask", shape, elem_bytes=1))
+    kernels += (nn_gemm("pv_gemm", shape, block_rows, block_cols, out="O", scores=probs,
+                        operand="V", phase="forward"),)
+    tensors = (tuple(qkv_tensors(shape)) + tuple(score_tensors) + (score_tensor("P", shape),)
+               + extra + (output_tensor(shape),))
     return Schedule(algorithm, shape, tensors, kernels, block_rows, block_cols, notes=notes)
 
 
@@ -154,7 +241,8 @@ def grad_tensors(shape) -> list[TensorSpec]:
     """dO (the gradient of the output, an input of the backward pass) and dQ, dK, dV."""
     e = shape.elem_bytes
     return [TensorSpec("dO", "N", "d", e, "input"), TensorSpec("dQ", "N", "d", e, "output"),
-            TensorSpec("dK", "N", "d", e, "output"), TensorSpec("dV", "N", "d", e, "output")]
+            TensorSpec("dK", "M", "d", e, "output", heads="kv"),
+            TensorSpec("dV", "M", "d", e, "output", heads="kv")]
 
 
 def nt_gemm(name: str, shape, block_rows: int, block_cols: int, out: str, a: str, b: str,
@@ -218,12 +306,12 @@ def softmax_backward_kernel(name: str, shape, sram_bytes: int, probs: str, grad:
 
     rows = rowwise_rows(shape, sram_bytes, row_tiles=2)
     e = shape.elem_bytes
-    body = (Load("P", probs, "i", "N"), Load("G", grad, "i", "N"), RowDot("D", "P", "G"),
-            SoftmaxBackward("G", "P", "G", "D")) + tuple(extra_ops) + (Store("G", out, "i", "N"),)
-    buffers = (BufferSpec("P", "i", "N", e), BufferSpec("G", "i", "N", e),
+    body = (Load("P", probs, "i", "M"), Load("G", grad, "i", "M"), RowDot("D", "P", "G"),
+            SoftmaxBackward("G", "P", "G", "D")) + tuple(extra_ops) + (Store("G", out, "i", "M"),)
+    buffers = (BufferSpec("P", "i", "M", e), BufferSpec("G", "i", "M", e),
                BufferSpec("D", "i", "1", F32, "reg"))
     return Kernel(name, grid=("i",), body=body, buffers=buffers, blocks={"i": rows},
-                  row_var="i", col_var="N", warps=rowwise_warps(shape, rows), phase="backward")
+                  row_var="i", col_var="M", warps=rowwise_warps(shape, rows), phase="backward")
 
 
 def backward_rowwise_kernel(name: str, shape, sram_bytes: int, src: str, dst: str,

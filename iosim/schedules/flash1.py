@@ -38,7 +38,8 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Sche
     inner = (Load("Qi", "Q", "i", "d"), Load("Oi", "O", "i", "d"), Load("li", "l", "i", "1"),
              Load("mi", "m", "i", "1"),
              MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
-             BlockSoftmax("S", "P", "m_blk", "l_blk"),
+             BlockSoftmax("S", "P", "m_blk", "l_blk"),) + common.dropout_ops(
+             shape, "P", "i", "j", fused=True) + (
              MatMul("PV", "P", "Vj"),
              Flash1Merge("Oi", "PV", "mi", "li", "m_blk", "l_blk"),
              Store("Oi", "O", "i", "d"), Store("li", "l", "i", "1"), Store("mi", "m", "i", "1"))
@@ -54,7 +55,8 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Sche
                  BufferSpec("m_blk", "i", "1", F32, "reg"),
                  BufferSpec("l_blk", "i", "1", F32, "reg")),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp))
+        tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp),
+        spans=common.FUSED_SPANS)
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape, float32=True),
         TensorSpec("l", "N", "1", F32, "intermediate", float32=True),
@@ -74,6 +76,7 @@ def build_backward(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None
     dK_j and dV_j are written once. P is recomputed as exp(S − (m + log l)), the same as the
     algorithm's diag(l)⁻¹ exp(S − m) with one log per row instead of a divide per element.
     The algorithm's zeroing of dK and dV in HBM is left out: both are overwritten whole."""
+    common.check_plain_backward(shape, "flash1")
     e = shape.elem_bytes
     warps = common.flash_warps(block_rows, rows_per_warp)
     init = Kernel(

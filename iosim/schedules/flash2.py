@@ -52,7 +52,8 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
     q_operand = "Qr" if q_in_registers else "Qi"
     step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
             MatMul("S", q_operand, "Kj", transpose_b=True, scaled=True)) + mask + (
-            OnlineSoftmax("S", "P", "m", "l", "alpha"),
+            OnlineSoftmax("S", "P", "m", "l", "alpha"),) + common.dropout_ops(
+            shape, "P", "i", "j", fused=True) + (
             RowScale("O", "alpha"),
             MatMul("O", "P", "Vj", accumulate=True))
     keep_q = (Copy("Qr", "Qi"),) if q_in_registers else ()
@@ -73,7 +74,7 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
         + ((BufferSpec("Qr", "i", "d", e, "reg"),) if q_in_registers else ()),
         blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
         tensor_path="mma_sync", warps=common.flash_warps(block_rows, rows_per_warp),
-        longest_first=True)
+        longest_first=True, spans=common.FUSED_SPANS)
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape),
         TensorSpec("L", "N", "1", F32, "output", float32=True))
@@ -101,6 +102,7 @@ def build_backward(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None
 
     Shared memory: K, V, Q (double-buffered), dO and the P and dS tiles, as FlashAttention-2
     keeps them: ((2·Br + Br + 2·Bc)·d + 2·Br·Bc) elements plus L and D (float32)."""
+    common.check_plain_backward(shape, "flash2")
     e = shape.elem_bytes
     warps = common.flash_warps(block_cols, rows_per_warp)
     rows_only = {"i": block_rows}

@@ -13,7 +13,8 @@ default_blocks = common.gemm_default_blocks
 
 
 def build(shape, block_rows, block_cols, sram_bytes) -> Schedule:
-    mask = (CausalMask("X", "i", "N"),) if shape.causal else ()
+    mask = common.padding_ops(shape, "X", "M") + (
+        (CausalMask("X", "i", "M"),) if shape.causal else ())
     return common.gemm_rowwise_gemm(
         "standard", shape, block_rows, block_cols, sram_bytes, scaled_gemm=True,
         middle="softmax", middle_ops=mask + (Softmax("X", "X"),),
@@ -26,6 +27,7 @@ def build_backward(shape, block_rows, block_cols, sram_bytes) -> Schedule:
     (whole rows; rowsum(P ∘ dP) equals FlashAttention's rowsum(dO ∘ O)); dQ = scale·dS K and
     dK = scale·dSᵀ Q (GEMMs, the scale in their epilogue). The causal mask needs no backward
     kernel: P is 0 where it masked, so dS is too."""
+    common.check_plain_backward(shape, "standard")
     return common.unfused_backward(
         "standard", shape, block_rows, block_cols, sram_bytes,
         middle=(common.softmax_backward_kernel("softmax_backward", shape, sram_bytes,
