@@ -35,6 +35,8 @@ DEFAULTS = {"warmup": 3, "repeats": 20, "input_sets": 3}
 def kernel_resources(algorithm: str, pipe) -> dict:
     """What a flash pipeline's kernel is built with (warp tiling, Q in registers, threads and
     shared memory per CTA), for its record; nothing for the other algorithms."""
+    if algorithm == "flash3":  # stages, consumer warpgroups, registers, ... (gpu/flash3.py)
+        return pipe.resources()
     if algorithm not in SW.FLASH:
         return {}
     return {"warp_rows": 16 * pipe.wm, "q_in_registers": bool(pipe.qreg),
@@ -532,7 +534,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default="quick", choices=["smoke", "target", "quick", "full", "ncu"])
     ap.add_argument("--out", default="experiments/data/h100/bench.json")
-    ap.add_argument("--algorithms", nargs="*", default=None, choices=SW.ALGORITHMS)
+    ap.add_argument("--algorithms", nargs="*", default=None, choices=SW.ALGORITHMS + SW.EXTRA_ALGORITHMS)
     ap.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     ap.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
     ap.add_argument("--input-sets", type=int, default=DEFAULTS["input_sets"])

@@ -19,6 +19,7 @@ KERNEL_NAMES = {
     "hf": ["qk_gemm", "scale", "mask", "softmax", "pv_gemm"],  # "mask" only when causal
     "flash1": ["flash1_fwd"],
     "flash2": ["flash2_fwd"],
+    "flash3": ["flash3_fwd"],   # gpu/flash3.cu (Hopper: wgmma, TMA, warp specialisation; see gpu/flash3.py)
 }
 
 
@@ -35,11 +36,17 @@ def flash_smem_bytes(algorithm: str, block_rows: int, block_cols: int, head_dim:
         return 2 * head_dim * (block_rows + 4 * block_cols)       # Q + 2x(K,V)
     if algorithm == "flash1":
         return 2 * head_dim * (2 * block_cols + 2 * block_rows)   # K, V + per-warp double-buffered Q
+    if algorithm == "flash3":
+        from . import flash3 as F3
+        return F3.smem_bytes(head_dim, block_cols, F3.default_stages(head_dim, block_cols))
     raise ValueError(algorithm)
 
 
 def flash_fits(algorithm: str, block_rows: int, block_cols: int, head_dim: int,
                limit: int = SMEM_LIMIT_BYTES) -> bool:
+    if algorithm == "flash3":
+        from . import flash3 as F3
+        return F3.fits(block_rows, block_cols, head_dim)
     return (block_rows % 16 == 0 and block_cols % 16 == 0 and block_rows // 16 <= 16
             and flash_smem_bytes(algorithm, block_rows, block_cols, head_dim) <= limit)
 
@@ -57,14 +64,14 @@ _compile_log: dict = {"options": None, "fallback": False}
 _kernel_cache: dict = {}
 
 
-def _raw_kernel(fname: str, kname: str, defines: dict | None = None):
+def _raw_kernel(fname: str, kname: str, defines: dict | None = None, options: tuple | None = None):
     import cupy as cp
 
-    key = (fname, kname, tuple(sorted((defines or {}).items())))
+    key = (fname, kname, tuple(sorted((defines or {}).items())), options)
     if key in _kernel_cache:
         return _kernel_cache[key]
     src = _source(fname, defines)
-    opts = NVRTC_OPTIONS
+    opts = NVRTC_OPTIONS if options is None else tuple(options)
     k = cp.RawKernel(src, kname, options=opts)
     try:
         k.compile()
@@ -283,6 +290,9 @@ class _Flash:
 def make_pipeline(algorithm, shape, causal, block_rows=None, block_cols=None, **kw):
     if algorithm in ("flash1", "flash2"):
         return _Flash(algorithm, shape, causal, block_rows, block_cols, **kw)
+    if algorithm == "flash3":
+        from .flash3 import Flash3
+        return Flash3(shape, causal, block_rows, block_cols, **kw)
     return _Unfused(algorithm, shape, causal)
 
 

@@ -13,7 +13,7 @@ import io
 import re
 
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
-OWN_KERNELS = {"softmax", "scale_mask_softmax", "scale", "mask", "flash1_fwd", "flash2_fwd"}
+OWN_KERNELS = {"softmax", "scale_mask_softmax", "scale", "mask", "flash1_fwd", "flash2_fwd", "flash3_fwd"}
 MARKER = "iosim_marker"
 LIBRARY_LABELS = {"qk_gemm", "pv_gemm", "torch_sdpa", "torch_plain"}
 

@@ -19,7 +19,7 @@ from . import schema as S
 
 SHAPES = [dict(batch=1, heads=2, seq_len=n, head_dim=d, causal=c) for n in (200, 256) for d in (64, 128)
           for c in (False, True)]
-FLASH_PAIRS = {"flash1": [(64, 64)], "flash2": [(64, 64), (128, 64), (128, 32)]}
+FLASH_PAIRS = {"flash1": [(64, 64)], "flash2": [(64, 64), (128, 64), (128, 32)], "flash3": [(128, 128), (128, 64)]}
 
 
 def child(algorithm: str) -> int:

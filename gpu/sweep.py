@@ -5,6 +5,9 @@ from .kernels import flash_fits
 
 ALGORITHMS = ["standard", "megatron", "hf", "flash1", "flash2"]
 FLASH = ("flash1", "flash2")
+# run only when named (--algorithms flash3): the Hopper kernel of gpu/flash3.cu (sm_90a, TMA, wgmma)
+EXTRA_ALGORITHMS = ["flash3"]
+TILED = FLASH + ("flash3",)  # algorithms whose runs carry a (block_rows, block_cols) pair
 SEQ_LENS = [512, 1024, 2048, 4096, 8192, 16384]
 HEAD_DIMS = [64, 128]
 HEADS = 16
@@ -12,7 +15,8 @@ TOKENS = 16384  # B * N, as in the FlashAttention paper's benchmarks
 BLOCK_PAIRS = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32)]
 TARGET = {"batch": 8, "heads": 16, "seq_len": 4096}
 # default (best-guess) block pair per head dim, used where only one pair is run
-DEFAULT_PAIR = {"flash1": {64: (128, 64), 128: (128, 64)}, "flash2": {64: (128, 64), 128: (128, 32)}}
+DEFAULT_PAIR = {"flash1": {64: (128, 64), 128: (128, 64)}, "flash2": {64: (128, 64), 128: (128, 32)},
+                "flash3": {64: (128, 128), 128: (128, 128)}}
 
 
 def batch_for(seq_len: int) -> int:
@@ -32,7 +36,7 @@ FLASH1_LONG_N = 8192
 def _configs(shape: dict, algorithms, all_pairs: bool) -> list[dict]:
     out = []
     for a in algorithms:
-        if a in FLASH:
+        if a in TILED:
             pairs = pairs_for(a, shape["head_dim"]) if all_pairs else [DEFAULT_PAIR[a][shape["head_dim"]]]
             if a == "flash1" and all_pairs and shape["seq_len"] >= FLASH1_LONG_N:
                 pairs = [p for p in pairs if p in FLASH1_LONG_PAIRS]

@@ -1,0 +1,443 @@
+// iosim gpu/flash3.cu -- FlashAttention forward for Hopper (sm_90a): wgmma, TMA, warp specialisation.
+//
+// grid = (B*H, ceil(N/BR)); one CTA = 1 producer warpgroup + NCWG = 2 consumer warpgroups (384 threads), BR = 128
+// query rows (64 per consumer warpgroup, one wgmma m64 row block each). The producer warpgroup drops to
+// PRODUCER_REGS registers (setmaxnreg.dec) and one of its threads issues every load: Q once, then K_j and V_j
+// tiles of BC rows by cp.async.bulk.tensor (TMA, 3-D tensor maps over (d, N, B*H), so rows >= N arrive as
+// zeros) into a STAGES-deep ring in shared memory. Each K and each V slot has its own "full" mbarrier (TMA
+// transaction count) and "empty" mbarrier (one arrival per consumer warp), so K_{j+1} can land while V_j is
+// still being read. The consumers raise their budget to CONSUMER_REGS (setmaxnreg.inc) and run, per block j:
+//     S_j = Q K_j^T          wgmma m64nBCk16, A = Q and B = K both from shared memory (K-major, 128-byte swizzle)
+//     O  += P_{j-1} V_{j-1}  wgmma m64nDk16, A = P in registers (fp16), B = V from shared memory (MN-major: tnspB)
+// issued back to back; wgmma.wait_group 1 returns when S_j is done, and the online softmax of S_j (in place,
+// exp2 with scale*log2e folded into one FFMA) runs while the PV wgmma of the previous block is still in flight
+// (intra-warpgroup pipelining). wait_group 0, then O is rescaled and S_j is packed to fp16 as the next P.
+// Tiles are stored as 64-column (128-byte) panels, 128-byte swizzled by TMA, which is the layout the wgmma
+// descriptors (layout type 1, SBO = 1024 bytes per 8-row group) describe.
+// Epilogue: O / l staged through this warpgroup's rows of the Q tile, written with 16-byte stores; the
+// log-sum-exp L (fp32, (B,H,N), natural log of scale*QK^T) as flash2 writes it.
+// Causal (top-left aligned, col <= row): blocks right of the diagonal are never loaded, only blocks that cross
+// it are masked, and row blocks run longest first (blockIdx.y reversed; all heads' long blocks first).
+//
+// Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128), STAGES (2..), PV_SPLIT (1: one n64 wgmma per
+// 64-column panel of V instead of one nD wgmma), PRODUCER_REGS, CONSUMER_REGS. Needs sm_90a.
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BC
+#define BC 128
+#endif
+#ifndef STAGES
+#define STAGES 2
+#endif
+#ifndef PV_SPLIT
+#define PV_SPLIT 0
+#endif
+#ifndef V_DESC_SWAP
+#define V_DESC_SWAP 0   // diagnostic: swap LBO/SBO of the V (MN-major) descriptor
+#endif
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 40
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 232
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int NCWG = 2;                    // consumer warpgroups
+constexpr int BR = 64 * NCWG;              // query rows per CTA
+constexpr int THREADS = 128 * (NCWG + 1);
+constexpr int NPANEL = D / 64;             // 64-column (128-byte) panels per tile row
+constexpr int PANEL_Q = BR * 128;          // bytes of one panel of the Q tile
+constexpr int PANEL_KV = BC * 128;
+constexpr int TILE_Q = BR * D * 2;
+constexpr int TILE_KV = BC * D * 2;
+constexpr int SREG = BC / 2;               // S accumulator floats per thread
+constexpr int OREG = D / 2;                // O accumulator floats per thread
+constexpr int KT = BC / 16;                // k-steps of PV
+constexpr int NBARS = 1 + 4 * STAGES;
+static_assert(D == 64 || D == 128, "HEAD_DIM 64 or 128");
+static_assert(BC == 64 || BC == 128, "BC 64 or 128");
+static_assert(STAGES >= 2, "at least two stages");
+
+struct __align__(64) TmaMap { unsigned long long w[16]; };   // CUtensorMap (opaque, 128 bytes)
+typedef unsigned long long u64;
+
+// ---- mbarrier / TMA / wgmma helpers ----------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ u32 mbar_try_wait(u32 bar, u32 parity) {
+    u32 ok;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+    return ok;
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    while (!mbar_try_wait(bar, parity)) {}
+}
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, int c0, int c1, int c2, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+        :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+template <int N>
+__device__ __forceinline__ void fence_f(float* r) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i]) :: "memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_u(u32* r) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i]) :: "memory");
+}
+// shared-memory matrix descriptor: 128-byte swizzle (layout type 1), byte offsets in 16-byte units
+__device__ __forceinline__ u64 make_desc(u32 saddr, u32 lbo_bytes, u32 sbo_bytes) {
+    return (u64)((saddr & 0x3FFFFu) >> 4) | ((u64)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(u32 addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// D(64x64, f32) {=, +=} A(64x16, smem desc) * B(64x16 K-major, smem desc)
+__device__ __forceinline__ void wgmma_ss_n64(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// D(64x128, f32) {=, +=} A(64x16, smem desc) * B(128x16 K-major, smem desc)
+__device__ __forceinline__ void wgmma_ss_n128(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// D(64x64, f32) += A(64x16 fp16, registers) * B(16x64, smem desc, MN-major: tnspB)
+__device__ __forceinline__ void wgmma_rs_n64_tb(float* d, const u32* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// D(64x128, f32) += A(64x16 fp16, registers) * B(16x128, smem desc, MN-major: tnspB)
+__device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const u32* a, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// ---- the tile products --------------------------------------------------------------------------------------
+// S (64 x BC per consumer warpgroup) = Q_rows K^T: NPANEL panels x 4 k-steps of 16 columns (32 bytes) each
+__device__ __forceinline__ void issue_qk(float* s, u32 qa, u32 kb) {
+#pragma unroll
+    for (int p = 0; p < NPANEL; ++p)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 da = make_desc(qa + p * PANEL_Q + kk * 32, 16, 1024);
+            const u64 db = make_desc(kb + p * PANEL_KV + kk * 32, 16, 1024);
+            if constexpr (BC == 128) wgmma_ss_n128(s, da, db, (p | kk) != 0);
+            else wgmma_ss_n64(s, da, db, (p | kk) != 0);
+        }
+}
+// O (64 x D) += P (64 x BC, registers) V (BC x D, MN-major): KT k-steps of 16 rows (2048 bytes) each
+__device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 vb) {
+#if V_DESC_SWAP
+    constexpr u32 LBO = 1024, SBO = PANEL_KV;
+#else
+    constexpr u32 LBO = PANEL_KV, SBO = 1024;   // LBO: next 64-column panel (MN), SBO: next 8 rows (K)
+#endif
+#pragma unroll
+    for (int t = 0; t < KT; ++t) {
+        if constexpr (D == 128 && !PV_SPLIT) {
+            wgmma_rs_n128_tb(o, pf[t], make_desc(vb + t * 2048, LBO, SBO));
+        } else {
+#pragma unroll
+            for (int pn = 0; pn < NPANEL; ++pn)
+                wgmma_rs_n64_tb(o + 32 * pn, pf[t], make_desc(vb + pn * PANEL_KV + t * 2048, LBO, SBO));
+        }
+    }
+}
+
+// mask (tail columns, causal) and the online-softmax update of one S block, in place: s becomes
+// exp2(s*sl2 - m_new*sl2); returns the per-row rescale factors of the old O and l.
+__device__ __forceinline__ void softmax_block(float* s, float* m, float* rowsum, float* alpha,
+                                              int k0, int row_lo, int N, int causal, float sl2, int lane) {
+    const bool need_mask = (k0 + BC > N) || (causal && (k0 + BC - 1 > row_lo - (lane >> 2)));
+    if (need_mask) {
+#pragma unroll
+        for (int i = 0; i < SREG; ++i) {
+            const int col = k0 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+            const int row = row_lo + 8 * ((i >> 1) & 1);
+            if (col >= N || (causal && col > row)) s[i] = NEG_INF_F;
+        }
+    }
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < SREG; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    float ms[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        ms[h] = (mx[h] == NEG_INF_F) ? 0.f : mx[h] * sl2;
+        alpha[h] = fast_exp2(m[h] * sl2 - ms[h]);      // old m = -inf -> 0
+        m[h] = mx[h];
+        rowsum[h] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < SREG; ++i) {
+        const int h = (i >> 1) & 1;
+        s[i] = fast_exp2(fmaf(s[i], sl2, -ms[h]));
+        rowsum[h] += s[i];
+    }
+}
+// the S accumulator of k-columns [16t, 16t+16) is the A fragment of PV k-step t
+__device__ __forceinline__ void pack_p(u32 (*pf)[4], const float* s) {
+#pragma unroll
+    for (int t = 0; t < KT; ++t)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) pf[t][k] = pack_h2(s[8 * t + 2 * k], s[8 * t + 2 * k + 1]);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tmK, const __grid_constant__ TmaMap tmV,
+           h16* __restrict__ O, float* __restrict__ L, int N, float scale, int causal)
+{
+    extern __shared__ unsigned char smem_raw[];            // + 1024 bytes of slack for the alignment below
+    __shared__ __align__(8) u64 bars[NBARS];
+    const u32 raw = smem_addr(smem_raw);
+    const u32 sQ = (raw + 1023u) & ~1023u;                // 128-byte swizzle atoms need 1024-byte alignment
+    const u32 sK = sQ + TILE_Q, sV = sK + STAGES * TILE_KV;
+    const u32 barQ = smem_addr(&bars[0]);
+#define FULL_K(s) (barQ + 8u * (1 + (s)))
+#define FULL_V(s) (barQ + 8u * (1 + STAGES + (s)))
+#define EMPTY_K(s) (barQ + 8u * (1 + 2 * STAGES + (s)))
+#define EMPTY_V(s) (barQ + 8u * (1 + 3 * STAGES + (s)))
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh = blockIdx.x;
+    const int nqb = gridDim.y;
+    const int qb = causal ? (nqb - 1 - (int)blockIdx.y) : (int)blockIdx.y;   // causal: longest row blocks first
+    const int q0 = qb * BR;
+    int nkb = (N + BC - 1) / BC;
+    if (causal) nkb = min(nkb, (min(q0 + BR, N) - 1) / BC + 1);
+
+    if (tid == 0) {
+        mbar_init(barQ, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FULL_K(s), 1);
+            mbar_init(FULL_V(s), 1);
+            mbar_init(EMPTY_K(s), NCWG * 4);
+            mbar_init(EMPTY_V(s), NCWG * 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // ================= producer warpgroup =================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(PRODUCER_REGS));
+        if (warp == 0 && lane == 0) {
+            mbar_expect_tx(barQ, TILE_Q);
+#pragma unroll
+            for (int p = 0; p < NPANEL; ++p) tma_load_3d(sQ + p * PANEL_Q, &tmQ, 64 * p, q0, bh, barQ);
+            for (int j = 0; j < nkb; ++j) {
+                const int s = j % STAGES;
+                const u32 ph = (u32)((j / STAGES) & 1);
+                mbar_wait(EMPTY_K(s), ph ^ 1u);
+                mbar_expect_tx(FULL_K(s), TILE_KV);
+#pragma unroll
+                for (int p = 0; p < NPANEL; ++p)
+                    tma_load_3d(sK + s * TILE_KV + p * PANEL_KV, &tmK, 64 * p, j * BC, bh, FULL_K(s));
+                mbar_wait(EMPTY_V(s), ph ^ 1u);
+                mbar_expect_tx(FULL_V(s), TILE_KV);
+#pragma unroll
+                for (int p = 0; p < NPANEL; ++p)
+                    tma_load_3d(sV + s * TILE_KV + p * PANEL_KV, &tmV, 64 * p, j * BC, bh, FULL_V(s));
+            }
+        }
+        return;
+    }
+
+    // ================= consumer warpgroups =================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(CONSUMER_REGS));
+    const int wg = warp / 4 - 1;                  // 0 .. NCWG-1
+    const int wl = warp & 3;                      // warp within its warpgroup
+    const int ctid = tid - 128 * (wg + 1);
+    const int row_lo = q0 + 64 * wg + 16 * wl + (lane >> 2);   // query row of accumulator entries i with (i>>1)&1 == 0
+    const float sl2 = scale * 1.4426950408889634f;
+    const u32 qa = sQ + wg * 64 * 128;            // this warpgroup's 64 rows (8 swizzle atoms) of every Q panel
+
+    float o[OREG];
+    float s[SREG];
+    u32 pf[KT][4];
+#pragma unroll
+    for (int i = 0; i < OREG; ++i) o[i] = 0.f;
+    float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.f, 0.f}, rs[2], alpha[2];
+
+    mbar_wait(barQ, 0);
+    // ---- block 0: S_0, softmax ----
+    mbar_wait(FULL_K(0), 0);
+    wgmma_fence();
+    issue_qk(s, qa, sK);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_f<SREG>(s);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(EMPTY_K(0));
+    softmax_block(s, m, rs, alpha, 0, row_lo, N, causal, sl2, lane);
+    l[0] = rs[0]; l[1] = rs[1];
+    pack_p(pf, s);
+
+    // ---- steady state: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together ----
+    for (int j = 1; j < nkb; ++j) {
+        const int sk = j % STAGES, sp = (j - 1) % STAGES;
+        mbar_wait(FULL_K(sk), (u32)((j / STAGES) & 1));
+        wgmma_fence();
+        issue_qk(s, qa, sK + sk * TILE_KV);
+        wgmma_commit();
+        mbar_wait(FULL_V(sp), (u32)(((j - 1) / STAGES) & 1));
+        issue_pv(o, pf, sV + sp * TILE_KV);
+        wgmma_commit();
+        wgmma_wait<1>();                          // S_j done (groups complete in order)
+        fence_f<SREG>(s);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(EMPTY_K(sk));
+        softmax_block(s, m, rs, alpha, j * BC, row_lo, N, causal, sl2, lane);
+        wgmma_wait<0>();                          // PV_{j-1} done
+        fence_f<OREG>(o);
+        fence_u<KT * 4>(&pf[0][0]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(EMPTY_V(sp));
+#pragma unroll
+        for (int i = 0; i < OREG; ++i) o[i] *= alpha[(i >> 1) & 1];
+        l[0] = l[0] * alpha[0] + rs[0];
+        l[1] = l[1] * alpha[1] + rs[1];
+        pack_p(pf, s);
+    }
+    {
+        const int sp = (nkb - 1) % STAGES;
+        mbar_wait(FULL_V(sp), (u32)(((nkb - 1) / STAGES) & 1));
+        wgmma_fence();
+        issue_pv(o, pf, sV + sp * TILE_KV);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_f<OREG>(o);
+    }
+
+    // ---- epilogue: O / l through this warpgroup's rows of the Q tile (swizzled), 16-byte global stores; L ----
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    const float inv[2] = {(l[0] > 0.f) ? 1.f / l[0] : 0.f, (l[1] > 0.f) ? 1.f / l[1] : 0.f};
+    named_bar_sync(1 + wg, 128);                  // every warp of this warpgroup is past its last wgmma
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int rr = 64 * wg + 16 * wl + (lane >> 2) + 8 * h;     // row within the CTA tile
+            const u32 addr = sQ + (c >> 3) * PANEL_Q + rr * 128 + ((((c & 7) ^ (rr & 7))) << 4) + (lane & 3) * 4;
+            st_shared_u32(addr, pack_h2(o[4 * c + 2 * h] * inv[h], o[4 * c + 2 * h + 1] * inv[h]));
+        }
+    }
+    if ((lane & 3) == 0) {
+        float* Lb = L + (size_t)bh * N;
+        const float ln2 = 0.6931471805599453f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row_lo + 8 * h;
+            if (row < N) Lb[row] = (m[h] * sl2 + fast_log2(l[h])) * ln2;
+        }
+    }
+    named_bar_sync(1 + wg, 128);
+    h16* Ob = O + (size_t)bh * N * D;
+    constexpr int CPR = D / 8;                    // 16-byte chunks per row
+#pragma unroll
+    for (int it = 0; it < 64 * CPR / 128; ++it) {
+        const int idx = ctid + it * 128;
+        const int r = idx / CPR, c = idx % CPR;
+        const int rr = 64 * wg + r;
+        const int grow = q0 + rr;
+        if (grow < N) {
+            const uint4 v = ld_shared_v4(sQ + (c >> 3) * PANEL_Q + rr * 128 + (((c & 7) ^ (rr & 7)) << 4));
+            *reinterpret_cast<uint4*>(Ob + (size_t)grow * D + c * 8) = v;
+        }
+    }
+#undef FULL_K
+#undef FULL_V
+#undef EMPTY_K
+#undef EMPTY_V
+}
