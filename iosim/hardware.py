@@ -65,6 +65,8 @@ class Hardware:
     special_ops_per_s: float = 0.0  # exp/log evaluations per second (special-function units)
     # dtype -> FLOP/s of warp-level mma.sync, where it differs from the library GEMM rate
     mma_sync_flops_per_s: dict = field(default_factory=dict)
+    # dtype -> FLOP/s of warpgroup wgmma (Hopper), where the spec gives one (else the library's)
+    wgmma_flops_per_s: dict = field(default_factory=dict)
     launch_overhead_s: float = 0.0
     # the SM as the occupancy calculator and the timing model see it ([sm])
     clock_hz: float = 0.0
@@ -82,6 +84,9 @@ class Hardware:
     fp32_latency_cycles: float = 0.0
     special_latency_cycles: float = 0.0
     barrier_cycles: float = 0.0
+    # a wgmma's completion beyond its pipe time (optional [latency] wgmma_cycles; absent: the
+    # dependent mma.sync's)
+    wgmma_latency_cycles: float = 0.0
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
 
@@ -94,6 +99,8 @@ class Hardware:
         (``path="library"``), or warp-level ``mma.sync``'s where the spec gives one."""
         if path == "mma_sync" and dtype in self.mma_sync_flops_per_s:
             return self.mma_sync_flops_per_s[dtype]
+        if path == "wgmma" and dtype in self.wgmma_flops_per_s:
+            return self.wgmma_flops_per_s[dtype]
         try:
             return self.tensor_flops_per_s[dtype]
         except KeyError:
@@ -178,11 +185,15 @@ _SECTIONS = ("hbm", "l2", "sram", "compute", "launch", "sm", "latency")
 #: Keys every section may carry besides its figures.
 _NOTES = ("source", "ncu_metric")
 #: Tables of per-dtype rates in [compute].
-_RATE_TABLES = ("tensor_flops_per_s", "mma_sync_flops_per_s")
+_RATE_TABLES = ("tensor_flops_per_s", "mma_sync_flops_per_s", "wgmma_flops_per_s")
+#: Figures a spec may leave out, and the figure each then takes (field names).
+_OPTIONAL = {"wgmma_latency_cycles": (_Key("latency", "wgmma_cycles", float, *_LATENCY),
+                                      "mma_latency_cycles")}
 _TOP_LEVEL = ("name", "description") + _SECTIONS
 #: The keys each section allows, in the order the documentation lists them.
 ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)
-                + (_RATE_TABLES if section == "compute" else ()) + _NOTES
+                + (_RATE_TABLES if section == "compute" else ())
+                + tuple(k.key for k, _ in _OPTIONAL.values() if k.section == section) + _NOTES
                 for section in _SECTIONS}
 
 
@@ -277,9 +288,18 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
     if not isinstance(mma, dict):
         raise SpecError(f"{origin}: [compute] mma_sync_flops_per_s must be a table "
                         "{fp16 = ..., ...} when given")
+    for field_name, (spec, fallback) in _OPTIONAL.items():
+        value = data[spec.section].get(spec.key)
+        values[field_name] = (values[fallback] if value is None else
+                              _number(f"{origin}: [{spec.section}] {spec.key}", value, spec))
+    wgmma = data["compute"].get("wgmma_flops_per_s", {})
+    if not isinstance(wgmma, dict):
+        raise SpecError(f"{origin}: [compute] wgmma_flops_per_s must be a table "
+                        "{fp16 = ..., ...} when given")
     hw = Hardware(name=data["name"], description=data["description"],
                   tensor_flops_per_s=FrozenDict(tensor),
                   mma_sync_flops_per_s=FrozenDict(_rates(origin, "mma_sync_flops_per_s", mma)),
+                  wgmma_flops_per_s=FrozenDict(_rates(origin, "wgmma_flops_per_s", wgmma)),
                   sources=FrozenDict(sources), ncu_metrics=FrozenDict(metrics),
                   **values)
     _check_consistency(hw, origin)

@@ -6,6 +6,11 @@ driver reserves per CTA); an SM holds as many CTAs as the scarcest of warps, reg
 memory and the CTA limit allows. The kernel's registers per thread are the ones it declares
 (``Kernel.registers_per_thread``, e.g. what ptxas or Nsight Compute reported) or, when it
 declares none, an estimate from its register tiles (:func:`estimate_registers`).
+
+A warp-specialised kernel (``Kernel.producer_warps`` > 0) has copy-only producer warps whose
+registers per thread (``Kernel.producer_registers_per_thread``, what ``setmaxnreg`` lowers them
+to) differ from its computing warps': each kind is allocated per warp at its own count, and the
+register tiles are split over the computing (consumer) threads only.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ class Occupancy:
     smem_bytes_per_cta: int
     limiter: str  # one of LIMITERS
     limits: dict  # limiter -> CTAs per SM that resource alone allows
+    # a warp-specialised kernel's copy-only warps and their registers per thread (else 0, None)
+    producer_warps: int = 0
+    producer_registers_per_thread: int | None = None
 
     @property
     def spills(self) -> bool:
@@ -61,7 +69,29 @@ def registers_needed(kernel, head_dim: int, seq_len: int) -> int:
     dims = full_dims(kernel, head_dim, seq_len)
     tile_bytes = sum(dims[b.rows] * dims[b.cols] * b.elem_bytes
                      for b in kernel.buffers if b.space == "reg")
-    return math.ceil(tile_bytes / BYTES_PER_REGISTER / kernel.threads) + REGISTER_OVERHEAD
+    threads = 32 * (kernel.warps - _producer_warps(kernel))  # the computing threads hold them
+    return math.ceil(tile_bytes / BYTES_PER_REGISTER / threads) + REGISTER_OVERHEAD
+
+
+def _producer_warps(kernel) -> int:
+    """Copy-only warps of ``kernel`` (0 unless it is warp-specialised)."""
+    producers = getattr(kernel, "producer_warps", 0) or 0
+    if not 0 <= producers < kernel.warps:
+        raise TilingError(f"kernel {kernel.name!r} has {producers} producer warps of "
+                          f"{kernel.warps}; at least one warp must compute")
+    return producers
+
+
+def _registers_per_warp(registers: int, hardware) -> int:
+    """Registers one warp is allocated at ``registers`` per thread (whole allocation units)."""
+    unit = hardware.register_allocation_unit
+    return math.ceil(registers * 32 / unit) * unit
+
+
+def producer_registers(kernel, consumer_registers: int) -> int:
+    """Registers per thread of ``kernel``'s producer warps: declared, else the consumers'."""
+    declared = getattr(kernel, "producer_registers_per_thread", None)
+    return consumer_registers if declared is None else declared
 
 
 def estimate_registers(kernel, head_dim: int, seq_len: int, hardware) -> int:
@@ -70,6 +100,12 @@ def estimate_registers(kernel, head_dim: int, seq_len: int, hardware) -> int:
     those bounds spills past them; :attr:`Occupancy.spills` says so)."""
     unit = hardware.register_allocation_unit
     fits_one_cta = hardware.registers_per_sm // kernel.warps // unit * unit // 32
+    producers = _producer_warps(kernel)
+    declared_producer = getattr(kernel, "producer_registers_per_thread", None)
+    if producers and declared_producer is not None:  # what the producers leave the consumers
+        left = hardware.registers_per_sm - producers * _registers_per_warp(declared_producer,
+                                                                          hardware)
+        fits_one_cta = max(1, left // (kernel.warps - producers) // unit * unit // 32)
     return max(1, min(hardware.max_registers_per_thread, fits_one_cta,
                       registers_needed(kernel, head_dim, seq_len)))
 
@@ -90,12 +126,19 @@ def occupancy(kernel, head_dim: int, seq_len: int, hardware) -> Occupancy:
         raise TilingError(f"kernel {kernel.name!r} declares {registers} registers per thread; "
                           f"the hardware allows at most {hardware.max_registers_per_thread}")
     smem = kernel.smem_bytes(head_dim, seq_len)
-    unit = hardware.register_allocation_unit
-    registers_per_warp = math.ceil(registers * 32 / unit) * unit
+    producers = _producer_warps(kernel)
+    producer_regs = producer_registers(kernel, registers) if producers else None
+    if producer_regs is not None and not 1 <= producer_regs <= hardware.max_registers_per_thread:
+        raise TilingError(f"kernel {kernel.name!r} declares {producer_regs} registers per "
+                          f"producer thread; the hardware allows 1 to "
+                          f"{hardware.max_registers_per_thread}")
+    registers_per_cta = _registers_per_warp(registers, hardware) * (warps - producers)
+    if producers:
+        registers_per_cta += _registers_per_warp(producer_regs, hardware) * producers
     smem_per_cta = smem + hardware.smem_reserved_bytes_per_cta
     limits = {
         "warps": hardware.max_warps_per_sm // warps,
-        "registers": hardware.registers_per_sm // (registers_per_warp * warps),
+        "registers": hardware.registers_per_sm // registers_per_cta,
         "smem": hardware.sram_bytes_per_sm // smem_per_cta if smem > 0 else math.inf,
         "ctas": hardware.max_ctas_per_sm,
     }
@@ -111,4 +154,5 @@ def occupancy(kernel, head_dim: int, seq_len: int, hardware) -> Occupancy:
                      registers_needed=registers_needed(kernel, head_dim, seq_len),
                      smem_bytes_per_cta=smem, limiter=limiter,
                      limits={k: (int(v) if math.isfinite(v) else None)
-                             for k, v in limits.items()})
+                             for k, v in limits.items()},
+                     producer_warps=producers, producer_registers_per_thread=producer_regs)

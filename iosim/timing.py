@@ -71,15 +71,19 @@ def _per_cta(values: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
     return cums[cta_start[1:]] - cums[cta_start[:-1]]
 
 
-def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
+def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) -> dict:
     """Per-CTA demands of one kernel trace: the lone warp's cycles and what the CTA asks of
     each shared resource. ``hbm_by_event``: HBM bytes (read + written back) of each event.
 
     What does not depend on the L2 replay is worked out on one batch·head's events
     (``kt.head``) and repeated for the others; only the HBM bytes and the loads' latencies
-    (L2 or DRAM, as the replay says) are taken per event."""
+    (L2 or DRAM, as the replay says) are taken per event.
+
+    A warp-specialised kernel (``producer_warps`` > 0) is timed by its computing warps: its
+    producer warps only issue copies (see :func:`_async_adjustments`, which also needs ``occ``,
+    the kernel's occupancy, for the bandwidth its copies share)."""
     kernel = kt.kernel
-    warps = kernel.warps
+    warps = kernel.warps - getattr(kernel, "producer_warps", 0)
     hw = hardware
     clock = hw.clock_hz
     per_smsp = hw.sm_count * hw.sub_partitions_per_sm * clock
@@ -101,6 +105,8 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     if kt.tensor_path == "mma_sync":
         mma_alone = np.maximum(frag_w * hw.smem_latency_cycles + tensor_w,
                                h["mma_chain"] * hw.mma_latency_cycles)
+    elif kt.tensor_path == "wgmma":  # operands fetched by the tensor core; one completion wait
+        mma_alone = tensor_w + hw.wgmma_latency_cycles - hw.mma_latency_cycles
     else:  # software-pipelined library GEMM: loads hide behind the MMAs
         mma_alone = tensor_w + hw.smem_latency_cycles
     mma_alone = np.where(has_mma, mma_alone + hw.mma_latency_cycles, 0.0)
@@ -120,6 +126,10 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     latency = (np.where(is_compute, mma_alone + scalar_alone - tensor_w - fp32_w - sfu_w, 0.0)
                + np.where(waits, hw.l2_latency_cycles, 0.0)
                + h["sync"] * hw.barrier_cycles)
+    if getattr(kernel, "overlap_softmax", False) or getattr(kernel, "producer_warps", 0):
+        latency = latency + _async_adjustments(
+            kt, hbm_by_event, hw, occ, mma_alone, scalar_alone, latency,
+            np.where(is_compute, tensor_w + fp32_w + sfu_w, 0.0), tile_bytes)
     # shared-memory bytes the SM moves for the CTA: MMA operands (with per-warp re-reads),
     # other ops' buffers, and tiles copied in or out
     smem_bytes = np.where(has_mma, h["smem_operand_bytes"],
@@ -162,6 +172,73 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str) -> dict:
     group_cta[groups] = ctas
     demand["latency_cycles"] += np.bincount(group_cta, weights=worst, minlength=n_ctas)
     return demand
+
+
+def _tiles(is_load: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
+    """Per event, the index of its *tile*: a run of loads and the ops after it, up to the next
+    load (a new tile also at each CTA's first event). In a flash kernel's loop, one K/V block."""
+    new = is_load.copy()
+    new[1:] &= ~is_load[:-1]
+    firsts = cta_start[:-1][cta_start[:-1] < len(is_load)]
+    new[firsts] = True
+    return np.cumsum(new) - 1
+
+
+def _async_adjustments(kt, hbm_by_event, hw, occ, mma_alone, scalar_alone, latency, pipe,
+                       tile_bytes) -> np.ndarray:
+    """What an asynchronous kernel changes in a lone warp's latency, per event (one
+    batch·head's events; added to the latency of each tile's first event). ``latency`` and
+    ``pipe``: each event's latency and pipe cycles as one warp sees them, before this.
+
+    * ``overlap_softmax``: per tile, the MMAs (the next QKᵀ, this PV) run while the warp does
+      the softmax and the rescale, so the tile's chain is max(MMA, scalar) plus its barrier,
+      not the sum: the shorter of the two is taken off. The pipes still see all the work.
+    * a producer (``producer_warps`` > 0) copies a ring tile ``stages - 1`` tiles ahead. The
+      copy takes the L2 latency (DRAM's for the share of the kernel's ring bytes that miss) plus
+      its bytes over the SM's bandwidth share (``occ.ctas_per_sm`` CTAs on every SM sharing the
+      L2 and HBM bandwidth); the consumers wait only for what is left of it after
+      ``stages - 1`` tiles of their own work: max(0, copy - (stages - 1) x tile chain)."""
+    kernel = kt.kernel
+    h = kt.head
+    is_load, is_compute = h["kind"] == LOAD, h["kind"] == COMPUTE
+    starts = h["cta_start"]
+    tile = _tiles(is_load, starts)
+    n_tiles = int(tile.max()) + 1 if len(tile) else 0
+    has_mma = h["mma"] > 0
+    mma_part = np.bincount(tile, weights=np.where(is_compute & has_mma, mma_alone, 0.0),
+                           minlength=n_tiles)
+    scalar_part = np.bincount(tile, weights=np.where(is_compute & ~has_mma, scalar_alone, 0.0),
+                              minlength=n_tiles)
+    credit = (np.minimum(mma_part, scalar_part) if getattr(kernel, "overlap_softmax", False)
+              else np.zeros(n_tiles))
+    first = np.flatnonzero(np.diff(tile, prepend=-1) != 0)  # each tile's first event
+    change = np.zeros(n_tiles)
+    change -= credit
+    if getattr(kernel, "producer_warps", 0):
+        ring = is_load & (h["prefetched"] > 0)
+        stages = max((b.stages for b in kernel.buffers if b.stages > 1), default=1)
+        ring_bytes = np.bincount(tile, weights=np.where(ring, tile_bytes, 0.0),
+                                 minlength=n_tiles)
+        # the share of the ring's bytes that miss the L2, over every batch·head
+        per_head = len(h["kind"])
+        ring_events = (np.flatnonzero(ring)[None, :]
+                       + per_head * np.arange(kt.heads, dtype=np.int64)[:, None]).ravel()
+        loaded = float(np.tile(tile_bytes[ring], kt.heads).sum())
+        miss = min(1.0, float(hbm_by_event[ring_events].sum()) / loaded) if loaded else 0.0
+        ctas_per_sm = occ.ctas_per_sm if occ is not None else 1
+        active = max(1, min(hw.sm_count, kt.n_ctas))
+        cap = hw.sram_bandwidth_bytes_per_s / hw.sm_count
+        l2_share = min(hw.l2_bandwidth_bytes_per_s / active, cap) / hw.clock_hz  # bytes/cycle
+        hbm_share = min(hw.hbm_bandwidth_bytes_per_s / active, cap) / hw.clock_hz
+        copy = (hw.l2_latency_cycles + miss * (hw.dram_latency_cycles - hw.l2_latency_cycles)
+                + ctas_per_sm * np.maximum(ring_bytes / l2_share, miss * ring_bytes / hbm_share))
+        # the consumers' own chain per tile: its latency and pipe time as one warp sees them
+        chain = np.bincount(tile, weights=latency + pipe, minlength=n_tiles) - credit
+        wait = np.maximum(0.0, copy - (stages - 1) * chain)
+        change += np.where(ring_bytes > 0, wait, 0.0)
+    out = np.zeros(len(tile))
+    out[first] = change
+    return out
 
 
 def _load_groups(is_load: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
@@ -340,7 +417,7 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None) -> Time
     hw = hardware
     if occ is None:
         occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
-    demand = cta_demands(kt, hbm_by_event, hw, shape.dtype)
+    demand = cta_demands(kt, hbm_by_event, hw, shape.dtype, occ)
     clock = hw.clock_hz
     n = kt.n_ctas
     pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"],
@@ -354,7 +431,9 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None) -> Time
         dispatch(hw.sm_count, occ.ctas_per_sm, demand["latency_cycles"] / clock,
                  np.ascontiguousarray(pipe), demand["smem_bytes"] / smem_per_sm,
                  demand["l2_bytes"], demand["hbm_bytes"], demand["exposed_l2_bytes"],
-                 demand["exposed_hbm_bytes"], occ.warps_per_cta, hw.sub_partitions_per_sm,
+                 demand["exposed_hbm_bytes"],
+                 occ.warps_per_cta - getattr(occ, "producer_warps", 0),  # the computing warps
+                 hw.sub_partitions_per_sm,
                  hw.l2_bandwidth_bytes_per_s, hw.hbm_bandwidth_bytes_per_s, smem_per_sm,
                  cta_sm, start, end, limiter)
     span = float(end.max()) if n else 0.0

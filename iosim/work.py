@@ -9,7 +9,10 @@ for the whole CTA:
 * ``smem_operand_bytes``: bytes the CTA's warps read from shared memory as MMA operands. A
   ``mma_sync`` kernel's warps split the rows of the output: each warp reads its own rows of A
   and **all** of B, so B is read once per warp. A library GEMM's warps tile the output in two
-  dimensions (``GEMM_WARP_GRID``), so each operand is read by one row or column of warps;
+  dimensions (``GEMM_WARP_GRID``), so each operand is read by one row or column of warps. A
+  ``wgmma`` kernel's consumer warpgroups (64 rows each) take their operands from shared memory
+  themselves, once per warpgroup: each reads its own rows of A and all of B (no per-warp
+  ldmatrix re-reads; an operand in registers, such as P, is not read at all);
 * ``fp32``: warp instructions on the FP32 pipe (one per element per scalar FLOP);
 * ``sfu``: warp instructions on the special-function unit (exp, log);
 * ``depth``: dependent FP32 steps one warp waits through (a row reduction over n columns is
@@ -60,6 +63,8 @@ def op_work(op, dims: dict, buffers: dict, kernel) -> tuple:
         b_bytes = _buffer_bytes(b, dims) if b.space == "smem" else 0
         if kernel.tensor_path == "mma_sync":
             smem = a_bytes + kernel.warps * b_bytes
+        elif kernel.tensor_path == "wgmma":
+            smem = a_bytes + kernel.consumer_warpgroups * b_bytes
         else:
             warp_rows, warp_cols = GEMM_WARP_GRID
             smem = a_bytes * warp_cols + b_bytes * warp_rows
