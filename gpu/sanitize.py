@@ -22,10 +22,22 @@ SHAPES = [dict(batch=1, heads=2, seq_len=n, head_dim=d, causal=c) for n in (200,
 FLASH_PAIRS = {"flash1": [(64, 64)], "flash2": [(64, 64), (128, 64), (128, 32)], "flash3": [(128, 128), (128, 64)]}
 
 
+def _inference_target(algorithm: str):
+    """(kernels, shapes) of a gpu/inference.py target (flash_decoding, flash2_gqa), else None."""
+    from . import inference as I
+
+    if algorithm not in I.SANITIZE_KERNELS:
+        return None
+    return I.SANITIZE_KERNELS[algorithm], I.sanitize_shapes(algorithm)
+
+
 def child(algorithm: str) -> int:
     import cupy as cp
     from . import kernels as K, reference as R
 
+    if _inference_target(algorithm):   # GQA prefill / split-KV decode: gpu/inference.py runs its own shapes
+        from .inference import sanitize_child
+        return sanitize_child(algorithm)
     cp.cuda.set_allocator(None)
     ok = True
     for sh in SHAPES:
@@ -74,10 +86,11 @@ def run_all(out_path: str, tools, algorithms, deadline_s: float) -> dict:
                 and ("=========" in ln)))))
             checks = [ln for ln in text.splitlines() if ln.startswith("SANITIZE_CHECK")]
             from .kernels import kernel_names
+            inf = _inference_target(alg)
             results.append({
                 "tool": tool, "algorithm": alg,
-                "kernels": sorted(set(kernel_names(alg, False)) | set(kernel_names(alg, True))),
-                "shapes": SHAPES, "flash_block_pairs": FLASH_PAIRS.get(alg),
+                "kernels": inf[0] if inf else sorted(set(kernel_names(alg, False)) | set(kernel_names(alg, True))),
+                "shapes": inf[1] if inf else SHAPES, "flash_block_pairs": FLASH_PAIRS.get(alg),
                 "error_count": err_count, "summary": summary, "returncode": p.returncode,
                 "kernels_in_reports": kernels_with_errors if err_count else [],
                 "output_checks": checks, "all_outputs_passed": bool(checks) and all("passed=True" in c for c in checks),
