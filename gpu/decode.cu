@@ -18,7 +18,11 @@
 //                  L_part fp32 (B, H, num_splits, N) (= -inf for a split that sees no key).
 // flash_decoding_combine: one warp per output row (b, h, n): L = log sum_s exp(L_s), O = sum_s exp(L_s - L) O_s.
 //
-// Defines: HEAD_DIM (64/128), BC (multiple of 16: NWARPS = BC/16), STAGES (>= 2), MT (1 or 2 m-tiles of rows).
+// ROWSPLIT=1 (for g*N > 16, e.g. speculative decoding): the warps split the rows instead of the keys: warp w owns
+// query rows [16w, 16w+16) of the CTA's ROWS = 16*NWARPS and all BC keys of every block (flash2's organisation),
+// so up to 16*NWARPS rows read K/V once without row chunks; the merge step then has one state per row.
+// Defines: HEAD_DIM (64/128), BC (multiple of 16: NWARPS = BC/16), STAGES (>= 2), MT (1 or 2 m-tiles of rows),
+// ROWSPLIT (0/1; with ROWSPLIT, MT = 1).
 #include "common.cuh"
 
 __device__ __forceinline__ float4 mk_f4(float a, float b, float c, float d) { float4 v; v.x = a; v.y = b; v.z = c; v.w = d; return v; }
@@ -36,17 +40,24 @@ __device__ __forceinline__ uint2 mk_u2(u32 a, u32 b) { uint2 v; v.x = a; v.y = b
 #ifndef MT
 #define MT 1
 #endif
+#ifndef ROWSPLIT
+#define ROWSPLIT 0
+#endif
 
 constexpr int D = HEAD_DIM;
-constexpr int NWARPS = BC / 16;          // each warp: 16 keys of every KV block
+constexpr int NWARPS = BC / 16;
 constexpr int THREADS = NWARPS * 32;
-constexpr int ROWS = 16 * MT;            // query rows per CTA
+constexpr int KW = ROWSPLIT ? 1 : NWARPS;               // warps that share rows (and split each block's keys)
+constexpr int KEYS_W = BC / KW;                         // keys of a block per warp: 16, or BC with ROWSPLIT
+constexpr int NTW = KEYS_W / 8, KTW = KEYS_W / 16;      // n-tiles of S, k-steps of PV per warp and block
+constexpr int ROWS = ROWSPLIT ? 16 * NWARPS : 16 * MT;  // query rows per CTA
+static_assert(!ROWSPLIT || MT == 1, "ROWSPLIT uses one m-tile per warp");
 constexpr int KD = D / 16;               // k-steps of QK^T
 constexpr int DT = D / 8;                // n-tiles of O
 static_assert(BC % 16 == 0 && D % 16 == 0 && KD % 2 == 0 && DT % 2 == 0, "block sizes");
 static_assert(STAGES >= 2, "at least double buffering");
-static_assert(STAGES * 2 * BC * D * 2 >= NWARPS * ROWS * D * 4, "merge buffer must fit in the K/V ring");
-static_assert(ROWS * D * 2 >= (3 * NWARPS + 1) * ROWS * 4, "row statistics must fit in the Q tile");
+static_assert(STAGES * 2 * BC * D * 2 >= KW * ROWS * D * 4, "merge buffer must fit in the K/V ring");
+static_assert(ROWS * D * 2 >= (3 * KW + 1) * ROWS * 4, "row statistics must fit in the Q tile");
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __restrict__ V,
@@ -104,6 +115,9 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
         l_[mt][0] = l_[mt][1] = 0.f;
     }
     const u32 sQa = smem_addr(sQ), sKVa = smem_addr(sKV);
+    const int wrow = ROWSPLIT ? warp * 16 : 0;             // this warp's first row in the CTA's tile
+    const int wkey = ROWSPLIT ? 0 : warp * 16;             // this warp's first key in each block
+    const int kw = ROWSPLIT ? 0 : warp;                    // this warp's slot in the merge buffers
 
     for (int j = 0; j < nblk; ++j) {
         cp_async_wait<STAGES - 2>();
@@ -113,7 +127,7 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int kk = 0; kk < KD; ++kk) {
-                    const int r = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int r = wrow + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                     const int c = 2 * kk + (lane >> 4);
                     ldsm_x4(qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3], sQa + swz<D>(r, c) * 2);
                 }
@@ -127,23 +141,22 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
             }
             cp_async_commit();
         }
-        const int k0 = (kb0 + j) * BC + warp * 16;        // this warp's first key
+        const int k0 = (kb0 + j) * BC + wkey;              // this warp's first key
         const u32 kbase = sKVa + (j % STAGES) * 2 * BC * D * 2;
         const u32 vbase = kbase + BC * D * 2;
-        const int wr = warp * 16;                          // this warp's rows in the tile
 
-        // ---- S = Q K_w^T: ROWS x 16 keys ----
-        float sc[MT][2][4];
+        // ---- S = Q K_w^T: this warp's rows x KEYS_W keys ----
+        float sc[MT][NTW][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) { sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f; }
+            for (int nt = 0; nt < NTW; ++nt) { sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f; }
 #pragma unroll
         for (int kk = 0; kk < KD; kk += 2) {
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
+            for (int nt = 0; nt < NTW; ++nt) {
                 u32 b0, b1, b2, b3;
-                ldsm_x4(b0, b1, b2, b3, kbase + swz<D>(wr + nt * 8 + (lane & 7), 2 * kk + (lane >> 3)) * 2);
+                ldsm_x4(b0, b1, b2, b3, kbase + swz<D>(wkey + nt * 8 + (lane & 7), 2 * kk + (lane >> 3)) * 2);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16816(sc[mt][nt], qf[mt][kk], b0, b1);
@@ -152,24 +165,28 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
             }
         }
         // ---- mask: keys >= M, causal (end-aligned) ----
-        if (k0 + 16 > M || (causal && k0 + 15 > koff)) {
+        if (k0 + KEYS_W > M || (causal && k0 + KEYS_W - 1 > koff)) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt)
+                for (int nt = 0; nt < NTW; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int col = k0 + nt * 8 + 2 * c4 + (e & 1);
-                        const int n = (r0 + mt * 16 + g8 + ((e < 2) ? 0 : 8)) % N;   // query position
+                        const int n = (r0 + wrow + mt * 16 + g8 + ((e < 2) ? 0 : 8)) % N;   // query position
                         if (col >= M || (causal && col > n + koff)) sc[mt][nt][e] = NEG_INF_F;
                     }
         }
         // ---- online softmax (base 2), P packed as the A operand of the PV mma ----
-        u32 pf[MT][4];
+        u32 pf[MT][KTW][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            float mx_a = fmaxf(m_[mt][0], fmaxf(fmaxf(sc[mt][0][0], sc[mt][0][1]), fmaxf(sc[mt][1][0], sc[mt][1][1])));
-            float mx_b = fmaxf(m_[mt][1], fmaxf(fmaxf(sc[mt][0][2], sc[mt][0][3]), fmaxf(sc[mt][1][2], sc[mt][1][3])));
+            float mx_a = m_[mt][0], mx_b = m_[mt][1];
+#pragma unroll
+            for (int nt = 0; nt < NTW; ++nt) {
+                mx_a = fmaxf(mx_a, fmaxf(sc[mt][nt][0], sc[mt][nt][1]));
+                mx_b = fmaxf(mx_b, fmaxf(sc[mt][nt][2], sc[mt][nt][3]));
+            }
             mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
             mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
             mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
@@ -181,15 +198,15 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
             m_[mt][0] = mx_a; m_[mt][1] = mx_b;
             float rs_a = 0.f, rs_b = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
+            for (int nt = 0; nt < NTW; ++nt) {
                 const float p0 = fast_exp2(fmaf(sc[mt][nt][0], sl2, -ms_a));
                 const float p1 = fast_exp2(fmaf(sc[mt][nt][1], sl2, -ms_a));
                 const float p2 = fast_exp2(fmaf(sc[mt][nt][2], sl2, -ms_b));
                 const float p3 = fast_exp2(fmaf(sc[mt][nt][3], sl2, -ms_b));
                 rs_a += p0 + p1;
                 rs_b += p2 + p3;
-                pf[mt][nt * 2 + 0] = pack_h2(p0, p1);
-                pf[mt][nt * 2 + 1] = pack_h2(p2, p3);
+                pf[mt][nt >> 1][(nt & 1) * 2 + 0] = pack_h2(p0, p1);
+                pf[mt][nt >> 1][(nt & 1) * 2 + 1] = pack_h2(p2, p3);
             }
             l_[mt][0] = l_[mt][0] * alpha_a + rs_a;
             l_[mt][1] = l_[mt][1] * alpha_b + rs_b;
@@ -199,27 +216,29 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
                 o[mt][dt][2] *= alpha_b; o[mt][dt][3] *= alpha_b;
             }
         }
-        // ---- O_w += P V_w (one k-step of 16 keys) ----
+        // ---- O_w += P V_w (KTW k-steps of 16 keys) ----
+#pragma unroll
+        for (int kt = 0; kt < KTW; ++kt)
 #pragma unroll
         for (int dt = 0; dt < DT; dt += 2) {
             u32 b0, b1, b2, b3;
-            ldsm_x4_t(b0, b1, b2, b3, vbase + swz<D>(wr + (lane & 7) + ((lane >> 3) & 1) * 8, dt + (lane >> 4)) * 2);
+            ldsm_x4_t(b0, b1, b2, b3, vbase + swz<D>(wkey + kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dt + (lane >> 4)) * 2);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                mma16816(o[mt][dt], pf[mt], b0, b1);
-                mma16816(o[mt][dt + 1], pf[mt], b2, b3);
+                mma16816(o[mt][dt], pf[mt][kt], b0, b1);
+                mma16816(o[mt][dt + 1], pf[mt][kt], b2, b3);
             }
         }
     }
 
-    // ---- merge the NWARPS partial states through shared memory ----
+    // ---- merge the KW partial states of each row through shared memory (KW = 1 with ROWSPLIT) ----
     cp_async_wait<0>();
     __syncthreads();                                   // ring and Q tile are free now
-    float* sO = reinterpret_cast<float*>(sKV);         // NWARPS x ROWS x D (unnormalised, own max)
-    float* sM = reinterpret_cast<float*>(sQ);          // NWARPS x ROWS: max (raw score units)
-    float* sL = sM + NWARPS * ROWS;                    // NWARPS x ROWS: sum
-    float* sF = sL + NWARPS * ROWS;                    // NWARPS x ROWS: weight of warp w's O
-    float* sLse = sF + NWARPS * ROWS;                  // ROWS: natural-log LSE
+    float* sO = reinterpret_cast<float*>(sKV);         // KW x ROWS x D (unnormalised, own max)
+    float* sM = reinterpret_cast<float*>(sQ);          // KW x ROWS: max (raw score units)
+    float* sL = sM + KW * ROWS;                        // KW x ROWS: sum
+    float* sF = sL + KW * ROWS;                        // KW x ROWS: weight of slot w's O
+    float* sLse = sF + KW * ROWS;                      // ROWS: natural-log LSE
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float la = l_[mt][0], lb = l_[mt][1];
@@ -227,34 +246,34 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
         la += __shfl_xor_sync(0xffffffffu, la, 2);
         lb += __shfl_xor_sync(0xffffffffu, lb, 1);
         lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-        const int ra = mt * 16 + g8, rb = ra + 8;
+        const int ra = wrow + mt * 16 + g8, rb = ra + 8;
         if (c4 == 0) {
-            sM[warp * ROWS + ra] = m_[mt][0]; sL[warp * ROWS + ra] = la;
-            sM[warp * ROWS + rb] = m_[mt][1]; sL[warp * ROWS + rb] = lb;
+            sM[kw * ROWS + ra] = m_[mt][0]; sL[kw * ROWS + ra] = la;
+            sM[kw * ROWS + rb] = m_[mt][1]; sL[kw * ROWS + rb] = lb;
         }
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
-            *reinterpret_cast<float2*>(sO + (warp * ROWS + ra) * D + dt * 8 + 2 * c4) = mk_f2(o[mt][dt][0], o[mt][dt][1]);
-            *reinterpret_cast<float2*>(sO + (warp * ROWS + rb) * D + dt * 8 + 2 * c4) = mk_f2(o[mt][dt][2], o[mt][dt][3]);
+            *reinterpret_cast<float2*>(sO + (kw * ROWS + ra) * D + dt * 8 + 2 * c4) = mk_f2(o[mt][dt][0], o[mt][dt][1]);
+            *reinterpret_cast<float2*>(sO + (kw * ROWS + rb) * D + dt * 8 + 2 * c4) = mk_f2(o[mt][dt][2], o[mt][dt][3]);
         }
     }
     __syncthreads();
-    if (tid < ROWS) {
+    for (int t = tid; t < ROWS; t += THREADS) {
         float mx = NEG_INF_F;
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sM[w * ROWS + tid]);
+        for (int w = 0; w < KW; ++w) mx = fmaxf(mx, sM[w * ROWS + t]);
         const float ms = (mx == NEG_INF_F) ? 0.f : mx * sl2;
-        float f[NWARPS];
+        float f[KW];
         float lsum = 0.f;
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) {
-            f[w] = fast_exp2(sM[w * ROWS + tid] * sl2 - ms);   // -inf -> 0
-            lsum += sL[w * ROWS + tid] * f[w];
+        for (int w = 0; w < KW; ++w) {
+            f[w] = fast_exp2(sM[w * ROWS + t] * sl2 - ms);   // -inf -> 0
+            lsum += sL[w * ROWS + t] * f[w];
         }
         const float inv = (lsum > 0.f) ? 1.f / lsum : 0.f;
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) sF[w * ROWS + tid] = f[w] * inv;
-        sLse[tid] = (lsum > 0.f) ? (ms + fast_log2(lsum)) * 0.6931471805599453f : NEG_INF_F;
+        for (int w = 0; w < KW; ++w) sF[w * ROWS + t] = f[w] * inv;
+        sLse[t] = (lsum > 0.f) ? (ms + fast_log2(lsum)) * 0.6931471805599453f : NEG_INF_F;
     }
     __syncthreads();
     const bool direct = (num_splits == 1);
@@ -265,7 +284,7 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
         if (r >= R) continue;
         float4 acc = mk_f4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) {
+        for (int w = 0; w < KW; ++w) {
             const float fw = sF[w * ROWS + row];
             const float4 x = *reinterpret_cast<const float4*>(sO + (w * ROWS + row) * D + c);
             acc.x += fw * x.x; acc.y += fw * x.y; acc.z += fw * x.z; acc.w += fw * x.w;
@@ -278,13 +297,13 @@ flash_decoding_split(const h16* __restrict__ Q, const h16* __restrict__ K, const
             *reinterpret_cast<float4*>(Opart + prow * D + c) = acc;
         }
     }
-    if (tid < ROWS && r0 + tid < R) {
-        const int r = r0 + tid;
+    for (int t = tid; t < ROWS && r0 + t < R; t += THREADS) {
+        const int r = r0 + t;
         if (direct) {
-            L[qrow0 + r] = sLse[tid];
+            L[qrow0 + r] = sLse[t];
         } else {
             const int hh = r / N, n = r % N;
-            Lpart[(((size_t)b * heads + (size_t)kvh * group + hh) * num_splits + s) * N + n] = sLse[tid];
+            Lpart[(((size_t)b * heads + (size_t)kvh * group + hh) * num_splits + s) * N + n] = sLse[t];
         }
     }
 }

@@ -84,33 +84,35 @@ def split_ranges(kv_seq_len: int, block_cols: int, num_splits: int) -> list[tupl
     return out
 
 
-def decode_tiling(head_dim: int, rows: int, block_cols: int | None = None, stages: int | None = None) -> dict:
-    """Compile-time choice of the split kernel for ``rows`` = g*N query rows: BC (keys per block, 16 per warp),
-    STAGES (cp.async ring depth), MT (16-row m-tiles per CTA; d=128 uses 1: MT=2 spills at 255 registers)."""
+def decode_tiling(head_dim: int, rows: int, block_cols: int | None = None, stages: int | None = None,
+                  rowsplit: bool | None = None) -> dict:
+    """Compile-time choice of the split kernel for ``rows`` = g*N query rows: BC (keys per block; NWARPS = BC/16),
+    STAGES (cp.async ring depth) and the warp organisation: up to 16 rows, the warps split each block's keys
+    (16 each) and share the CTA's 16 rows; above 16 rows (ROWSPLIT), each warp owns 16 of the CTA's BC rows and
+    all keys of a block. ``block_rows`` = query rows per CTA."""
     bc = int(block_cols or 64)
     st = int(stages or 4)
-    mt = 2 if (head_dim == 64 and rows > 16) else 1
     if bc % 16 or bc < 16 or bc > 256:
         raise ValueError(f"block_cols must be a multiple of 16 in [16, 256], got {bc}")
     if st < 2:
         raise ValueError(f"stages must be >= 2, got {st}")
-    if st < mt:
-        raise ValueError("stages must be >= the m-tiles per CTA (merge buffer)")
-    return {"block_cols": bc, "stages": st, "mt": mt, "block_rows": 16 * mt, "threads": 32 * (bc // 16),
-            "smem_bytes": decode_smem_bytes(head_dim, bc, st, mt)}
+    rs = (rows > 16) if rowsplit is None else bool(rowsplit)
+    block_rows = bc if rs else 16
+    return {"block_cols": bc, "stages": st, "rowsplit": rs, "mt": 1, "block_rows": block_rows,
+            "threads": 32 * (bc // 16), "smem_bytes": decode_smem_bytes(head_dim, bc, st, block_rows)}
 
 
-def decode_smem_bytes(head_dim: int, block_cols: int, stages: int, mt: int = 1) -> int:
-    """Q tile (16*MT x d) + STAGES x (K, V tiles Bc x d), fp16."""
-    return 2 * head_dim * (16 * mt + 2 * stages * block_cols)
+def decode_smem_bytes(head_dim: int, block_cols: int, stages: int, block_rows: int = 16) -> int:
+    """Q tile (block_rows x d) + STAGES x (K, V tiles Bc x d), fp16."""
+    return 2 * head_dim * (block_rows + 2 * stages * block_cols)
 
 
-def row_chunks(group: int, seq_len: int, mt: int) -> int:
-    return -(-(group * seq_len) // (16 * mt))
+def row_chunks(group: int, seq_len: int, block_rows: int = 16) -> int:
+    return -(-(group * seq_len) // block_rows)
 
 
-def decode_grid(batch: int, kv_heads: int, group: int, seq_len: int, num_splits: int, mt: int) -> tuple:
-    return (num_splits, kv_heads * row_chunks(group, seq_len, mt), batch)
+def decode_grid(batch: int, kv_heads: int, group: int, seq_len: int, num_splits: int, block_rows: int = 16) -> tuple:
+    return (num_splits, kv_heads * row_chunks(group, seq_len, block_rows), batch)
 
 
 def decode_bytes(batch, heads, kv_heads, seq_len, kv_seq_len, head_dim, num_splits) -> dict:
@@ -176,7 +178,7 @@ def decode_shapes(name: str) -> list[dict]:
                 for b in GRID_BATCHES for m in GRID_KV_LENS
                 if not (b == DECODE_TARGET["batch"] and m == DECODE_TARGET["kv_seq_len"])]
     if name == "spec":   # speculative decoding: N = 4 and 16 query positions, causal (end-aligned)
-        return [dict(DECODE_TARGET, seq_len=n, causal=True, sweep="decode_spec") for n in (4, 16)]
+        return [dict(DECODE_TARGET, seq_len=n, causal=True, sweep="decode_spec") for n in (4, 8, 16)]
     if name == "small":
         return [dict(batch=2, heads=8, kv_heads=2, seq_len=n, kv_seq_len=m, head_dim=d, causal=c, sweep="small")
                 for (n, m) in ((1, 1000), (1, 4096), (3, 200), (16, 333)) for d in (64, 128) for c in (False, True)
@@ -310,7 +312,7 @@ class FlashDecoding:
     """flash_decoding_split (+ flash_decoding_combine when num_splits > 1). ``run(q, k, v, out, events=None)``
     records events[0..len(kernel_names)] around the kernels; ``self.L`` holds the LSE."""
 
-    def __init__(self, shape: dict, num_splits: int, block_cols=None, stages=None):
+    def __init__(self, shape: dict, num_splits: int, block_cols=None, stages=None, rowsplit=None):
         import cupy as cp
 
         self.shape = dict(shape)
@@ -319,20 +321,21 @@ class FlashDecoding:
         self.g = check_shape(B, H, Hk, N, M, d, self.causal)
         self.requested_splits = int(num_splits)
         self.tiling = decode_tiling(d, self.g * N, block_cols or DECODE_DEFAULT_TILING["block_cols"],
-                                    stages or DECODE_DEFAULT_TILING["stages"])
-        self.bc, self.stages, self.mt = self.tiling["block_cols"], self.tiling["stages"], self.tiling["mt"]
+                                    stages or DECODE_DEFAULT_TILING["stages"], rowsplit)
+        self.bc, self.stages, self.rowsplit = self.tiling["block_cols"], self.tiling["stages"], self.tiling["rowsplit"]
+        self.block_rows = self.tiling["block_rows"]
         self.bps = blocks_per_split(M, self.bc, self.requested_splits)
         self.num_splits = effective_splits(M, self.bc, self.requested_splits)
         self.smem = self.tiling["smem_bytes"]
         self.threads = self.tiling["threads"]
         if self.smem > SMEM_LIMIT_BYTES:
             raise ValueError(f"decode tiling needs {self.smem} B of shared memory (> {SMEM_LIMIT_BYTES})")
-        defines = {"HEAD_DIM": d, "BC": self.bc, "STAGES": self.stages, "MT": self.mt}
+        defines = {"HEAD_DIM": d, "BC": self.bc, "STAGES": self.stages, "MT": 1, "ROWSPLIT": int(self.rowsplit)}
         self.k_split = K._raw_kernel("decode.cu", "flash_decoding_split", defines)
         self.k_split.max_dynamic_shared_size_bytes = self.smem
         self.k_comb = K._raw_kernel("decode.cu", "flash_decoding_combine", defines)
         self.kernel_names = list(DECODE_KERNELS) if self.num_splits > 1 else DECODE_KERNELS[:1]
-        self.grid = decode_grid(B, Hk, self.g, N, self.num_splits, self.mt)
+        self.grid = decode_grid(B, Hk, self.g, N, self.num_splits, self.block_rows)
         self.L = cp.empty((B, H, N), dtype=cp.float32)
         if self.num_splits > 1:
             self.Opart = cp.empty((B, H, self.num_splits, N, d), dtype=cp.float32)
@@ -344,7 +347,9 @@ class FlashDecoding:
         self.scale = 1.0 / math.sqrt(d)
 
     def resources(self) -> dict:
-        return {"block_rows": self.tiling["block_rows"], "block_cols": self.bc, "stages": self.stages,
+        return {"block_rows": self.block_rows, "block_cols": self.bc, "stages": self.stages,
+                "warps_split": "rows (ROWSPLIT: 16 rows per warp, all keys of a block)" if self.rowsplit
+                else "keys (16 keys of each block per warp, the CTA's 16 rows shared)",
                 "threads": self.threads, "smem_bytes": self.smem, "registers": int(self.k_split.num_regs),
                 "combine_registers": int(self.k_comb.num_regs) if self.num_splits > 1 else None,
                 "grid": list(self.grid), "blocks_per_split": self.bps, "num_splits_effective": self.num_splits, "launch_order": DECODE_LAUNCH_ORDER,
@@ -512,7 +517,8 @@ def run_shape(shape: dict, configs: list[dict], args, log, baselines=True) -> tu
         pipe = None
         try:
             if alg == ALGORITHM_DECODE:
-                pipe = FlashDecoding(shape, cfg["num_splits"], cfg.get("block_cols"), cfg.get("stages"))
+                pipe = FlashDecoding(shape, cfg["num_splits"], cfg.get("block_cols"), cfg.get("stages"),
+                                     cfg.get("rowsplit"))
                 rec["num_splits"] = pipe.requested_splits
                 byt = decode_bytes(B, H, Hk, N, M, d, pipe.num_splits)
                 rec.update(byt)
@@ -654,9 +660,9 @@ def run_baselines(shape, sets, ref, out, flops, args, log) -> list:
     return res
 
 
-def decode_configs(splits, block_cols=None, stages=None) -> list[dict]:
-    return [{"algorithm": ALGORITHM_DECODE, "num_splits": s, "block_cols": block_cols, "stages": stages}
-            for s in splits]
+def decode_configs(splits, block_cols=None, stages=None, rowsplit=None) -> list[dict]:
+    return [{"algorithm": ALGORITHM_DECODE, "num_splits": s, "block_cols": block_cols, "stages": stages,
+             "rowsplit": rowsplit} for s in splits]
 
 
 def prefill_configs(shape: dict, pairs: dict) -> list[dict]:
@@ -719,7 +725,10 @@ def cmd_bench(args) -> int:
         elif sw == "decode_grid":
             work += [(s, decode_configs(SPLITS_GRID, args.block_cols, args.stages)) for s in decode_shapes("grid")]
         elif sw == "decode_spec":
-            work += [(s, decode_configs([1, 4, 16], args.block_cols, args.stages)) for s in decode_shapes("spec")]
+            for s in decode_shapes("spec"):   # g*N > 16 rows: warps split the rows (default) or 16-row chunks
+                work.append((s, decode_configs([1, 4, 16], args.block_cols, args.stages)
+                             + (decode_configs([1, 4, 16], args.block_cols, args.stages, rowsplit=False)
+                                if s["seq_len"] * s["heads"] // s["kv_heads"] > 16 else [])))
         elif sw == "gqa_prefill":
             work += [(s, prefill_configs(s, pairs)) for s in prefill_shapes("prefill")]
         elif sw == "small":
@@ -754,7 +763,7 @@ def mark_best(doc) -> None:
     for r in doc["runs"]:
         if r.get("algorithm") == ALGORITHM_DECODE and r.get("time_s") and r.get("passed"):
             key = (r.get("sweep"), r["batch"], r["heads"], r["kv_heads"], r["seq_len"], r["kv_seq_len"],
-                   r["head_dim"], r["causal"], r.get("block_cols"), r.get("stages"))
+                   r["head_dim"], r["causal"], r.get("block_cols"), r.get("stages"), r.get("block_rows"))
             groups.setdefault(key, []).append(r)
     for rs in groups.values():
         best = min(rs, key=lambda r: r["time_s"]["median"])
@@ -903,8 +912,8 @@ def merge_ncu(doc: dict, ndoc: dict) -> int:
 # ----------------------------------------------------------------------------------------------- sanitize
 def sanitize_shapes(algorithm: str) -> list[dict]:
     if algorithm == ALGORITHM_DECODE:
-        return [dict(batch=1, heads=4, kv_heads=2, seq_len=n, kv_seq_len=m, head_dim=d, causal=n > 1)
-                for (n, m) in ((1, 200), (3, 130)) for d in (64, 128)]
+        return [dict(batch=1, heads=h, kv_heads=hk, seq_len=n, kv_seq_len=m, head_dim=d, causal=n > 1)
+                for (h, hk, n, m) in ((4, 2, 1, 200), (4, 2, 3, 130), (8, 1, 3, 130)) for d in (64, 128)]
     return [dict(batch=1, heads=4, kv_heads=2, seq_len=n, kv_seq_len=m, head_dim=d, causal=c)
             for (n, m) in ((200, 200), (130, 200)) for d in (64, 128) for c in (False, True)]
 
@@ -963,8 +972,8 @@ def variants(head_dims=(64, 128), decode_tilings=((64, 4),), tests: bool = False
                 vs.add(("flash2.cu", "flash2_fwd", tuple(sorted(base.items()))))
             decode_tilings = tuple(decode_tilings) + ((16, 2), (32, 3), (64, 6), (128, 3))
         for bc, st in decode_tilings:
-            for mt in ((1, 2) if d == 64 else (1,)):
-                defs = tuple(sorted({"HEAD_DIM": d, "BC": bc, "STAGES": st, "MT": mt}.items()))
+            for rs in (0, 1):
+                defs = tuple(sorted({"HEAD_DIM": d, "BC": bc, "STAGES": st, "MT": 1, "ROWSPLIT": rs}.items()))
                 vs.add(("decode.cu", "flash_decoding_split", defs))
                 vs.add(("decode.cu", "flash_decoding_combine", defs))
     return sorted(vs)

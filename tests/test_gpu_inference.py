@@ -74,15 +74,19 @@ def test_check_shape_group():
 
 def test_decode_tiling_and_smem():
     t = I.decode_tiling(128, 4, 64, 4)
-    assert (t["threads"], t["mt"]) == (128, 1)
+    assert (t["threads"], t["block_rows"], t["rowsplit"]) == (128, 16, False)
     assert t["smem_bytes"] == 2 * 128 * 16 + 4 * 2 * 64 * 128 * 2    # Q tile + 4 x (K, V) tiles
-    assert I.decode_tiling(64, 64)["mt"] == 2 and I.decode_tiling(128, 64)["mt"] == 1
+    t = I.decode_tiling(128, 64, 64, 4)                                # 64 rows: warps split the rows
+    assert (t["block_rows"], t["rowsplit"]) == (64, True)
+    assert t["smem_bytes"] == 2 * 128 * 64 + 4 * 2 * 64 * 128 * 2
+    assert not I.decode_tiling(64, 16)["rowsplit"] and I.decode_tiling(64, 17)["rowsplit"]
     with pytest.raises(ValueError):
         I.decode_tiling(128, 4, 40)
     with pytest.raises(ValueError):
         I.decode_tiling(128, 4, 64, 1)
-    assert I.decode_grid(16, 8, 4, 1, 32, 1) == (32, 8, 16)                  # split fastest
-    assert I.decode_grid(2, 2, 4, 16, 3, 1) == (3, 2 * 4, 2)                  # 64 rows -> 4 row chunks
+    assert I.decode_grid(16, 8, 4, 1, 32) == (32, 8, 16)                      # split fastest
+    assert I.decode_grid(2, 2, 4, 16, 3, 16) == (3, 2 * 4, 2)                 # 64 rows in chunks of 16
+    assert I.decode_grid(2, 2, 4, 16, 3, 64) == (3, 2, 2)                     # ... or of 64 (ROWSPLIT)
 
 
 @pytest.mark.parametrize("N, M", [(1, 1), (1, 9), (4, 10), (7, 7), (3, 40)])
@@ -245,11 +249,12 @@ def test_flash_decoding(shp, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rowsplit", [False, True])
 @pytest.mark.parametrize("stages, bc", [(2, 16), (3, 32), (6, 64), (3, 128)])
-def test_flash_decoding_tilings(stages, bc):
+def test_flash_decoding_tilings(stages, bc, rowsplit):
     cp = _cupy()
-    shape = dict(batch=2, heads=8, kv_heads=2, seq_len=1, kv_seq_len=777, head_dim=128, causal=False)
-    _check(cp, I.FlashDecoding(shape, 3, block_cols=bc, stages=stages), shape, seed=bc)
+    shape = dict(batch=2, heads=8, kv_heads=2, seq_len=3, kv_seq_len=777, head_dim=128, causal=True)
+    _check(cp, I.FlashDecoding(shape, 3, block_cols=bc, stages=stages, rowsplit=rowsplit), shape, seed=bc)
 
 
 PREFILL_SHAPES = [(1, 4, 1, 200, 200, 64), (2, 8, 2, 130, 130, 128), (1, 4, 2, 100, 300, 128),
