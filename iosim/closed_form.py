@@ -91,6 +91,15 @@ CLOSED_FORMS = {"standard": standard, "hf": hf, "megatron": megatron, "flash1": 
                 "flash2": flash2}
 
 
+def flash3(shape, block_rows, block_cols) -> dict:
+    """FlashAttention-3's forward moves what FlashAttention-2's does (the same loop order; its
+    producer copies the same tiles): Q once, K and V once per Q block, O and L written once."""
+    return {"flash3_fwd": flash2(shape, block_rows, block_cols)["flash2_fwd"]}
+
+
+CLOSED_FORMS["flash3"] = flash3
+
+
 def hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int) -> dict:
     """Closed-form per-kernel, per-tensor HBM bytes of ``algorithm`` (two-level model)."""
     try:

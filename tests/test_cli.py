@@ -88,7 +88,7 @@ def test_table_lists_every_kernel(capsys):
     (["--seq-len", "4096", "--block-rows", "1024", "--block-cols", "1024"],
      "bytes are available"),
     (["--sram-bytes", "0"], "sram_bytes must be a positive integer"),
-    (["--algorithm", "flash3"], "invalid choice: 'flash3'"),
+    (["--algorithm", "flash9"], "invalid choice: 'flash9'"),
     (["--seq-len", "abc"], "invalid int value"),
     (["--time-model", "cycles"], "invalid choice: 'cycles'"),
     (["--rows-per-warp", "0"], "rows_per_warp must be a positive integer"),

@@ -356,8 +356,8 @@ def test_non_finite_inputs_are_refused(which, value):
 
 def test_unknown_algorithm_is_refused_naming_the_allowed_ones():
     q, k, v = _qkv()
-    with pytest.raises(IosimError, match=r"unknown algorithm 'flash3'; allowed:") as info:
-        run_attention(q, k, v, algorithm="flash3")
+    with pytest.raises(IosimError, match=r"unknown algorithm 'flash9'; allowed:") as info:
+        run_attention(q, k, v, algorithm="flash9")
     for name in iosim.ALGORITHMS:
         assert name in str(info.value)
     with pytest.raises(IosimError, match=r"unknown algorithm"):

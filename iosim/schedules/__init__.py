@@ -6,11 +6,16 @@ from dataclasses import replace
 from ..errors import IosimError, TilingError
 from ..schedule import PASSES, Schedule
 from . import flash1, flash2, hf, megatron, standard
+from . import flash3
 from ..shape import check_positive_int
 from .common import check_block, clipped_note
 
 ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
               "flash1": flash1, "flash2": flash2}
+ALGORITHMS["flash3"] = flash3  # forward only: no build_backward
+
+#: Algorithms with a K/V ring of several shared-memory stages (``stages`` applies).
+STAGED = ("flash3",)
 
 
 def algorithm_module(algorithm: str):
@@ -51,7 +56,8 @@ def _join(forward: Schedule, backward: Schedule) -> Schedule:
 
 def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
                    sram_bytes: int | None = None, rows_per_warp=None,
-                   q_in_registers: bool = False, pass_: str = "forward") -> Schedule:
+                   q_in_registers: bool = False, pass_: str = "forward",
+                   stages=None) -> Schedule:
     """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
 
     Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
@@ -60,6 +66,7 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     ``rows_per_warp`` (flash1, flash2) sets the query rows each warp owns, hence the warps per
     CTA (default 16 rows: Br / 16 warps). ``q_in_registers`` (flash2) keeps each warp's rows of
     Q in registers for the whole K/V loop instead of re-reading them from shared memory.
+    ``stages`` (flash3) sets the shared-memory slots of its K/V ring (2 or 3; default 2).
 
     ``pass_``: "forward" (default), "backward" (the backward pass alone: it reads what the
     forward saved) or "both" (one schedule, the forward's kernels then the backward's, with the
@@ -78,6 +85,10 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         if algorithm != "flash2":
             raise IosimError(f"q_in_registers applies to flash2 only, not {algorithm!r}")
         extra["q_in_registers"] = True
+    if stages is not None:
+        if algorithm not in STAGED:
+            raise IosimError(f"stages applies to {', '.join(STAGED)} only, not {algorithm!r}")
+        extra["stages"] = stages
     if sram_bytes is None:
         from ..hardware import load_hardware
 
@@ -139,4 +150,4 @@ def _name_given_blocks(message: str, clipped: dict, seq_len: int) -> str:
     return message
 
 
-__all__ = ["ALGORITHMS", "PASSES", "build_schedule", "algorithm_module"]
+__all__ = ["ALGORITHMS", "PASSES", "STAGED", "build_schedule", "algorithm_module"]
