@@ -1,6 +1,6 @@
 // iosim gpu/flash3.cu -- FlashAttention forward for Hopper (sm_90a): wgmma, TMA, warp specialisation.
 //
-// grid = (B*H, ceil(N/BR)); one CTA = 1 producer warpgroup + NCWG = 2 consumer warpgroups (384 threads), BR = 128
+// grid = (ceil(N/BR), B*H); one CTA = 1 producer warpgroup + NCWG = 2 consumer warpgroups (384 threads), BR = 128
 // query rows (64 per consumer warpgroup, one wgmma m64 row block each). The producer warpgroup drops to
 // PRODUCER_REGS registers (setmaxnreg.dec) and one of its threads issues every load: Q once, then K_j and V_j
 // tiles of BC rows by cp.async.bulk.tensor (TMA, 3-D tensor maps over (d, N, B*H), so rows >= N arrive as
@@ -17,7 +17,7 @@
 // Epilogue: O / l staged through this warpgroup's rows of the Q tile, written with 16-byte stores; the
 // log-sum-exp L (fp32, (B,H,N), natural log of scale*QK^T) as flash2 writes it.
 // Causal (top-left aligned, col <= row): blocks right of the diagonal are never loaded, only blocks that cross
-// it are masked, and row blocks run longest first (blockIdx.y reversed; all heads' long blocks first).
+// it are masked, and row blocks run longest first (blockIdx.x reversed within each head).
 //
 // Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128), STAGES (2..), PV_SPLIT (1: one n64 wgmma per
 // 64-column panel of V instead of one nD wgmma), PRODUCER_REGS, CONSUMER_REGS. Needs sm_90a.
@@ -37,6 +37,9 @@
 #endif
 #ifndef V_DESC_SWAP
 #define V_DESC_SWAP 0   // diagnostic: swap LBO/SBO of the V (MN-major) descriptor
+#endif
+#ifndef PINGPONG
+#define PINGPONG 1      // 1: the two consumer warpgroups take turns issuing their wgmmas (named barriers)
 #endif
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS 40
@@ -119,6 +122,21 @@ __device__ __forceinline__ uint4 ld_shared_v4(u32 addr) {
 }
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+// Ping-pong: warpgroup w issues its wgmmas only after the other one has issued its own (barrier 3 + w:
+// 128 threads of w wait, 128 of the other arrive), so one warpgroup's softmax runs under the other's GEMMs.
+__device__ __forceinline__ void turn_wait(int wg) {
+#if PINGPONG
+    named_bar_sync(3 + wg, 256);
+#endif
+}
+__device__ __forceinline__ void turn_pass(int wg) {
+#if PINGPONG
+    named_bar_arrive(3 + (wg ^ 1), 256);
+#endif
 }
 
 // D(64x64, f32) {=, +=} A(64x16, smem desc) * B(64x16 K-major, smem desc)
@@ -285,9 +303,11 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
 #define EMPTY_V(s) (barQ + 8u * (1 + 3 * STAGES + (s)))
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bh = blockIdx.x;
-    const int nqb = gridDim.y;
-    const int qb = causal ? (nqb - 1 - (int)blockIdx.y) : (int)blockIdx.y;   // causal: longest row blocks first
+    // row blocks fastest: the CTAs resident together share one (b, h), so its K/V tiles are read from L2
+    // (with (b, h) fastest every resident CTA streams a different head's K/V and they all come from DRAM)
+    const int bh = blockIdx.y;
+    const int nqb = gridDim.x;
+    const int qb = causal ? (nqb - 1 - (int)blockIdx.x) : (int)blockIdx.x;   // causal: longest row blocks first
     const int q0 = qb * BR;
     int nkb = (N + BC - 1) / BC;
     if (causal) nkb = min(nkb, (min(q0 + BR, N) - 1) / BC + 1);
@@ -347,11 +367,16 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     float m[2] = {NEG_INF_F, NEG_INF_F}, l[2] = {0.f, 0.f}, rs[2], alpha[2];
 
     mbar_wait(barQ, 0);
+#if PINGPONG
+    if (wg == 1) named_bar_arrive(3, 256);        // warpgroup 0 goes first
+#endif
     // ---- block 0: S_0, softmax ----
     mbar_wait(FULL_K(0), 0);
+    turn_wait(wg);
     wgmma_fence();
     issue_qk(s, qa, sK);
     wgmma_commit();
+    turn_pass(wg);
     wgmma_wait<0>();
     fence_f<SREG>(s);
     __syncwarp();
@@ -364,17 +389,25 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     for (int j = 1; j < nkb; ++j) {
         const int sk = j % STAGES, sp = (j - 1) % STAGES;
         mbar_wait(FULL_K(sk), (u32)((j / STAGES) & 1));
+        mbar_wait(FULL_V(sp), (u32)(((j - 1) / STAGES) & 1));
+        turn_wait(wg);
         wgmma_fence();
         issue_qk(s, qa, sK + sk * TILE_KV);
         wgmma_commit();
-        mbar_wait(FULL_V(sp), (u32)(((j - 1) / STAGES) & 1));
         issue_pv(o, pf, sV + sp * TILE_KV);
         wgmma_commit();
+        turn_pass(wg);
         wgmma_wait<1>();                          // S_j done (groups complete in order)
         fence_f<SREG>(s);
         __syncwarp();
         if (lane == 0) mbar_arrive(EMPTY_K(sk));
         softmax_block(s, m, rs, alpha, j * BC, row_lo, N, causal, sl2, lane);
+        // Keep the softmax above the wait. The fences stop NVVM from sinking it below; ptxas hoists a
+        // wgmma.wait_group to the top of its basic block, so a block boundary (the wait for the next K tile,
+        // needed next anyway) must separate them.
+        fence_f<SREG>(s);
+        fence_f<2>(rs); fence_f<2>(alpha); fence_f<2>(m);
+        if (j + 1 < nkb) mbar_wait(FULL_K((j + 1) % STAGES), (u32)(((j + 1) / STAGES) & 1));
         wgmma_wait<0>();                          // PV_{j-1} done
         fence_f<OREG>(o);
         fence_u<KT * 4>(&pf[0][0]);
@@ -389,9 +422,13 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     {
         const int sp = (nkb - 1) % STAGES;
         mbar_wait(FULL_V(sp), (u32)(((nkb - 1) / STAGES) & 1));
+        turn_wait(wg);
         wgmma_fence();
         issue_pv(o, pf, sV + sp * TILE_KV);
         wgmma_commit();
+#if PINGPONG
+        if (wg == 0) turn_pass(wg);               // warpgroup 1's last turn needs no successor
+#endif
         wgmma_wait<0>();
         fence_f<OREG>(o);
     }

@@ -142,10 +142,12 @@ def encode_tensor_map(address: int, fields: dict):
     return np.frombuffer(bytes(buf), dtype=np.dtype((np.void, TENSOR_MAP_BYTES))).copy()
 
 
-def defines(head_dim: int, block_cols: int, stages: int, pv_split: int = 0) -> dict:
+def defines(head_dim: int, block_cols: int, stages: int, pv_split: int = 0, pingpong: int = 1) -> dict:
     d = {"HEAD_DIM": head_dim, "BC": block_cols, "STAGES": stages}
     if pv_split:
         d["PV_SPLIT"] = 1
+    if not pingpong:
+        d["PINGPONG"] = 0
     return d
 
 
@@ -203,7 +205,7 @@ class Flash3:
 
     algorithm = "flash3"
 
-    def __init__(self, shape, causal, block_rows=None, block_cols=None, stages=None, pv_split=0):
+    def __init__(self, shape, causal, block_rows=None, block_cols=None, stages=None, pv_split=0, pingpong=1):
         import cupy as cp
 
         self.B, self.H, self.N, self.d = (int(x) for x in shape)
@@ -213,16 +215,17 @@ class Flash3:
         self.stages = default_stages(self.d, self.bc) if stages is None else int(stages)
         check_config(self.d, self.br, self.bc, self.stages)
         self.pv_split = int(pv_split)
+        self.pingpong = int(pingpong)
         self.scale = 1.0 / math.sqrt(self.d)
         self.kernel_names = [KERNEL_NAME]
         self.threads = THREADS
         self.consumer_warpgroups = CONSUMER_WARPGROUPS
-        self.defines = defines(self.d, self.bc, self.stages, self.pv_split)
+        self.defines = defines(self.d, self.bc, self.stages, self.pv_split, self.pingpong)
         self.kern = compile_kernel(self.defines)
         self.smem = smem_bytes(self.d, self.bc, self.stages)
         self.kern.max_dynamic_shared_size_bytes = self.smem
         self.L = cp.empty((self.B, self.H, self.N), dtype=cp.float32)
-        self.grid = (self.B * self.H, (self.N + self.br - 1) // self.br)
+        self.grid = ((self.N + self.br - 1) // self.br, self.B * self.H)
         bh = self.B * self.H
         self._fields_q = tensor_map_fields(bh, self.N, self.d, self.br)
         self._fields_kv = tensor_map_fields(bh, self.N, self.d, self.bc)
@@ -263,7 +266,7 @@ class Flash3:
         return {"block_rows": self.br, "block_cols": self.bc, "stages": self.stages,
                 "consumer_warpgroups": self.consumer_warpgroups, "threads": self.threads,
                 "smem_bytes": self.smem, "registers": attrs.get("num_regs"),
-                "local_bytes": attrs.get("local_size_bytes"), "pv_split": bool(self.pv_split),
+                "local_bytes": attrs.get("local_size_bytes"), "pv_split": bool(self.pv_split), "pingpong": bool(self.pingpong),
                 "producer_regs": PRODUCER_REGS, "consumer_regs": CONSUMER_REGS,
                 "warp_rows": 16, "q_in_registers": False,
                 "compile": COMPILE_LOG.get(str(dict(sorted(self.defines.items()))))}
@@ -381,10 +384,10 @@ def smoke(outdir: str, timing: bool = True) -> int:
         print(msg, flush=True)
 
     ok_all = True
-    variants_ = [dict(stages=2, pv_split=0)]
+    variants_ = [dict(stages=2, pingpong=1), dict(stages=2, pingpong=0), dict(stages=3, pingpong=1)]
     for d in HEAD_DIMS:
         for bc in BLOCK_COLS:
-            for var in variants_ + ([dict(stages=2, pv_split=1)] if d == 128 else []) + [dict(stages=3, pv_split=0)]:
+            for var in variants_:
                 for (B, H, N) in ((1, 2, 200), (2, 3, 256), (1, 2, 1000)):
                     for causal in (False, True):
                         rec = dict(head_dim=d, block_cols=bc, batch=B, heads=H, seq_len=N, causal=causal, **var)
@@ -450,15 +453,17 @@ def smoke(outdir: str, timing: bool = True) -> int:
             doc["timings"].append(dict(name="torch_sdpa", head_dim=d, causal=causal, time_s=t, tflops=fl / t / 1e12))
             log(f"sdpa d={d} causal={causal} {t*1e3:.3f} ms {fl/t/1e12:.1f} TFLOP/s")
             for bc in BLOCK_COLS:
-                for st in (2, 3):
+                for st, pp in ((2, 1), (3, 1), (2, 0), (3, 0)):
                     if not fits(BLOCK_ROWS, bc, d, st):
                         continue
                     try:
-                        pipe = Flash3((B, H, N, d), causal, BLOCK_ROWS, bc, stages=st)
+                        pipe = Flash3((B, H, N, d), causal, BLOCK_ROWS, bc, stages=st, pingpong=pp)
                         t = med(lambda: pipe.run(q, k, v, out))
                         doc["timings"].append(dict(name="flash3", head_dim=d, causal=causal, block_cols=bc, stages=st,
-                                                   time_s=t, tflops=fl / t / 1e12, resources=pipe.resources()))
-                        log(f"flash3 d={d} bc={bc} st={st} causal={causal} {t*1e3:.3f} ms {fl/t/1e12:.1f} TFLOP/s")
+                                                   pingpong=pp, time_s=t, tflops=fl / t / 1e12,
+                                                   resources=pipe.resources()))
+                        log(f"flash3 d={d} bc={bc} st={st} pp={pp} causal={causal} {t*1e3:.3f} ms "
+                            f"{fl/t/1e12:.1f} TFLOP/s")
                         pipe.free()
                     except Exception as e:  # noqa: BLE001
                         log(f"flash3 timing d={d} bc={bc} st={st} failed {e!r}"[:500])
