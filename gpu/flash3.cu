@@ -1,7 +1,7 @@
 // iosim gpu/flash3.cu -- FlashAttention forward for Hopper (sm_90a): wgmma, TMA, warp specialisation.
 //
-// grid = (ceil(N/BR), B*H); one CTA = 1 producer warpgroup + NCWG = 2 consumer warpgroups (384 threads), BR = 128
-// query rows (64 per consumer warpgroup, one wgmma m64 row block each). The producer warpgroup drops to
+// grid = (ceil(N/BR), B*H); one CTA = 1 producer warpgroup + NCWG (2 or 3) consumer warpgroups (384 or 512 threads),
+// BR = 64*NCWG query rows (64 per consumer warpgroup, one wgmma m64 row block each). The producer warpgroup drops to
 // PRODUCER_REGS registers (setmaxnreg.dec) and one of its threads issues every load: Q once, then K_j and V_j
 // tiles of BC rows by cp.async.bulk.tensor (TMA, 3-D tensor maps over (d, N, B*H), so rows >= N arrive as
 // zeros) into a STAGES-deep ring in shared memory. Each K and each V slot has its own "full" mbarrier (TMA
@@ -19,7 +19,7 @@
 // Causal (top-left aligned, col <= row): blocks right of the diagonal are never loaded, only blocks that cross
 // it are masked, and row blocks run longest first (blockIdx.x reversed within each head).
 //
-// Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128), STAGES (2..), PV_SPLIT (1: one n64 wgmma per
+// Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128/192), NCWG (2/3), STAGES (2..), PINGPONG, PV_SPLIT (1: one n64 wgmma per
 // 64-column panel of V instead of one nD wgmma), PRODUCER_REGS, CONSUMER_REGS. Needs sm_90a.
 #include "common.cuh"
 
@@ -28,6 +28,9 @@
 #endif
 #ifndef BC
 #define BC 128
+#endif
+#ifndef NCWG
+#define NCWG 2          // consumer warpgroups (64 query rows each)
 #endif
 #ifndef STAGES
 #define STAGES 2
@@ -42,14 +45,13 @@
 #define PINGPONG 1      // 1: the two consumer warpgroups take turns issuing their wgmmas (named barriers)
 #endif
 #ifndef PRODUCER_REGS
-#define PRODUCER_REGS 40
+#define PRODUCER_REGS (NCWG == 3 ? 24 : 40)
 #endif
 #ifndef CONSUMER_REGS
-#define CONSUMER_REGS 232
+#define CONSUMER_REGS (NCWG == 3 ? 160 : 232)
 #endif
 
 constexpr int D = HEAD_DIM;
-constexpr int NCWG = 2;                    // consumer warpgroups
 constexpr int BR = 64 * NCWG;              // query rows per CTA
 constexpr int THREADS = 128 * (NCWG + 1);
 constexpr int NPANEL = D / 64;             // 64-column (128-byte) panels per tile row
@@ -62,7 +64,9 @@ constexpr int OREG = D / 2;                // O accumulator floats per thread
 constexpr int KT = BC / 16;                // k-steps of PV
 constexpr int NBARS = 1 + 4 * STAGES;
 static_assert(D == 64 || D == 128, "HEAD_DIM 64 or 128");
-static_assert(BC == 64 || BC == 128, "BC 64 or 128");
+static_assert(BC == 64 || BC == 128 || BC == 192, "BC 64, 128 or 192");
+static_assert(NCWG == 2 || NCWG == 3, "2 or 3 consumer warpgroups");
+static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NCWG <= 65536, "register budget of the CTA");
 static_assert(STAGES >= 2, "at least two stages");
 
 struct __align__(64) TmaMap { unsigned long long w[16]; };   // CUtensorMap (opaque, 128 bytes)
@@ -135,7 +139,7 @@ __device__ __forceinline__ void turn_wait(int wg) {
 }
 __device__ __forceinline__ void turn_pass(int wg) {
 #if PINGPONG
-    named_bar_arrive(3 + (wg ^ 1), 256);
+    named_bar_arrive(3 + (wg + 1) % NCWG, 256);   // round robin over the consumer warpgroups
 #endif
 }
 
@@ -172,6 +176,33 @@ __device__ __forceinline__ void wgmma_ss_n128(float* d, unsigned long long da, u
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// D(64x192, f32) {=, +=} A(64x16, smem desc) * B(192x16 K-major, smem desc)
+__device__ __forceinline__ void wgmma_ss_n192(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+        "}, %96, %97, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
         : "l"(da), "l"(db), "r"(accumulate));
 }
 
@@ -220,7 +251,8 @@ __device__ __forceinline__ void issue_qk(float* s, u32 qa, u32 kb) {
         for (int kk = 0; kk < 4; ++kk) {
             const u64 da = make_desc(qa + p * PANEL_Q + kk * 32, 16, 1024);
             const u64 db = make_desc(kb + p * PANEL_KV + kk * 32, 16, 1024);
-            if constexpr (BC == 128) wgmma_ss_n128(s, da, db, (p | kk) != 0);
+            if constexpr (BC == 192) wgmma_ss_n192(s, da, db, (p | kk) != 0);
+            else if constexpr (BC == 128) wgmma_ss_n128(s, da, db, (p | kk) != 0);
             else wgmma_ss_n64(s, da, db, (p | kk) != 0);
         }
 }
@@ -368,7 +400,7 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
 
     mbar_wait(barQ, 0);
 #if PINGPONG
-    if (wg == 1) named_bar_arrive(3, 256);        // warpgroup 0 goes first
+    if (wg == NCWG - 1) named_bar_arrive(3, 256);  // warpgroup 0 goes first
 #endif
     // ---- block 0: S_0, softmax ----
     mbar_wait(FULL_K(0), 0);
@@ -427,7 +459,7 @@ flash3_fwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         issue_pv(o, pf, sV + sp * TILE_KV);
         wgmma_commit();
 #if PINGPONG
-        if (wg == 0) turn_pass(wg);               // warpgroup 1's last turn needs no successor
+        if (wg != NCWG - 1) turn_pass(wg);        // the last warpgroup's last turn needs no successor
 #endif
         wgmma_wait<0>();
         fence_f<OREG>(o);

@@ -16,16 +16,18 @@ import math
 
 KERNEL_NAME = "flash3_fwd"
 SOURCE = "flash3.cu"
-CONSUMER_WARPGROUPS = 2
+CONSUMER_WARPGROUPS = 2                        # default; block_rows = 64 per consumer warpgroup
 BLOCK_ROWS = 64 * CONSUMER_WARPGROUPS          # one wgmma m64 row block per consumer warpgroup
+BLOCK_ROWS_ALLOWED = (128, 192)                # 2 or 3 consumer warpgroups
 THREADS = 128 * (CONSUMER_WARPGROUPS + 1)      # + the producer warpgroup
 HEAD_DIMS = (64, 128)
-BLOCK_COLS = (64, 128)
+BLOCK_COLS = (64, 128, 192)
 PANEL_COLS = 64                                # 128-byte swizzle: a TMA box row is at most 128 bytes
 ALIGN_SLACK_BYTES = 1024                       # the kernel aligns its tiles to 1024 bytes itself
 SMEM_LIMIT_BYTES = 227 * 1024
-PRODUCER_REGS = 40
-CONSUMER_REGS = 232
+# setmaxnreg budgets per number of consumer warpgroups (producer, consumer): 128*p + 128*n*c <= 65536
+REGS = {2: (40, 232), 3: (24, 160)}
+PRODUCER_REGS, CONSUMER_REGS = REGS[CONSUMER_WARPGROUPS]
 NVRTC_OPTIONS = ("--gpu-architecture=sm_90a", "-std=c++17")
 # stages of the K/V ring per (head_dim, block_cols) unless asked otherwise
 DEFAULT_STAGES = {(64, 128): 2, (64, 64): 2, (128, 128): 2, (128, 64): 2}
@@ -39,22 +41,33 @@ CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0          # out-of-range elements read as z
 TENSOR_MAP_BYTES = 128
 
 
-def smem_bytes(head_dim: int, block_cols: int, stages: int) -> int:
+def smem_bytes(head_dim: int, block_cols: int, stages: int, block_rows: int = BLOCK_ROWS) -> int:
     """Dynamic shared memory of one CTA: the Q tile, ``stages`` K and V tiles (fp16) and the alignment slack."""
-    return 2 * head_dim * (BLOCK_ROWS + 2 * stages * block_cols) + ALIGN_SLACK_BYTES
+    return 2 * head_dim * (block_rows + 2 * stages * block_cols) + ALIGN_SLACK_BYTES
+
+
+def consumer_warpgroups(block_rows: int) -> int:
+    return block_rows // 64
+
+
+def threads(block_rows: int) -> int:
+    return 128 * (consumer_warpgroups(block_rows) + 1)
 
 
 def check_config(head_dim: int, block_rows: int, block_cols: int, stages: int) -> None:
     """Raise ValueError unless the kernel is built for this tiling and it fits the shared memory."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"flash3 supports head_dim in {HEAD_DIMS}, got {head_dim}")
-    if block_rows != BLOCK_ROWS:
-        raise ValueError(f"flash3 runs {BLOCK_ROWS} query rows per CTA (2 consumer warpgroups x 64), got {block_rows}")
+    if block_rows not in BLOCK_ROWS_ALLOWED:
+        raise ValueError(f"flash3 runs 64 query rows per consumer warpgroup, 2 or 3 of them: block_rows in "
+                         f"{BLOCK_ROWS_ALLOWED}, got {block_rows}")
     if block_cols not in BLOCK_COLS:
         raise ValueError(f"flash3 supports block_cols in {BLOCK_COLS}, got {block_cols}")
     if not (isinstance(stages, int) and stages >= 2):
         raise ValueError(f"flash3 needs at least 2 K/V stages, got {stages!r}")
-    need = smem_bytes(head_dim, block_cols, stages)
+    if block_cols == 192 and head_dim != 64:
+        raise ValueError("flash3 block_cols=192 is built for head_dim 64 only (registers)")
+    need = smem_bytes(head_dim, block_cols, stages, block_rows)
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"flash3 d={head_dim} Bc={block_cols} with {stages} stages needs {need} bytes of shared "
                          f"memory, more than the {SMEM_LIMIT_BYTES} a block may opt in to")
@@ -142,8 +155,11 @@ def encode_tensor_map(address: int, fields: dict):
     return np.frombuffer(bytes(buf), dtype=np.dtype((np.void, TENSOR_MAP_BYTES))).copy()
 
 
-def defines(head_dim: int, block_cols: int, stages: int, pv_split: int = 0, pingpong: int = 1) -> dict:
+def defines(head_dim: int, block_cols: int, stages: int, pv_split: int = 0, pingpong: int = 1,
+            block_rows: int = BLOCK_ROWS) -> dict:
     d = {"HEAD_DIM": head_dim, "BC": block_cols, "STAGES": stages}
+    if block_rows != BLOCK_ROWS:
+        d["NCWG"] = consumer_warpgroups(block_rows)
     if pv_split:
         d["PV_SPLIT"] = 1
     if not pingpong:
@@ -218,11 +234,11 @@ class Flash3:
         self.pingpong = int(pingpong)
         self.scale = 1.0 / math.sqrt(self.d)
         self.kernel_names = [KERNEL_NAME]
-        self.threads = THREADS
-        self.consumer_warpgroups = CONSUMER_WARPGROUPS
-        self.defines = defines(self.d, self.bc, self.stages, self.pv_split, self.pingpong)
+        self.threads = threads(self.br)
+        self.consumer_warpgroups = consumer_warpgroups(self.br)
+        self.defines = defines(self.d, self.bc, self.stages, self.pv_split, self.pingpong, self.br)
         self.kern = compile_kernel(self.defines)
-        self.smem = smem_bytes(self.d, self.bc, self.stages)
+        self.smem = smem_bytes(self.d, self.bc, self.stages, self.br)
         self.kern.max_dynamic_shared_size_bytes = self.smem
         self.L = cp.empty((self.B, self.H, self.N), dtype=cp.float32)
         self.grid = ((self.N + self.br - 1) // self.br, self.B * self.H)
@@ -267,7 +283,8 @@ class Flash3:
                 "consumer_warpgroups": self.consumer_warpgroups, "threads": self.threads,
                 "smem_bytes": self.smem, "registers": attrs.get("num_regs"),
                 "local_bytes": attrs.get("local_size_bytes"), "pv_split": bool(self.pv_split), "pingpong": bool(self.pingpong),
-                "producer_regs": PRODUCER_REGS, "consumer_regs": CONSUMER_REGS,
+                "producer_regs": REGS[self.consumer_warpgroups][0],
+                "consumer_regs": REGS[self.consumer_warpgroups][1],
                 "warp_rows": 16, "q_in_registers": False,
                 "compile": COMPILE_LOG.get(str(dict(sorted(self.defines.items()))))}
 
@@ -350,7 +367,7 @@ def _lse_reference(q, k, causal, xp):
     return out
 
 
-def smoke(outdir: str, timing: bool = True) -> int:
+def smoke(outdir: str, timing: bool = True, configs: list | None = None) -> int:
     """First device check: tensor-map encoding and by-value passing, every variant on small odd shapes against the
     float64 reference (output and L), then a quick CUDA-event timing at the target shape beside torch SDPA.
     Writes ``outdir/flash3_smoke.json`` (and the NVRTC log of any failed compile) as it goes."""
@@ -384,46 +401,48 @@ def smoke(outdir: str, timing: bool = True) -> int:
         print(msg, flush=True)
 
     ok_all = True
-    variants_ = [dict(stages=2, pingpong=1), dict(stages=2, pingpong=0), dict(stages=3, pingpong=1)]
-    for d in HEAD_DIMS:
-        for bc in BLOCK_COLS:
-            for var in variants_:
-                for (B, H, N) in ((1, 2, 200), (2, 3, 256), (1, 2, 1000)):
-                    for causal in (False, True):
-                        rec = dict(head_dim=d, block_cols=bc, batch=B, heads=H, seq_len=N, causal=causal, **var)
-                        try:
-                            rs = cp.random.RandomState(N * 31 + d + bc)
-                            q, k, v = (rs.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16)
-                                       for _ in range(3))
-                            ref = R.attention_reference(q, k, v, causal, xp=cp)
-                            e16 = R.rel_error(R.attention_fp16_plain(q, k, v, causal, xp=cp), ref, xp=cp)
-                            pipe = Flash3((B, H, N, d), causal, BLOCK_ROWS, bc, **var)
-                            out = cp.full((B, H, N, d), float("nan"), dtype=cp.float16)
-                            pipe.L.fill(float("nan"))
-                            pipe.run(q, k, v, out)
-                            cp.cuda.runtime.deviceSynchronize()
-                            chk = R.check_error(R.rel_error(out, ref, xp=cp), e16)
-                            lse = _lse_reference(q, k, causal, cp)
-                            lerr = float(cp.abs(pipe.L.astype(cp.float64) - lse).max())
-                            rec.update(chk, lse_max_abs_error=lerr if math.isfinite(lerr) else None,
-                                       resources=pipe.resources())
-                            rec["passed"] = bool(chk["passed"] and math.isfinite(lerr) and lerr < 1e-2)
-                            pipe.free()
-                        except Exception as e:  # noqa: BLE001
-                            rec.update(passed=False, error=repr(e)[:4000])
-                            with open(os.path.join(outdir, "flash3_errors.log"), "a") as f:
-                                f.write(f"{rec}\n{e}\n\n")
-                        ok_all &= rec["passed"]
-                        doc["checks"].append(rec)
-                        log(f"check {rec.get('passed')} d={d} bc={bc} {var} N={N} causal={causal} "
-                            f"err={rec.get('rel_error')} bound={rec.get('error_bound')} lse={rec.get('lse_max_abs_error')}"
-                            f" {rec.get('error', '')[:300]}")
-                        save()
-                        if "error" in rec:
-                            break
-                    else:
-                        continue
+    if configs is None:
+        configs = [dict(head_dim=d, block_rows=BLOCK_ROWS, block_cols=bc, stages=st, pingpong=pp)
+                   for d in HEAD_DIMS for bc in (64, 128) for st, pp in ((2, 1), (2, 0), (3, 1))]
+    doc["configs"] = configs
+    for cfg in configs:
+        d, br, bc = cfg["head_dim"], cfg["block_rows"], cfg["block_cols"]
+        var = {k: cfg[k] for k in ("stages", "pingpong") if k in cfg}
+        for (B, H, N) in ((1, 2, 200), (2, 3, 256), (1, 2, 1000)):
+            broken = False
+            for causal in (False, True):
+                rec = dict(head_dim=d, block_rows=br, block_cols=bc, batch=B, heads=H, seq_len=N, causal=causal, **var)
+                try:
+                    rs = cp.random.RandomState(N * 31 + d + bc)
+                    q, k, v = (rs.standard_normal((B, H, N, d), dtype=cp.float32).astype(cp.float16) for _ in range(3))
+                    ref = R.attention_reference(q, k, v, causal, xp=cp)
+                    e16 = R.rel_error(R.attention_fp16_plain(q, k, v, causal, xp=cp), ref, xp=cp)
+                    pipe = Flash3((B, H, N, d), causal, br, bc, **var)
+                    out = cp.full((B, H, N, d), float("nan"), dtype=cp.float16)
+                    pipe.L.fill(float("nan"))
+                    pipe.run(q, k, v, out)
+                    cp.cuda.runtime.deviceSynchronize()
+                    chk = R.check_error(R.rel_error(out, ref, xp=cp), e16)
+                    lse = _lse_reference(q, k, causal, cp)
+                    lerr = float(cp.abs(pipe.L.astype(cp.float64) - lse).max())
+                    rec.update(chk, lse_max_abs_error=lerr if math.isfinite(lerr) else None, resources=pipe.resources())
+                    rec["passed"] = bool(chk["passed"] and math.isfinite(lerr) and lerr < 1e-2)
+                    pipe.free()
+                except Exception as e:  # noqa: BLE001
+                    rec.update(passed=False, error=repr(e)[:4000])
+                    with open(os.path.join(outdir, "flash3_errors.log"), "a") as f:
+                        f.write(f"{rec}\n{e}\n\n")
+                    broken = True
+                ok_all &= rec["passed"]
+                doc["checks"].append(rec)
+                log(f"check {rec.get('passed')} d={d} br={br} bc={bc} {var} N={N} causal={causal} "
+                    f"err={rec.get('rel_error')} bound={rec.get('error_bound')} lse={rec.get('lse_max_abs_error')}"
+                    f" {rec.get('error', '')[:300]}")
+                save()
+                if broken:
                     break
+            if broken:  # a compile or launch error: the other shapes of this variant would repeat it
+                break
     if not timing:
         return 0 if ok_all else 1
     # quick timing at the target shape (CUDA events, median of 10 after 3 warm-ups; one input set)
@@ -452,22 +471,22 @@ def smoke(outdir: str, timing: bool = True) -> int:
             t = med(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal))
             doc["timings"].append(dict(name="torch_sdpa", head_dim=d, causal=causal, time_s=t, tflops=fl / t / 1e12))
             log(f"sdpa d={d} causal={causal} {t*1e3:.3f} ms {fl/t/1e12:.1f} TFLOP/s")
-            for bc in BLOCK_COLS:
-                for st, pp in ((2, 1), (3, 1), (2, 0), (3, 0)):
-                    if not fits(BLOCK_ROWS, bc, d, st):
-                        continue
-                    try:
-                        pipe = Flash3((B, H, N, d), causal, BLOCK_ROWS, bc, stages=st, pingpong=pp)
-                        t = med(lambda: pipe.run(q, k, v, out))
-                        doc["timings"].append(dict(name="flash3", head_dim=d, causal=causal, block_cols=bc, stages=st,
-                                                   pingpong=pp, time_s=t, tflops=fl / t / 1e12,
-                                                   resources=pipe.resources()))
-                        log(f"flash3 d={d} bc={bc} st={st} pp={pp} causal={causal} {t*1e3:.3f} ms "
-                            f"{fl/t/1e12:.1f} TFLOP/s")
-                        pipe.free()
-                    except Exception as e:  # noqa: BLE001
-                        log(f"flash3 timing d={d} bc={bc} st={st} failed {e!r}"[:500])
-                    save()
+            for cfg in configs:
+                if cfg["head_dim"] != d:
+                    continue
+                br, bc, st, pp = cfg["block_rows"], cfg["block_cols"], cfg.get("stages", 2), cfg.get("pingpong", 1)
+                try:
+                    pipe = Flash3((B, H, N, d), causal, br, bc, stages=st, pingpong=pp)
+                    t = med(lambda: pipe.run(q, k, v, out))
+                    doc["timings"].append(dict(name="flash3", head_dim=d, causal=causal, block_rows=br,
+                                               block_cols=bc, stages=st, pingpong=pp, time_s=t,
+                                               tflops=fl / t / 1e12, resources=pipe.resources()))
+                    log(f"flash3 d={d} br={br} bc={bc} st={st} pp={pp} causal={causal} {t*1e3:.3f} ms "
+                        f"{fl/t/1e12:.1f} TFLOP/s")
+                    pipe.free()
+                except Exception as e:  # noqa: BLE001
+                    log(f"flash3 timing d={d} bc={bc} st={st} failed {e!r}"[:500])
+                save()
         del q, k, v, out, tq, tk, tv
         cp.get_default_memory_pool().free_all_blocks()
     save()
@@ -482,11 +501,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", metavar="OUT", help="compile every variant here and count its SASS")
     ap.add_argument("--smoke", metavar="DIR", help="device check: correctness on small shapes + quick timing")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--configs", default=None, help="JSON list of {head_dim, block_rows, block_cols, stages, "
+                    "pingpong} for --smoke (default: every 128-row variant)")
     args = ap.parse_args(argv)
     if args.sass:
         sass_report(args.sass)
     if args.smoke:
-        return smoke(args.smoke, timing=not args.no_timing)
+        import json
+
+        return smoke(args.smoke, timing=not args.no_timing,
+                     configs=json.loads(args.configs) if args.configs else None)
     return 0
 
 
