@@ -158,6 +158,8 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
                                     q_in_registers=(run["algorithm"] == "flash2"
                                                     and bool(run.get("q_in_registers"))))
     schedule = _declare_registers(schedule, run, registers or {})
+    if run["algorithm"] == "flash3":  # the Hopper kernel: its ring depth, warps and registers
+        schedule = flash3_schedule(run, hw)
     trace = build_trace(schedule)  # one trace, replayed under both models
     sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
     l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
@@ -229,7 +231,7 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
                    **prediction["kernels"][name], "measured_dram_bytes": None,
                    # the real kernel's resources, where the harness recorded them
                    "kernel_smem_bytes": run.get("smem_bytes"), "threads": run.get("threads"),
-                   "warp_rows": run.get("warp_rows")}
+                   "warp_rows": run.get("warp_rows"), "stages": run.get("stages")}
             if measured.get("dram_read_bytes") is not None:
                 row["measured_dram_bytes"] = (measured["dram_read_bytes"]
                                               + measured["dram_write_bytes"])
@@ -504,6 +506,80 @@ def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> lis
     return rows
 
 
+#: The flash3 kernel's measurements (gpu/flash3.py), kept apart from bench.json.
+FLASH3_FILE = "bench_flash3.json"
+
+
+def load_flash3(data_dir: Path = DATA_DIR) -> dict | None:
+    """The flash3 kernel's measurements (``bench_flash3.json``, the bench schema), or None when
+    the file is absent."""
+    from gpu.schema import validate
+
+    path = data_dir / FLASH3_FILE
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    problems = validate(doc)
+    if problems:
+        raise iosim.IosimError(f"{path} does not follow the bench schema: {problems[0]}")
+    return doc
+
+
+def flash3_schedule(run: dict, hw):
+    """The schedule of a measured flash3 kernel: its tiles and ring depth (``stages``), its warps
+    (``consumer_warpgroups`` of 4 computing warps; the rest of ``threads`` the producer's) and
+    its registers per thread after setmaxnreg (``consumer_regs``, ``producer_regs``; else the
+    launch's ``registers`` for every warp), where the record gives them."""
+    schedule = iosim.build_schedule("flash3", _shape(run), run["block_rows"], run["block_cols"],
+                                    hw.sram_bytes_per_block, stages=run.get("stages") or 2)
+    changes = {}
+    groups, threads = run.get("consumer_warpgroups"), run.get("threads")
+    if groups and threads:
+        changes.update(warps=threads // 32, producer_warps=threads // 32 - 4 * groups)
+    consumer, producer = run.get("consumer_regs"), run.get("producer_regs")
+    if consumer and producer:
+        changes.update(registers_per_thread=int(consumer),
+                       producer_registers_per_thread=int(producer))
+    elif run.get("registers"):
+        changes.update(registers_per_thread=int(run["registers"]),
+                       producer_registers_per_thread=int(run["registers"]))
+    kernel = dataclasses.replace(schedule.kernels[0], **changes)
+    return dataclasses.replace(schedule, kernels=(kernel,))
+
+
+def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
+    """The report's flash3 section: each measured kernel of ``bench_flash3.json`` beside its
+    prediction (timed and roofline) and the APE statistics of the other algorithms; a line
+    saying the file is absent otherwise. Writes ``validation_flash3.csv`` when there is data."""
+    lines = ["### FlashAttention-3 forward (Hopper: TMA producer, wgmma consumers)", ""]
+    doc = load_flash3(data_dir)
+    if doc is None:
+        return lines + [f"(no {FLASH3_FILE} in the data folder: the flash3 kernel has not been "
+                        "measured yet)", ""]
+    rows = compare(doc, workers=workers)
+    if not rows:
+        return lines + [f"({FLASH3_FILE} holds no passing, timed flash3 run)", ""]
+    write_csv(results_dir / "validation_flash3.csv", rows)
+    summary = [s for s in summarise(rows) if s["algorithm"] == "flash3"]
+    device = doc["device"]
+    return lines + [
+        f"Measured on {device.get('name')} (driver {device.get('driver')}, CUDA runtime "
+        f"{device.get('cuda_runtime')}) on {doc['date']}; {len(rows)} kernels of "
+        f"`gpu/flash3.cu`, each simulated as built (its tiles, ring depth, warpgroups and "
+        f"registers) on `{HARDWARE}`. Not in the tables above.",
+        "",
+        _markdown(rows, ["batch", "heads", "seq_len", "head_dim", "causal", "block_rows",
+                         "block_cols", "stages", "measured_time_s", "predicted_time_s",
+                         "predicted_time_roofline_s", "time_ape", "time_ape_roofline",
+                         "timed_limiter", "model_warps_per_sm"]),
+        "",
+        _markdown(summary, ["algorithm", "kernels_timed", "time_ape_median_pct",
+                            "time_ape_worst_pct", "time_ape_median_pct_roofline",
+                            "time_ape_worst_pct_roofline", "kernels_profiled_large",
+                            "bytes_ape_median_pct_l2", "bytes_ape_worst_pct_l2"]),
+        ""]
+
+
 def _figure_lines(rows: list[dict], hardware: str) -> list[str]:
     """The three validation figures with their captions (counts from ``rows``)."""
     timed = sum(1 for r in rows if r.get("measured_time_s"))
@@ -658,6 +734,7 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "to hide those latencies.",
         "",
     ] + _figure_lines(rows, HARDWARE)
+    section += flash3_lines(data_dir, results_dir)
     text = "\n".join(section) + "\n"
     write_text(results_dir / "validation.md", text)
     return text
