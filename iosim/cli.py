@@ -53,6 +53,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    choices=["forward", "backward", "both"],
                    help="which pass: forward (default), backward (reads what the forward "
                         "saved) or both (the forward's kernels, then the backward's)")
+    p.add_argument("--stages", type=int, default=None,
+                   help="flash3: shared-memory slots of the K/V ring (2 or 3; default 2; "
+                        "explore: both ranked unless given)")
     p.add_argument("--rows-per-warp", type=int, default=None,
                    help="flash1/flash2: query rows each warp owns (default 16), which sets "
                         "the warps per CTA")
@@ -137,7 +140,28 @@ def _budget(args) -> dict:
             "max_seconds": args.max_minutes * 60}
 
 
+def _simulate_with_stages(args):
+    """``iosim simulate`` with ``--stages``: the schedule built with that ring depth."""
+    from .hardware import load_hardware
+    from .schedules import build_schedule
+    from .simulate import simulate_schedule
+
+    hw = load_hardware(args.hardware)
+    if args.sram_bytes is not None:
+        hw = hw.with_sram(args.sram_bytes)
+    schedule = build_schedule(args.algorithm, _shape(args), args.block_rows, args.block_cols,
+                              sram_bytes=hw.sram_bytes_per_block,
+                              rows_per_warp=args.rows_per_warp, pass_=args.pass_,
+                              stages=args.stages)
+    return simulate_schedule(schedule, hardware=hw, model=args.model,
+                             time_model=args.time_model, **_budget(args))
+
+
 def _simulate(args) -> None:
+    if args.stages is not None:  # flash3's ring depth
+        result = _simulate_with_stages(args)
+        print(json.dumps(result.to_dict()) if args.json else format_table(result))
+        return
     result = simulate(args.algorithm, _shape(args), block_rows=args.block_rows,
                       block_cols=args.block_cols, hardware=args.hardware,
                       sram_bytes=args.sram_bytes, model=args.model,
@@ -160,7 +184,7 @@ def _explore(args) -> None:
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
                    rows_per_warp=args.rows_per_warp, pass_=args.pass_,
-                   scheduler=args.scheduler, **_budget(args))
+                   scheduler=args.scheduler, stages=args.stages, **_budget(args))
     print(format_ranking(rows[: args.top]))
     for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
         if warning:

@@ -29,6 +29,7 @@ from .formatting import format_bytes, format_intensity, format_time, text_table
 from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
+from .schedules import STAGED
 from .shape import AttentionShape
 from .simulate import check_model, check_time_model
 from .distribute import map_jobs
@@ -63,6 +64,7 @@ class BlockChoice:
     ctas_per_sm: int
     occupancy_limiter: str  # what limits that kernel's resident CTAs
     spills: bool  # its estimated registers were capped: a real kernel would spill
+    stages: int = 0  # the K/V ring's shared-memory slots, where ranked (flash3); 0: not ranked
 
     @property
     def hbm_bytes(self) -> int:
@@ -174,7 +176,7 @@ def rank_key(row: BlockChoice):
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
             candidates=None, time_model: str = "timed", rows_per_warp=None,
-            pass_: str = "forward", scheduler: str | None = None,
+            pass_: str = "forward", scheduler: str | None = None, stages=None,
             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
             max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
@@ -204,6 +206,9 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     hw = load_hardware(hardware)
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
+    if algorithm in STAGED:  # flash3: the ring depth ranked with the tiles
+        return _explore_stages(algorithm, shape, hw, model, time_model, workers, progress,
+                               candidates, scheduler, stages, max_memory_bytes, max_seconds)
     sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
     fitting = _fitting_schedules(algorithm, shape, hw, sizes, rows_per_warp, pass_)
     pairs = [(br, bc, need) for (br, bc), (need, _) in fitting]
@@ -219,6 +224,84 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
                     progress=progress, desc=f"{algorithm} {shape.describe()}")
     return sorted(rows, key=rank_key)
+
+
+#: FlashAttention-3's Br: whole consumer warpgroups (wgmma is 64 rows high).
+STAGED_ROW_MULTIPLE = 64
+
+
+def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
+                      stages=None) -> list[tuple[int, int, int]]:
+    """The (Br, Bc, stages) a staged algorithm (flash3) is ranked over: Br from ``sizes`` that
+    are whole consumer warpgroups (multiples of 64; N itself when N < 64) plus the algorithm's
+    default Br, Bc from ``sizes`` plus its default Bc, every ring depth it allows (or just
+    ``stages``). Whether each fits is left to :func:`_explore_stages`."""
+    module = algorithm_module(algorithm)
+    default_rows, default_cols = module.fa3_tile(shape.head_dim, shape.causal)
+    n = shape.seq_len
+    rows = {s for s in sizes if s % STAGED_ROW_MULTIPLE == 0} or {min(n, STAGED_ROW_MULTIPLE)}
+    rows.add(min(default_rows, n))
+    cols = set(sizes) | {min(default_cols, n)}
+    depths = module.STAGES if stages is None else (module.check_stages(stages),)
+    return [(br, bc, s) for br in sorted(rows) for bc in sorted(cols) for s in depths]
+
+
+def _simulate_staged(job) -> BlockChoice:
+    """One (Br, Bc, stages) of a staged algorithm, simulated (as :func:`_simulate_pair`)."""
+    from .simulate import simulate_schedule
+
+    schedule, hw, model, time_model, stages, need = job
+    result = simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
+                               max_memory_bytes=None, max_seconds=None)
+    total = result.totals
+    occ = max(result.kernels, key=lambda k: k.times_s["timed"]).occupancy
+    return BlockChoice(
+        block_rows=schedule.block_rows, block_cols=schedule.block_cols,
+        predicted_time_s=total.predicted_time_s, hbm_read_bytes=total.hbm_read_bytes,
+        hbm_write_bytes=total.hbm_write_bytes, l2_read_bytes=total.l2_read_bytes,
+        l2_write_bytes=total.l2_write_bytes, flops_tensor=total.flops_tensor,
+        flops_scalar=total.flops_scalar, flops=total.flops,
+        arithmetic_intensity=total.arithmetic_intensity, bound=total.bound,
+        limiter=total.limiter, sram_bytes_per_cta=need, time_model=time_model,
+        predicted_time_roofline_s=total.times_s["roofline"],
+        predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
+        warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
+        occupancy_limiter=occ["limiter"],
+        spills=any(k.occupancy.get("spills") for k in result.kernels), stages=stages)
+
+
+def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, candidates,
+                    scheduler, stages, max_memory_bytes, max_seconds) -> list[BlockChoice]:
+    """:func:`explore` for a staged algorithm (flash3): every (Br, Bc, stages) of
+    :func:`staged_candidates` whose tiles fit the SRAM and whose CTA fits an SM, simulated and
+    ranked together (ties: HBM bytes, Br, Bc, then the shallower ring)."""
+    from .occupancy import occupancy
+
+    sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
+    fitting = {}
+    for br, bc, depth in staged_candidates(algorithm, shape, sizes, stages):
+        try:
+            schedule = build_schedule(algorithm, shape, br, bc,
+                                      sram_bytes=hw.sram_bytes_per_block, stages=depth)
+            for kernel in schedule.kernels:
+                occupancy(kernel, shape.head_dim, shape.seq_len, hw)
+        except TilingError:
+            continue
+        need = max(k.smem_bytes(shape.head_dim, shape.seq_len) for k in schedule.kernels)
+        fitting.setdefault((schedule.block_rows, schedule.block_cols, depth), (need, schedule))
+    if not fitting:
+        raise IosimError(
+            f"no (block_rows, block_cols, stages) from sizes {sizes} fits {algorithm} at "
+            f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
+            "raise --sram-bytes or try smaller candidate sizes")
+    jobs = [(schedule, hw, model, time_model, depth, need)
+            for (_, _, depth), (need, schedule) in sorted(fitting.items())]
+    parallel = min(workers, len(jobs))
+    _check_budget(algorithm, shape, [job[0] for job in jobs], parallel, max_memory_bytes,
+                  max_seconds)
+    rows = map_jobs(_simulate_staged, jobs, workers=parallel, scheduler=scheduler,
+                    progress=progress, desc=f"{algorithm} {shape.describe()}")
+    return sorted(rows, key=lambda r: (rank_key(r), r.stages))
 
 
 def _check_budget(algorithm, shape, schedules, parallel, max_memory_bytes,
@@ -262,6 +345,10 @@ def format_ranking(rows) -> str:
                       format_bytes(r.l2_read_bytes + r.l2_write_bytes), f"{r.flops / 1e9:.2f}",
                       format_intensity(ai), f"{r.bound} ({r.limiter})",
                       f"{r.sram_bytes_per_cta / 1024:.1f} KiB"))
+    if any(r.stages for r in rows):  # a ring depth was ranked (flash3): show it after Bc
+        at = header.index("Bc") + 1
+        header = header[:at] + ("stages",) + header[at:]
+        table = [row[:at] + (str(r.stages),) + row[at:] for row, r in zip(table, rows)]
     return text_table(header, table)
 
 
