@@ -61,9 +61,12 @@ def _shape(run: dict) -> iosim.AttentionShape:
 
 def _footprint_bytes(schedule, kernel) -> int:
     """Bytes of the distinct tensors a kernel touches (its data, as opposed to its traffic)."""
+    from iosim.trace import tensor_layout
+
     shape = schedule.shape
-    extents = {"N": shape.seq_len, "d": shape.head_dim, "1": 1}
-    sizes = {t.name: extents[t.rows] * extents[t.cols] * t.elem_bytes * shape.batch_heads
+    _, head_bytes = tensor_layout(schedule)
+    sizes = {t.name: head_bytes[t.name] * (shape.batch_kv_heads if t.heads == "kv"
+                                           else shape.batch_heads)
              for t in schedule.tensors}
     return sum(sizes[name] for name in kernel.tensors)
 

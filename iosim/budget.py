@@ -68,14 +68,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h"
 
 
-def _events(body, blocks: dict, seq_len: int, causal: bool) -> float:
+def _events(body, kernel, dims: dict, causal: bool) -> float:
     count = 0.0
     for item in body:
         if isinstance(item, Loop):
-            trips = n_blocks(seq_len, blocks[item.var])
+            trips = n_blocks(dims[kernel.span(item.var)], kernel.blocks[item.var])
+            if item.within is not None:
+                trips = min(trips, kernel.blocks[item.within] // kernel.blocks[item.var])
             if causal and item.causal_skip:
                 trips = (trips + 1) / 2
-            count += trips * _events(item.body, blocks, seq_len, causal)
+            count += trips * _events(item.body, kernel, dims, causal)
         else:
             count += 1
     return count
@@ -84,12 +86,16 @@ def _events(body, blocks: dict, seq_len: int, causal: bool) -> float:
 def estimate(schedule) -> CostEstimate:
     """The cost of simulating ``schedule`` (see the module docstring)."""
     shape = schedule.shape
-    n = shape.seq_len
-    template = 0.0
+    template = events = 0.0
     for kernel in schedule.kernels:
-        ctas = math.prod(n_blocks(n, kernel.blocks[var]) for var in kernel.grid)
-        template += ctas * _events(kernel.body, kernel.blocks, n, shape.causal)
-    events = template * shape.batch_heads
+        dims = kernel.base_dims(shape.head_dim, shape.seq_len)
+        ctas = math.prod(n_blocks(dims[kernel.span(var)], kernel.blocks[var])
+                         for var in kernel.grid)
+        one_head = ctas * _events(kernel.body, kernel, dims, shape.causal)
+        # a padding mask builds one template per distinct valid length (bounded by this)
+        template += one_head * (1 if shape.kv_lens is None else len(set(shape.kv_lens)))
+        events += one_head * (shape.batch_kv_heads if kernel.heads == "kv"
+                              else shape.batch_heads)
     return CostEstimate(
         events=int(events), template_events=int(template),
         memory_bytes=events * BYTES_PER_EVENT + template * BYTES_PER_TEMPLATE_EVENT,

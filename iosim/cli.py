@@ -32,6 +32,20 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, required=True, help="head dimension d")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPE_BYTES))
     p.add_argument("--causal", action="store_true", help="causal (autoregressive) mask")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="K/V heads (default: --heads); fewer is grouped-query attention, 1 "
+                        "multi-query; must divide --heads")
+    p.add_argument("--kv-seq-len", type=int, default=None,
+                   help="keys per sequence, e.g. a KV cache (default: --seq-len); decode is "
+                        "--seq-len 1; causal masks are aligned at the end")
+    p.add_argument("--kv-lens", default=None,
+                   help="key padding: valid keys of each batch element, comma-separated "
+                        "(one per batch element, each 1..kv-seq-len)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout probability on the attention weights (default 0)")
+    p.add_argument("--num-splits", type=int, default=None,
+                   help="flash_decoding: K/V splits per query block (default: "
+                        "FlashAttention's heuristic for the hardware's SMs)")
     p.add_argument("--hardware", default="h100-measured",
                    help="hardware preset (" + ", ".join(list_presets()) + ") or the path of "
                         "a TOML spec (default h100-measured)")
@@ -94,9 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kv_lens(text):
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise IosimError(f"--kv-lens must be comma-separated integers (valid keys per batch "
+                         f"element), got {text!r}") from None
+
+
 def _shape(args) -> AttentionShape:
     return AttentionShape(args.batch, args.heads, args.seq_len, args.head_dim, args.dtype,
-                          args.causal)
+                          args.causal, kv_heads=args.kv_heads, kv_seq_len=args.kv_seq_len,
+                          kv_lens=_kv_lens(args.kv_lens), dropout=args.dropout)
 
 
 def format_table(result) -> str:
@@ -166,7 +191,7 @@ def _simulate(args) -> None:
                       block_cols=args.block_cols, hardware=args.hardware,
                       sram_bytes=args.sram_bytes, model=args.model,
                       time_model=args.time_model, rows_per_warp=args.rows_per_warp,
-                      pass_=args.pass_, **_budget(args))
+                      pass_=args.pass_, num_splits=args.num_splits, **_budget(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -184,7 +209,7 @@ def _explore(args) -> None:
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
                    rows_per_warp=args.rows_per_warp, pass_=args.pass_,
-                   scheduler=args.scheduler, stages=args.stages, **_budget(args))
+                   scheduler=args.scheduler, stages=args.stages, num_splits=args.num_splits, **_budget(args))
     print(format_ranking(rows[: args.top]))
     for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
         if warning:

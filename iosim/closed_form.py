@@ -79,12 +79,57 @@ def flash1(shape, block_rows, block_cols) -> dict:
 
 def flash2(shape, block_rows, block_cols) -> dict:
     """FlashAttention-2: Q read once, K and V once per Q block (Tr = N/Br times), O and the
-    log-sum-exp written once."""
-    t_r, _ = _check(shape, block_rows, block_cols)
+    log-sum-exp written once. With grouped K/V heads or a KV cache (N_kv keys), every query
+    head still reads its K/V head's N_kv x d once per Q block (the two-level model has no
+    L2 to share them across the group)."""
+    t_r = _check_kv(shape, block_rows, block_cols, shape.seq_len)
     n, d, e, bh = shape.seq_len, shape.head_dim, shape.elem_bytes, shape.batch_heads
-    qkv = n * d * e * bh
-    return {"flash2_fwd": {"reads": {"Q": qkv, "K": t_r * qkv, "V": t_r * qkv},
-                           "writes": {"O": qkv, "L": n * F32 * bh}}}
+    qo = n * d * e * bh
+    kv = shape.kv_seq_len * d * e * bh
+    return {"flash2_fwd": {"reads": {"Q": qo, "K": t_r * kv, "V": t_r * kv},
+                           "writes": {"O": qo, "L": n * F32 * bh}}}
+
+
+def _check_kv(shape, block_rows: int, block_cols: int, rows: int) -> int:
+    """Row blocks of ``rows`` query rows, for a non-causal, unpadded shape whose blocks
+    divide the query rows and the keys."""
+    if shape.causal or shape.kv_lens is not None or rows % block_rows \
+            or shape.kv_seq_len % block_cols:
+        raise IosimError("closed forms cover non-causal, unpadded shapes whose block sizes "
+                         f"divide N (the query rows) and N_kv; got rows={rows}, "
+                         f"N_kv={shape.kv_seq_len}, Br={block_rows}, Bc={block_cols}, "
+                         f"causal={shape.causal}")
+    return rows // block_rows
+
+
+def flash_decoding(shape, block_rows, block_cols, num_splits=None, sm_count=None) -> dict:
+    """Split-KV: per K/V head, each of the Tr = G/Br row blocks (G = group_size · N query
+    rows) and S splits is a CTA that reads its Q rows and its split's K/V blocks: Q is read S
+    times, K and V Tr times; the partial output (float32, G x d) and log-sum-exp are written
+    once per split and read once by the combine kernel, which writes O and L. One split:
+    O and L are written directly, no combine. ``num_splits`` None: the schedule's default
+    (the heuristic for ``sm_count`` SMs, default the h100-measured preset's)."""
+    from .hardware import load_hardware
+    from .schedules.flash_decoding import default_num_splits, split_size
+
+    rows = shape.group_size * shape.seq_len
+    t_r = _check_kv(shape, block_rows, block_cols, rows)
+    if num_splits is None:
+        sm_count = load_hardware("h100-measured").sm_count if sm_count is None else sm_count
+        num_splits = default_num_splits(shape, block_rows, block_cols, sm_count)
+    _, splits = split_size(shape, block_cols, num_splits)
+    d, e, bkv = shape.head_dim, shape.elem_bytes, shape.batch_kv_heads
+    q = rows * d * e * bkv
+    kv = shape.kv_seq_len * d * e * bkv
+    lse = rows * F32 * bkv
+    if splits == 1:
+        return {"flash_decoding_split": {"reads": {"Q": q, "K": t_r * kv, "V": t_r * kv},
+                                         "writes": {"O": q, "L": lse}}}
+    part, part_lse = splits * rows * d * F32 * bkv, splits * lse
+    return {"flash_decoding_split": {"reads": {"Q": splits * q, "K": t_r * kv, "V": t_r * kv},
+                                     "writes": {"Opart": part, "Lpart": part_lse}},
+            "flash_decoding_combine": {"reads": {"Opart": part, "Lpart": part_lse},
+                                       "writes": {"O": q, "L": lse}}}
 
 
 CLOSED_FORMS = {"standard": standard, "hf": hf, "megatron": megatron, "flash1": flash1,
@@ -98,16 +143,18 @@ def flash3(shape, block_rows, block_cols) -> dict:
 
 
 CLOSED_FORMS["flash3"] = flash3
+CLOSED_FORMS["flash_decoding"] = flash_decoding
 
 
-def hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int) -> dict:
-    """Closed-form per-kernel, per-tensor HBM bytes of ``algorithm`` (two-level model)."""
+def hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int, **options) -> dict:
+    """Closed-form per-kernel, per-tensor HBM bytes of ``algorithm`` (two-level model);
+    ``options``: flash_decoding's ``num_splits``."""
     try:
         form = CLOSED_FORMS[algorithm]
     except KeyError:
         raise IosimError(f"no closed form for {algorithm!r}; have: "
                          f"{', '.join(CLOSED_FORMS)}") from None
-    return form(shape, block_rows, block_cols)
+    return form(shape, block_rows, block_cols, **options)
 
 
 # ---- the backward pass ------------------------------------------------------------------------

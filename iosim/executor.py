@@ -81,7 +81,7 @@ def _overflow_message(overflow: _Overflow, schedule) -> str:
     dtype = np.dtype(overflow.dtype)
     label = {"float16": "float16", "float32": "float32"}.get(dtype.name, dtype.name)
     spec = next((t for t in schedule.tensors if t.name == overflow.name), None)
-    scores = spec is not None and spec.rows == spec.cols == "N"
+    scores = spec is not None and (spec.rows, spec.cols) == ("N", "M")
     what = ("of the unfused pipeline's scores" if scores
             else "of its values" if spec is not None else "values of an on-chip product")
     hint = ("; the fused algorithms (flash1, flash2) keep the scores on chip in float32"

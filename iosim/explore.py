@@ -65,6 +65,7 @@ class BlockChoice:
     occupancy_limiter: str  # what limits that kernel's resident CTAs
     spills: bool  # its estimated registers were capped: a real kernel would spill
     stages: int = 0  # the K/V ring's shared-memory slots, where ranked (flash3); 0: not ranked
+    num_splits: int = 1  # split-KV: the K/V splits per query block (1: none)
 
     @property
     def hbm_bytes(self) -> int:
@@ -115,42 +116,69 @@ def candidate_sizes(seq_len: int, candidates="pow2") -> list[int]:
     return sorted(sizes)
 
 
+#: Split counts the explorer tries for a split-KV algorithm (with the heuristic's choice).
+SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 def fitting_pairs(algorithm: str, shape: AttentionShape, hardware, sizes: list[int],
                   rows_per_warp=None, pass_: str = "forward") -> list[tuple[int, int, int]]:
     """(Br, Bc, SRAM bytes per CTA) of every candidate pair whose schedule fits the hardware's
     SRAM per thread block and whose CTAs fit an SM (warps, registers: the occupancy rules)."""
-    return [(br, bc, need) for (br, bc), (need, _) in
-            _fitting_schedules(algorithm, shape, hardware, sizes, rows_per_warp, pass_)]
+    return [(br, bc, need) for (br, bc, _), (need, _) in
+            _fitting_schedules(algorithm, shape, hardware, sizes, sizes, rows_per_warp, pass_)]
 
 
-def _fitting_schedules(algorithm, shape, hardware, sizes, rows_per_warp, pass_) -> list:
-    """((Br, Bc), (SRAM bytes per CTA, schedule)) of every fitting pair, sorted by (Br, Bc)
-    (sizes clipped to N give each pair once)."""
+def _split_options(algorithm, shape, hardware, num_splits) -> list:
+    """The num_splits values to rank: [None] for an algorithm without splits; the given one;
+    else SPLIT_CANDIDATES and the heuristic's choice (None)."""
+    from .schedules import SPLIT_KV
+
+    if algorithm not in SPLIT_KV:
+        if num_splits is not None:
+            raise IosimError(f"num_splits applies to {', '.join(SPLIT_KV)} only, "
+                             f"not {algorithm!r}")
+        return [None]
+    return [num_splits] if num_splits is not None else [None, *SPLIT_CANDIDATES]
+
+
+def _fitting_schedules(algorithm, shape, hardware, row_sizes, col_sizes, rows_per_warp, pass_,
+                       splits=(None,)) -> list:
+    """((Br, Bc, splits), (SRAM bytes per CTA, schedule)) of every fitting choice, sorted
+    (sizes clipped to their extents, and split counts giving the same effective splits, give
+    each choice once; ``splits`` is 1 for an algorithm without them)."""
     from .occupancy import occupancy
+    from .schedules import SPLIT_KV
 
     found = {}
-    for br in sizes:
-        for bc in sizes:
-            try:
-                schedule = build_schedule(algorithm, shape, br, bc,
-                                          sram_bytes=hardware.sram_bytes_per_block,
-                                          rows_per_warp=rows_per_warp, pass_=pass_)
-                for kernel in schedule.kernels:
-                    occupancy(kernel, shape.head_dim, shape.seq_len, hardware)
-            except TilingError:
-                continue
-            need = max(k.smem_bytes(shape.head_dim, shape.seq_len) for k in schedule.kernels)
-            found[(schedule.block_rows, schedule.block_cols)] = (need, schedule)
+    for br in row_sizes:
+        for bc in col_sizes:
+            for split in splits:
+                extra = ({"num_splits": split, "sm_count": hardware.sm_count}
+                         if algorithm in SPLIT_KV else {})
+                try:
+                    schedule = build_schedule(algorithm, shape, br, bc,
+                                              sram_bytes=hardware.sram_bytes_per_block,
+                                              rows_per_warp=rows_per_warp, pass_=pass_, **extra)
+                    for kernel in schedule.kernels:
+                        occupancy(kernel, shape.head_dim, shape.seq_len, hardware)
+                except TilingError:
+                    continue
+                need = max(k.smem_bytes(shape.head_dim, shape.seq_len)
+                           for k in schedule.kernels)
+                effective = dict(schedule.kernels[0].extents).get("S", 1)
+                key = (schedule.block_rows, schedule.block_cols, effective)
+                found.setdefault(key, (need, schedule))
     return sorted(found.items(), key=lambda item: item[0])
 
 
 def _simulate_pair(job) -> BlockChoice:
     from .simulate import simulate
 
-    algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need = job
+    algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need, splits = job
     result = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
                       model=model, time_model=time_model, rows_per_warp=rows_per_warp,
-                      pass_=pass_, max_memory_bytes=None, max_seconds=None)
+                      pass_=pass_, max_memory_bytes=None, max_seconds=None,
+                      num_splits=splits if algorithm_splits(algorithm) else None)
     total = result.totals
     slowest = max(result.kernels, key=lambda k: k.times_s["timed"])
     occ = slowest.occupancy
@@ -165,21 +193,33 @@ def _simulate_pair(job) -> BlockChoice:
         predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
         warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
         occupancy_limiter=occ["limiter"],
-        spills=any(k.occupancy.get("spills") for k in result.kernels))
+        spills=any(k.occupancy.get("spills") for k in result.kernels), num_splits=splits)
+
+
+def algorithm_splits(algorithm: str) -> bool:
+    """Whether ``algorithm`` splits the K/V sequence (takes num_splits)."""
+    from .schedules import SPLIT_KV
+
+    return algorithm in SPLIT_KV
 
 
 def rank_key(row: BlockChoice):
-    """Sort key: predicted time, then HBM bytes, then (Br, Bc)."""
-    return (row.predicted_time_s, row.hbm_bytes, row.block_rows, row.block_cols)
+    """Sort key: predicted time, then HBM bytes, then (Br, Bc, splits)."""
+    return (row.predicted_time_s, row.hbm_bytes, row.block_rows, row.block_cols,
+            row.num_splits)
 
 
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             sram_bytes=None, model: str = "l2", workers=None, progress: bool = True,
             candidates=None, time_model: str = "timed", rows_per_warp=None,
-            pass_: str = "forward", scheduler: str | None = None, stages=None,
+            pass_: str = "forward", scheduler: str | None = None, stages=None, num_splits=None,
             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
             max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
-    """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first.
+    """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first. Block rows
+    run over the query rows (a split-KV kernel's: the group's), block columns over the keys;
+    a split-KV algorithm (flash_decoding) also ranks ``num_splits`` (when not given: 1 to 128
+    in powers of two and FlashAttention's heuristic's choice; choices giving the same
+    effective splits are simulated once).
 
     ``hardware``: preset name, TOML path or :class:`Hardware`; ``sram_bytes`` overrides its SRAM
     per thread block; ``model``: "l2" or "two-level"; ``workers``: processes (default
@@ -209,16 +249,21 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     if algorithm in STAGED:  # flash3: the ring depth ranked with the tiles
         return _explore_stages(algorithm, shape, hw, model, time_model, workers, progress,
                                candidates, scheduler, stages, max_memory_bytes, max_seconds)
-    sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
-    fitting = _fitting_schedules(algorithm, shape, hw, sizes, rows_per_warp, pass_)
-    pairs = [(br, bc, need) for (br, bc), (need, _) in fitting]
+    kind = "pow2" if candidates is None else candidates
+    row_extent = getattr(algorithm_module(algorithm), "row_extent", lambda s: s.seq_len)(shape)
+    row_sizes = candidate_sizes(row_extent, kind)
+    col_sizes = candidate_sizes(shape.kv_seq_len, kind)
+    sizes = sorted(set(row_sizes) | set(col_sizes))
+    fitting = _fitting_schedules(algorithm, shape, hw, row_sizes, col_sizes, rows_per_warp,
+                                 pass_, _split_options(algorithm, shape, hw, num_splits))
+    pairs = [(br, bc, need, splits) for (br, bc, splits), (need, _) in fitting]
     if not pairs:
         raise IosimError(
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need)
-            for br, bc, need in pairs]
+    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need,
+             splits) for br, bc, need, splits in pairs]
     _check_budget(algorithm, shape, [schedule for _, (_, schedule) in fitting],
                   min(workers, len(jobs)), max_memory_bytes, max_seconds)
     rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
@@ -330,13 +375,13 @@ def format_ranking(rows) -> str:
     """A plain-text table of ranked rows: rank, Br, Bc, time, HBM, L2, GFLOP, FLOP/B, bound."""
     if not rows:
         return "(no block sizes)"
-    header = ("rank", "Br", "Bc", "predicted", "roofline", "warps/SM", "occupancy by",
+    header = ("rank", "Br", "Bc", "splits", "predicted", "roofline", "warps/SM", "occupancy by",
               "timed limiter", "HBM read", "HBM write", "L2 r+w", "GFLOP", "FLOP/B",
               "roofline bound", "SRAM/CTA")
     table = []
     for rank, r in enumerate(rows, 1):
         ai = r.arithmetic_intensity
-        table.append((str(rank), str(r.block_rows), str(r.block_cols),
+        table.append((str(rank), str(r.block_rows), str(r.block_cols), str(r.num_splits),
                       format_time(r.predicted_time_s), format_time(r.predicted_time_roofline_s),
                       str(r.warps_per_sm) + (" spills" if r.spills else ""),
                       f"{r.occupancy_limiter} ({r.ctas_per_sm} CTA)",

@@ -95,7 +95,10 @@ class SimulationResult:
             "time_model": self.time_model,
             "hardware": self.hardware.name,
             "shape": {"batch": shape.batch, "heads": shape.heads, "seq_len": shape.seq_len,
-                      "head_dim": shape.head_dim, "dtype": shape.dtype, "causal": shape.causal},
+                      "head_dim": shape.head_dim, "dtype": shape.dtype, "causal": shape.causal,
+                      "kv_heads": shape.kv_heads, "kv_seq_len": shape.kv_seq_len,
+                      "kv_lens": list(shape.kv_lens) if shape.kv_lens else None,
+                      "dropout": shape.dropout},
             "block_rows": self.block_rows, "block_cols": self.block_cols,
             "totals": self.totals.to_dict(),
             "kernels": [k.to_dict() for k in self.kernels],
@@ -256,7 +259,7 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
              hardware="h100-measured", sram_bytes=None, model: str = "l2",
              time_model: str = "timed", rows_per_warp=None, pass_: str = "forward",
-             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
+             num_splits=None, max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
              max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
 
@@ -265,7 +268,8 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     ``time_model`` is "timed" (default: the per-CTA replay of :mod:`iosim.timing`) or
     "roofline" (:mod:`iosim.cost`); ``rows_per_warp`` (flash1, flash2) sets the warps per CTA;
     ``pass_`` is "forward" (default), "backward" or "both" (the forward's kernels, then the
-    backward's; totals over all).
+    backward's; totals over all); ``num_splits`` (flash_decoding) splits the K/V sequence
+    (default: FlashAttention's heuristic for the hardware's SMs).
     Before building anything the cost is estimated (:mod:`iosim.budget`); past
     ``max_memory_bytes`` or ``max_seconds`` (None: no limit) a
     :class:`~iosim.budget.BudgetError` says the estimate and how to go on."""
@@ -276,9 +280,13 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     hw = load_hardware(hardware)
     if sram_bytes is not None:
         hw = hw.with_sram(sram_bytes)
+    from .schedules import SPLIT_KV
+
+    splits = ({"num_splits": num_splits, "sm_count": hw.sm_count} if algorithm in SPLIT_KV
+              else {"num_splits": num_splits} if num_splits is not None else {})
     schedule = build_schedule(algorithm, shape, block_rows, block_cols,
                               sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp,
-                              pass_=pass_)
+                              pass_=pass_, **splits)
     return simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
                              max_memory_bytes=max_memory_bytes, max_seconds=max_seconds)
 

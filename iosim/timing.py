@@ -174,6 +174,16 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     return demand
 
 
+def _all_demands(kt, hbm_by_event, hardware, dtype, occ) -> dict:
+    """:func:`cta_demands` of every run of heads that shares a program (one run without a
+    key-padding mask), joined in launch order."""
+    parts = [cta_demands(group, hbm_by_event[first:first + group.n_events], hardware, dtype,
+                         occ) for group, first in kt.groups()]
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
 def _tiles(is_load: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
     """Per event, the index of its *tile*: a run of loads and the ops after it, up to the next
     load (a new tile also at each CTA's first event). In a flash kernel's loop, one K/V block."""
@@ -417,7 +427,7 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None) -> Time
     hw = hardware
     if occ is None:
         occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
-    demand = cta_demands(kt, hbm_by_event, hw, shape.dtype, occ)
+    demand = _all_demands(kt, hbm_by_event, hw, shape.dtype, occ)
     clock = hw.clock_hz
     n = kt.n_ctas
     pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"],

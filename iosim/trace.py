@@ -66,6 +66,10 @@ class KernelTrace:
     # ``cta_start``; ``heads`` batch·heads in all
     head: dict = None
     heads: int = 1
+    # with a key-padding mask the batch elements' heads run different programs: one
+    # (head template, heads) pair per run of heads sharing one, in launch order (``head`` and
+    # ``heads`` are then the first's)
+    head_groups: list = None
 
     @property
     def n_ctas(self) -> int:
@@ -74,6 +78,23 @@ class KernelTrace:
     @property
     def n_events(self) -> int:
         return len(self.kind)
+
+    def groups(self) -> list:
+        """One KernelTrace per run of heads sharing a program (just ``self`` without a padding
+        mask), each with its own events, CTAs and head template: (trace, first event index)."""
+        if not self.head_groups or len(self.head_groups) == 1:
+            return [(self, 0)]
+        out, event, cta = [], 0, 0
+        for head, heads in self.head_groups:
+            n_events = len(head["kind"]) * heads
+            n_ctas = (len(head["cta_start"]) - 1) * heads
+            columns = {c: getattr(self, c)[event:event + n_events] for c in _COLUMNS}
+            out.append((KernelTrace(
+                name=self.name, cta_start=self.cta_start[cta:cta + n_ctas + 1] - event,
+                smem_bytes_per_cta=self.smem_bytes_per_cta, kernel=self.kernel,
+                tensor_path=self.tensor_path, head=head, heads=heads, **columns), event))
+            event, cta = event + n_events, cta + n_ctas
+        return out
 
 
 @dataclass
@@ -85,34 +106,57 @@ class Trace:
 
 
 def tensor_layout(schedule) -> tuple[dict, dict]:
-    """Byte base address and per-head byte stride of every tensor, in declaration order."""
+    """Byte base address and per-head byte stride of every tensor, in declaration order (a
+    "kv" tensor has B·H_kv heads, a "q" tensor B·H; a split tensor one slab per split)."""
     shape = schedule.shape
-    extents = {"N": shape.seq_len, "d": shape.head_dim, "1": 1}
+    extents = schedule.kernels[0].base_dims(shape.head_dim, shape.seq_len)
     base, head_stride, cursor = {}, {}, 0
     for t in schedule.tensors:
-        head_bytes = extents[t.rows] * extents[t.cols] * t.elem_bytes
+        slabs = extents["S"] if t.slab_var else 1
+        head_bytes = extents[t.rows] * extents[t.cols] * t.elem_bytes * slabs
         base[t.name] = cursor
         head_stride[t.name] = head_bytes
-        total = head_bytes * shape.batch_heads
+        total = head_bytes * (shape.batch_kv_heads if t.heads == "kv" else shape.batch_heads)
         cursor += -(-total // TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES
     return base, head_stride
 
 
+def tensor_heads(schedule, kernel, heads: np.ndarray) -> np.ndarray:
+    """Per kernel head (rows) and tensor (columns, plus a trailing 0 column for compute
+    events): the head-stride multiple of the tensor slice that head addresses. A query head
+    reads K/V head h // group; a K/V head's CTAs see a query tensor's group of heads, which
+    starts at query head k · group."""
+    g = schedule.shape.group_size
+    per_kv = kernel.heads == "kv"
+    cols = []
+    for t in schedule.tensors:
+        if (t.heads == "kv") == per_kv:
+            cols.append(heads)
+        elif per_kv:
+            cols.append(heads * g)
+        else:
+            cols.append(heads // g)
+    cols.append(np.zeros_like(heads))
+    return np.stack(cols, axis=1)
+
+
 def _tile_extent(token, index, dims, kernel):
     """(first index, count) of a tile dimension given by ``token``."""
-    if token in ("N", "d", "1"):
+    if token not in index:
         return 0, dims[token]
     return index[token] * kernel.blocks[token], dims[token]
 
 
-def _head_template_reference(kernel, schedule, base, tensor_ids):
+def _head_template_reference(kernel, schedule, base, tensor_ids, extents=None):
     """Walk every CTA of one batch·head; return its events (as columns) and CTA offsets.
 
     The reference for :func:`iosim.trace_fast.head_template` (the same arrays, vectorised):
     one Python step per op of every CTA."""
     shape = schedule.shape
     n, d = shape.seq_len, shape.head_dim
-    extents = {"N": n, "d": d, "1": 1}
+    overrides = extents
+    extents = kernel.base_dims(d, n)
+    extents.update(overrides or {})
     tensors = schedule.tensor_map()
     buffers = kernel.buffer_map()
     cols = {c: [] for c in _COLUMNS + _WORK_COLUMNS}
@@ -122,9 +166,9 @@ def _head_template_reference(kernel, schedule, base, tensor_ids):
         return sum(dims[buffers[b].rows] * dims[buffers[b].cols] * buffers[b].elem_bytes
                    for b in names if buffers[b].space == "smem")
 
-    for point in sch.grid_points(kernel, n, shape.causal):
+    for point in sch.grid_points(kernel, n, shape.causal, overrides):
         previous_load = False
-        for step in sch.walk(kernel, point, n, d, shape.causal):
+        for step in sch.walk(kernel, point, n, d, shape.causal, overrides):
             op, index, dims = step.op, step.index, step.dims
             if isinstance(op, (sch.Load, sch.Store)):
                 spec = tensors[op.tensor]
@@ -133,6 +177,8 @@ def _head_template_reference(kernel, schedule, base, tensor_ids):
                 row_len = extents[spec.cols]
                 e = spec.elem_bytes
                 addr = base[op.tensor] + (row0 * row_len + col0) * e
+                if spec.slab_var is not None:
+                    addr += index[spec.slab_var] * extents[spec.rows] * row_len * e
                 row_bytes, stride = ncols * e, row_len * e
                 if ncols == row_len:  # whole rows: one contiguous segment
                     row_bytes, nrows = row_bytes * nrows, 1
@@ -168,40 +214,69 @@ def _head_template_reference(kernel, schedule, base, tensor_ids):
 
 
 def build_trace(schedule, reference: bool = False) -> Trace:
-    """Events of every kernel of ``schedule`` over all batch·heads.
+    """Events of every kernel of ``schedule`` over all its heads (batch·query heads, or
+    batch·K/V heads for a kernel over K/V heads).
 
-    One batch·head's events come from :func:`iosim.trace_fast.head_template` (vectorised), or
+    One head's events come from :func:`iosim.trace_fast.head_template` (vectorised), or
     with ``reference`` from the op-by-op walker :func:`_head_template_reference` (the same
-    arrays, slower: the oracle the tests compare the vectorised builder with)."""
+    arrays, slower: the oracle the tests compare the vectorised builder with). With a
+    key-padding mask each batch element's heads get the template of its valid keys."""
     template_of = _head_template_reference if reference else trace_fast.head_template
     shape = schedule.shape
     base, head_stride = tensor_layout(schedule)
     names = tuple(t.name for t in schedule.tensors)
     tensor_ids = {name: i for i, name in enumerate(names)}
     stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
-    heads = shape.batch_heads
     kernels = []
     for kernel in schedule.kernels:
-        template, starts = template_of(kernel, schedule, base, tensor_ids)
-        per_head = len(template["kind"])
-        columns = {c: np.tile(template[c], heads) for c in _COLUMNS}
-        head = {c: template[c] for c in _HEAD_COLUMNS}
-        head["cta_start"] = starts
-        # batch·head h's addresses: the template's plus h times the tensor's per-head stride
-        # (tensor id -1, compute events, picks the trailing 0 stride)
-        addr = columns["addr"].reshape(heads, per_head)
-        addr += (np.arange(heads, dtype=np.int64)[:, None]
-                 * stride_by_id[template["tensor"]][None, :])
-        ctas_per_head = len(starts) - 1
-        cta_start = (starts[:-1][None, :] + per_head * np.arange(heads)[:, None]).ravel()
-        cta_start = np.append(cta_start, per_head * heads).astype(np.int64)
-        assert len(cta_start) == ctas_per_head * heads + 1
+        per_batch = shape.kv_heads if kernel.heads == "kv" else shape.heads
+        # runs of batch elements with the same valid keys share a template
+        runs = []
+        for b in range(shape.batch):
+            valid = shape.valid_kv_len(b)
+            if runs and runs[-1][0] == valid:
+                runs[-1][1] += 1
+            else:
+                runs.append([valid, 1])
+        templates = {}
+        parts, groups, first_head = [], [], 0
+        for valid, batches in runs:
+            if valid not in templates:
+                extents = {"L": valid} if shape.kv_lens is not None else None
+                templates[valid] = template_of(kernel, schedule, base, tensor_ids, extents)
+            template, starts = templates[valid]
+            heads = batches * per_batch
+            head_index = np.arange(first_head, first_head + heads, dtype=np.int64)
+            parts.append(_repeat_heads(template, starts, head_index,
+                                       tensor_heads(schedule, kernel, head_index) * stride_by_id))
+            head = {c: template[c] for c in _HEAD_COLUMNS}
+            head["cta_start"] = starts
+            groups.append((head, heads))
+            first_head += heads
+        columns = {c: np.concatenate([p[0][c] for p in parts]) for c in _COLUMNS}
+        offsets = np.cumsum([0] + [len(p[0]["kind"]) for p in parts])
+        cta_start = np.concatenate([p[1][:-1] + off for p, off in zip(parts, offsets)]
+                                   + [offsets[-1:]]).astype(np.int64)
         kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
-                                   tensor_path=kernel.tensor_path, kernel=kernel, head=head,
-                                   heads=heads,
+                                   tensor_path=kernel.tensor_path, kernel=kernel,
+                                   head=groups[0][0], heads=groups[0][1],
+                                   head_groups=groups if len(groups) > 1 else None,
                                    smem_bytes_per_cta=kernel.smem_bytes(shape.head_dim,
                                                                         shape.seq_len),
                                    **columns))
     return Trace(schedule=schedule, tensor_names=names,
                  tensor_base=np.array([base[nm] for nm in names], dtype=np.int64),
                  kernels=kernels)
+
+
+def _repeat_heads(template, starts, head_index, offset_by_tensor):
+    """The events of ``len(head_index)`` heads running ``template`` (its CTAs at ``starts``):
+    head h's addresses are the template's plus ``offset_by_tensor[h, tensor]``; returns the
+    columns and the CTA offsets (with the end)."""
+    heads = len(head_index)
+    per_head = len(template["kind"])
+    columns = {c: np.tile(template[c], heads) for c in _COLUMNS}
+    addr = columns["addr"].reshape(heads, per_head)
+    addr += offset_by_tensor[:, template["tensor"]]  # tensor id -1 (compute): the 0 column
+    cta_start = (starts[:-1][None, :] + per_head * np.arange(heads)[:, None]).ravel()
+    return columns, np.append(cta_start, per_head * heads).astype(np.int64)

@@ -37,24 +37,26 @@ def _names():
 
 
 class _Builder:
-    def __init__(self, kernel, schedule, base, tensor_ids):
+    def __init__(self, kernel, schedule, base, tensor_ids, extents=None):
         shape = schedule.shape
         self.kernel = kernel
         self.n, self.d, self.causal = shape.seq_len, shape.head_dim, shape.causal
-        self.extents = {"N": self.n, "d": self.d, "1": 1}
+        self.extents = kernel.base_dims(self.d, self.n)
+        self.extents.update(extents or {})
         self.tensors = schedule.tensor_map()
         self.buffers = kernel.buffer_map()
         self.base, self.tensor_ids = base, tensor_ids
         self.blocks = dict(kernel.blocks)
-        self.nb = {v: sch.n_blocks(self.n, s) for v, s in self.blocks.items()}
-        # the extent of a variable's ragged last block (== its block size when N divides)
-        self.last = {v: self.n - (self.nb[v] - 1) * s for v, s in self.blocks.items()}
+        self.span = {v: self.extents[kernel.span(v)] for v in self.blocks}
+        self.nb = {v: sch.n_blocks(self.span[v], s) for v, s in self.blocks.items()}
+        # the extent of a variable's ragged last block (== its block size when it divides)
+        self.last = {v: self.span[v] - (self.nb[v] - 1) * s for v, s in self.blocks.items()}
         self.names, self.dtypes = _names()
         self._tables = {}
 
     # ---- contexts ----------------------------------------------------------------------------
     def ragged(self, var, idx):
-        if self.n % self.blocks[var] == 0 and self.n >= self.blocks[var]:
+        if self.span[var] % self.blocks[var] == 0 and self.span[var] >= self.blocks[var]:
             return np.zeros(len(idx), dtype=bool)
         return idx == self.nb[var] - 1
 
@@ -78,12 +80,20 @@ class _Builder:
     def expand(self, loop, idx, m):
         """(parent context, indices) of the executed iterations of ``loop`` in each context."""
         k = self.nb[loop.var]
+        first = np.zeros(m, dtype=np.int64)
+        if loop.within is not None:  # the blocks inside the current block of ``within``
+            per = self.blocks[loop.within] // self.blocks[loop.var]
+            first = idx[loop.within] * per
+            k = min(k, per)
         parent = np.repeat(np.arange(m, dtype=np.int64), k)
         sub = {v: a[parent] for v, a in idx.items()}
-        sub[loop.var] = np.tile(np.arange(k, dtype=np.int64), m)
-        if self.causal and loop.causal_skip:
+        sub[loop.var] = first[parent] + np.tile(np.arange(k, dtype=np.int64), m)
+        keep = sub[loop.var] < self.nb[loop.var]
+        if self.causal and loop.causal_skip and self.kernel.row_var in sub:
             r, c = self.kernel.row_var, self.kernel.col_var
-            keep = ~(sub[c] * self.blocks[c] > (sub[r] + 1) * self.blocks[r] - 1)
+            keep &= ~(sub[c] * self.blocks[c]
+                      > sch.last_visible_key(self.kernel, sub[r], self.extents))
+        if not keep.all():
             parent = parent[keep]
             sub = {v: a[keep] for v, a in sub.items()}
         return parent, sub
@@ -104,7 +114,7 @@ class _Builder:
     def dims_of(self, vars_, code):
         dims = dict(self.extents)
         for bit, v in enumerate(vars_):
-            dims[v] = self.last[v] if (code >> bit) & 1 else min(self.blocks[v], self.n)
+            dims[v] = self.last[v] if (code >> bit) & 1 else min(self.blocks[v], self.span[v])
         return dims
 
     def op_rows(self, op, dims):
@@ -171,6 +181,9 @@ class _Builder:
         row0 = idx[op.rows] * self.blocks[op.rows] if op.rows not in self.extents else 0
         col0 = idx[op.cols] * self.blocks[op.cols] if op.cols not in self.extents else 0
         addr = self.base[op.tensor] + (row0 * row_len + col0) * spec.elem_bytes
+        if spec.slab_var is not None:  # the slab of the variable's current block
+            addr = addr + idx[spec.slab_var] * (self.extents[spec.rows] * row_len
+                                                * spec.elem_bytes)
         return np.broadcast_to(np.asarray(addr, dtype=np.int64), (m,))
 
     def emit(self, body, idx, rag, m, pos):
@@ -249,6 +262,7 @@ def _group_sums(parent, values, m):
     return cs[bounds[1:]] - cs[bounds[:-1]]
 
 
-def head_template(kernel, schedule, base, tensor_ids):
-    """One batch·head's events (as columns) and CTA offsets, vectorised; see the module doc."""
-    return _Builder(kernel, schedule, base, tensor_ids).build()
+def head_template(kernel, schedule, base, tensor_ids, extents=None):
+    """One batch·head's events (as columns) and CTA offsets, vectorised; see the module doc.
+    ``extents`` overrides whole-extent tokens (the valid keys "L" of a batch element)."""
+    return _Builder(kernel, schedule, base, tensor_ids, extents).build()

@@ -7,12 +7,17 @@ from ..errors import IosimError, TilingError
 from ..schedule import PASSES, Schedule
 from . import flash1, flash2, hf, megatron, standard
 from . import flash3
+from . import flash_decoding
 from ..shape import check_positive_int
-from .common import check_block, clipped_note
+from .common import check_block, clipped_note, stamp_extents
 
 ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
               "flash1": flash1, "flash2": flash2}
 ALGORITHMS["flash3"] = flash3  # forward only: no build_backward
+ALGORITHMS["flash_decoding"] = flash_decoding  # forward only (inference)
+
+#: Algorithms that split the K/V sequence over CTAs (``num_splits`` applies).
+SPLIT_KV = ("flash_decoding",)
 
 #: Algorithms with a K/V ring of several shared-memory stages (``stages`` applies).
 STAGED = ("flash3",)
@@ -57,7 +62,7 @@ def _join(forward: Schedule, backward: Schedule) -> Schedule:
 def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
                    sram_bytes: int | None = None, rows_per_warp=None,
                    q_in_registers: bool = False, pass_: str = "forward",
-                   stages=None) -> Schedule:
+                   stages=None, num_splits=None, sm_count=None) -> Schedule:
     """The schedule of ``algorithm`` for ``shape``, tiled by (block_rows, block_cols).
 
     Block sizes left as None take the algorithm's default for an SRAM of ``sram_bytes`` per
@@ -67,6 +72,9 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     CTA (default 16 rows: Br / 16 warps). ``q_in_registers`` (flash2) keeps each warp's rows of
     Q in registers for the whole K/V loop instead of re-reading them from shared memory.
     ``stages`` (flash3) sets the shared-memory slots of its K/V ring (2 or 3; default 2).
+    ``num_splits`` (flash_decoding) splits the K/V sequence over that many CTAs per query
+    block (default: FlashAttention's heuristic for ``sm_count`` SMs, default the
+    h100-measured preset's).
 
     ``pass_``: "forward" (default), "backward" (the backward pass alone: it reads what the
     forward saved) or "both" (one schedule, the forward's kernels then the backward's, with the
@@ -89,6 +97,14 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         if algorithm not in STAGED:
             raise IosimError(f"stages applies to {', '.join(STAGED)} only, not {algorithm!r}")
         extra["stages"] = stages
+    if num_splits is not None or sm_count is not None:
+        if algorithm not in SPLIT_KV:
+            raise IosimError(f"num_splits applies to {', '.join(SPLIT_KV)} only, "
+                             f"not {algorithm!r}")
+        if num_splits is not None:
+            extra["num_splits"] = flash_decoding.check_num_splits(num_splits)
+        if sm_count is not None:
+            extra["sm_count"] = check_positive_int("sm_count", sm_count, "a positive integer")
     if sram_bytes is None:
         from ..hardware import load_hardware
 
@@ -96,13 +112,18 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     sram_bytes = check_positive_int("sram_bytes", sram_bytes,
                                     "a positive integer number of bytes per thread block")
     n = shape.seq_len
-    clipped = {}  # block size -> the value the caller gave, where it was clipped to N
+    # a block is no longer than its variable's extent: query rows (a split-KV kernel's: the
+    # group's rows) and keys
+    row_extent = getattr(module, "row_extent", lambda s: s.seq_len)(shape)
+    extent = {"block_rows": row_extent, "block_cols": shape.kv_seq_len}
+    clipped = {}  # block size -> the value the caller gave, where it was clipped
     if block_rows is not None:
-        given, block_rows = block_rows, check_block("block_rows", block_rows, n)
+        given, block_rows = block_rows, check_block("block_rows", block_rows, row_extent)
         if block_rows != given:
             clipped["block_rows"] = given
     if block_cols is not None:
-        given, block_cols = block_cols, check_block("block_cols", block_cols, n)
+        given, block_cols = block_cols, check_block("block_cols", block_cols,
+                                                    shape.kv_seq_len)
         if block_cols != given:
             clipped["block_cols"] = given
 
@@ -110,11 +131,11 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
 
     def build(br, bc):
         if pass_ == "forward":
-            return module.build(shape, br, bc, sram_bytes, **extra)
+            return stamp_extents(module.build(shape, br, bc, sram_bytes, **extra))
         backward = module.build_backward(shape, br, bc, sram_bytes, **backward_extra)
         if pass_ == "backward":
-            return backward
-        return _join(module.build(shape, br, bc, sram_bytes, **extra), backward)
+            return stamp_extents(backward)
+        return stamp_extents(_join(module.build(shape, br, bc, sram_bytes, **extra), backward))
 
     def fits(br, bc):
         br = block_rows if block_rows is not None else br
@@ -134,7 +155,10 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
     except TilingError as exc:
         if not clipped:
             raise
-        raise TilingError(_name_given_blocks(str(exc), clipped, n)) from None
+        message = str(exc)
+        for name, given in clipped.items():
+            message = _name_given_blocks(message, {name: given}, extent[name])
+        raise TilingError(message) from None
     return schedule
 
 
