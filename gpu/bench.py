@@ -532,7 +532,7 @@ def cmd_ncu(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpu.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", default="quick", choices=["smoke", "target", "quick", "full", "ncu"])
+    ap.add_argument("--sweep", default="quick", choices=["smoke", "target", "quick", "full", "ncu", "nsweep"])
     ap.add_argument("--out", default="experiments/data/h100/bench.json")
     ap.add_argument("--algorithms", nargs="*", default=None, choices=SW.ALGORITHMS + SW.EXTRA_ALGORITHMS)
     ap.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])

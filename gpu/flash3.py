@@ -29,8 +29,9 @@ SMEM_LIMIT_BYTES = 227 * 1024
 REGS = {2: (40, 232), 3: (24, 160)}
 PRODUCER_REGS, CONSUMER_REGS = REGS[CONSUMER_WARPGROUPS]
 NVRTC_OPTIONS = ("--gpu-architecture=sm_90a", "-std=c++17")
-# stages of the K/V ring per (head_dim, block_cols) unless asked otherwise
-DEFAULT_STAGES = {(64, 128): 2, (64, 64): 2, (128, 128): 2, (128, 64): 2}
+# stages of the K/V ring per (head_dim, block_rows, block_cols) unless asked otherwise; 2 elsewhere. Chosen from
+# the smoke timings at B=8, H=16, N=4096 on the H100 (gpu/NOTES.md, flash3 section)
+DEFAULT_STAGES = {(64, 192, 128): 3}
 
 # CUtensorMap enums (cuda.h)
 CU_TENSOR_MAP_DATA_TYPE_FLOAT16 = 6
@@ -67,20 +68,25 @@ def check_config(head_dim: int, block_rows: int, block_cols: int, stages: int) -
         raise ValueError(f"flash3 needs at least 2 K/V stages, got {stages!r}")
     if block_cols == 192 and head_dim != 64:
         raise ValueError("flash3 block_cols=192 is built for head_dim 64 only (registers)")
+    if block_rows == 192 and block_cols == 192:
+        raise ValueError("flash3 with 3 consumer warpgroups needs block_cols <= 128 (block_cols 192 spills)")
+    if block_rows == 192 and head_dim == 128 and block_cols > 64:
+        raise ValueError("flash3 with 3 consumer warpgroups (160 registers each) at head_dim 128 needs "
+                         "block_cols 64 (block_cols 128 spills)")
     need = smem_bytes(head_dim, block_cols, stages, block_rows)
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"flash3 d={head_dim} Bc={block_cols} with {stages} stages needs {need} bytes of shared "
                          f"memory, more than the {SMEM_LIMIT_BYTES} a block may opt in to")
 
 
-def default_stages(head_dim: int, block_cols: int) -> int:
-    return DEFAULT_STAGES.get((head_dim, block_cols), 2)
+def default_stages(head_dim: int, block_cols: int, block_rows: int = BLOCK_ROWS) -> int:
+    return DEFAULT_STAGES.get((head_dim, block_rows, block_cols), 2)
 
 
 def fits(block_rows: int, block_cols: int, head_dim: int, stages: int | None = None) -> bool:
     try:
         check_config(head_dim, block_rows, block_cols,
-                     default_stages(head_dim, block_cols) if stages is None else stages)
+                     default_stages(head_dim, block_cols, block_rows) if stages is None else stages)
     except ValueError:
         return False
     return True
@@ -228,7 +234,7 @@ class Flash3:
         self.causal = bool(causal)
         self.br = BLOCK_ROWS if block_rows is None else int(block_rows)
         self.bc = 128 if block_cols is None else int(block_cols)
-        self.stages = default_stages(self.d, self.bc) if stages is None else int(stages)
+        self.stages = default_stages(self.d, self.bc, self.br) if stages is None else int(stages)
         check_config(self.d, self.br, self.bc, self.stages)
         self.pv_split = int(pv_split)
         self.pingpong = int(pingpong)
@@ -297,10 +303,11 @@ class Flash3:
 def variants() -> list[dict]:
     out = []
     for d in HEAD_DIMS:
-        for bc in BLOCK_COLS:
-            for st in (2, 3):
-                if fits(BLOCK_ROWS, bc, d, st):
-                    out.append(defines(d, bc, st))
+        for br in BLOCK_ROWS_ALLOWED:
+            for bc in BLOCK_COLS:
+                for st in (2, 3):
+                    if fits(br, bc, d, st):
+                        out.append(defines(d, bc, st, block_rows=br))
     return out
 
 

@@ -38,7 +38,7 @@ def flash_smem_bytes(algorithm: str, block_rows: int, block_cols: int, head_dim:
         return 2 * head_dim * (2 * block_cols + 2 * block_rows)   # K, V + per-warp double-buffered Q
     if algorithm == "flash3":
         from . import flash3 as F3
-        return F3.smem_bytes(head_dim, block_cols, F3.default_stages(head_dim, block_cols))
+        return F3.smem_bytes(head_dim, block_cols, F3.default_stages(head_dim, block_cols, block_rows), block_rows)
     raise ValueError(algorithm)
 
 

@@ -13,17 +13,20 @@ HEAD_DIMS = [64, 128]
 HEADS = 16
 TOKENS = 16384  # B * N, as in the FlashAttention paper's benchmarks
 BLOCK_PAIRS = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32)]
+FLASH3_PAIRS = [(128, 64), (128, 128), (192, 64), (192, 128)]  # 2 or 3 consumer warpgroups of 64 rows
 TARGET = {"batch": 8, "heads": 16, "seq_len": 4096}
 # default (best-guess) block pair per head dim, used where only one pair is run
 DEFAULT_PAIR = {"flash1": {64: (128, 64), 128: (128, 64)}, "flash2": {64: (128, 64), 128: (128, 32)},
-                "flash3": {64: (128, 128), 128: (128, 128)}}
+                "flash3": {64: (192, 128), 128: (128, 128)}}
 
 
 def batch_for(seq_len: int) -> int:
     return max(1, TOKENS // seq_len)
 
 
-def pairs_for(algorithm: str, head_dim: int, pairs=BLOCK_PAIRS) -> list[tuple[int, int]]:
+def pairs_for(algorithm: str, head_dim: int, pairs=None) -> list[tuple[int, int]]:
+    if pairs is None:
+        pairs = FLASH3_PAIRS if algorithm == "flash3" else BLOCK_PAIRS
     return [p for p in pairs if flash_fits(algorithm, p[0], p[1], head_dim)]
 
 
@@ -56,6 +59,9 @@ def shapes(name: str) -> list[dict]:
                [dict(TARGET, head_dim=d, causal=False) for d in HEAD_DIMS]
     if name == "target":
         return target
+    if name == "nsweep":  # short N sweep beside the target shape (default pair of each flash kernel)
+        return [dict(batch=batch_for(n), heads=HEADS, seq_len=n, head_dim=d, causal=c)
+                for c in (False, True) for d in HEAD_DIMS for n in (1024, 2048, 8192, 16384)]
     if name == "quick":
         return target + [dict(batch=batch_for(n), heads=HEADS, seq_len=n, head_dim=d, causal=False)
                          for n in (1024, 4096) for d in HEAD_DIMS]

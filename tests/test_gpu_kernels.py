@@ -190,3 +190,39 @@ def test_flash2_backward_dot_kernel():
     want = (o.astype(cp.float64) * do.astype(cp.float64)).sum(-1)
     assert float(cp.abs(bw.Dv - want).max()) < 1e-3
     assert bool((bw.dQacc == 0).all())
+
+
+# ---- flash3 (gpu/flash3.cu: wgmma, TMA, warp specialisation; sm_90a only) ----
+_SM90 = cp.cuda.Device().compute_capability == "90"
+FLASH3_PAIRS = [(128, 128), (128, 64), (192, 128), (128, 192)]
+
+
+def _flash3_pairs(d):
+    from gpu import flash3 as F3
+    return [p for p in FLASH3_PAIRS if F3.fits(p[0], p[1], d)]
+
+
+@pytest.mark.skipif(not _SM90, reason="flash3 is built for sm_90a (Hopper) only")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES + [(1, 2, 1000, 64), (2, 1, 333, 128)])
+def test_flash3(shape, causal):
+    for br, bc in _flash3_pairs(shape[3]):
+        p, out, _ = _check("flash3", shape, causal, br, bc, seed=br + bc)
+        q, k, v = _inputs(*shape, br + bc)
+        again = cp.full_like(out, float("nan"))
+        p.run(q, k, v, again)
+        assert bool((again == out).all()), "flash3 is not deterministic"
+
+
+@pytest.mark.skipif(not _SM90, reason="flash3 is built for sm_90a (Hopper) only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash3_logsumexp_matches_flash2(causal):
+    B, H, N, d = 1, 2, 200, 128
+    p3, _, _ = _check("flash3", (B, H, N, d), causal, 128, 128, seed=7)
+    q, k, v = _inputs(B, H, N, d, 7)
+    s = cp.einsum("bhnd,bhmd->bhnm", q.astype(cp.float64), k.astype(cp.float64)) / math.sqrt(d)
+    if causal:
+        s = cp.where(cp.tril(cp.ones((N, N), dtype=bool)), s, -cp.inf)
+    mx = s.max(axis=-1, keepdims=True)
+    lse = (mx + cp.log(cp.exp(s - mx).sum(axis=-1, keepdims=True)))[..., 0]
+    assert float(cp.abs(p3.L - lse).max()) < 1e-3
