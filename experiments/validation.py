@@ -56,7 +56,8 @@ def load_bench(data_dir: Path = DATA_DIR) -> dict:
 
 def _shape(run: dict) -> iosim.AttentionShape:
     return iosim.AttentionShape(run["batch"], run["heads"], run["seq_len"], run["head_dim"],
-                                "fp16", run["causal"])
+                                "fp16", run["causal"], kv_heads=run.get("kv_heads"),
+                                kv_seq_len=run.get("kv_seq_len"))
 
 
 def _footprint_bytes(schedule, kernel) -> int:
@@ -163,6 +164,8 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
     schedule = _declare_registers(schedule, run, registers or {})
     if run["algorithm"] == "flash3":  # the Hopper kernel: its ring depth, warps and registers
         schedule = flash3_schedule(run, hw)
+    if run.get("kv_heads") is not None:  # an inference-shape kernel: as built
+        schedule = inference_schedule(run, hw)
     trace = build_trace(schedule)  # one trace, replayed under both models
     sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
     l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
@@ -234,7 +237,10 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
                    **prediction["kernels"][name], "measured_dram_bytes": None,
                    # the real kernel's resources, where the harness recorded them
                    "kernel_smem_bytes": run.get("smem_bytes"), "threads": run.get("threads"),
-                   "warp_rows": run.get("warp_rows"), "stages": run.get("stages")}
+                   "warp_rows": run.get("warp_rows"), "stages": run.get("stages"),
+                   "kv_heads": run.get("kv_heads", run["heads"]),
+                   "kv_seq_len": run.get("kv_seq_len", run["seq_len"]),
+                   "num_splits": run.get("num_splits"), "sweep": run.get("sweep")}
             if measured.get("dram_read_bytes") is not None:
                 row["measured_dram_bytes"] = (measured["dram_read_bytes"]
                                               + measured["dram_write_bytes"])
@@ -583,6 +589,103 @@ def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) 
         ""]
 
 
+#: The inference-shape kernels' measurements (python -m gpu.inference): GQA prefill (flash2)
+#: and split-KV decode (flash_decoding), kept apart from bench.json.
+INFERENCE_FILE = "bench_inference.json"
+
+
+def inference_schedule(run: dict, hw):
+    """The schedule of a measured inference-shape kernel as built: its K/V heads and length,
+    tiles (a split CTA's rows are the group's, however many the kernel pads them to), splits,
+    warps (``threads``), K/V ring depth (``stages``) and registers per thread."""
+    shape = _shape(run)
+    options = {}
+    block_rows = run["block_rows"]
+    if run["algorithm"] == "flash_decoding":
+        options["num_splits"] = run.get("num_splits") or 1
+        options["sm_count"] = hw.sm_count
+        block_rows = min(block_rows, shape.group_size * shape.seq_len)
+    else:
+        options["rows_per_warp"] = run.get("warp_rows")
+        options["q_in_registers"] = bool(run.get("q_in_registers"))
+    schedule = iosim.build_schedule(run["algorithm"], shape, block_rows, run["block_cols"],
+                                    hw.sram_bytes_per_block, **options)
+    kernels = []
+    for kernel in schedule.kernels:
+        changes = {}
+        if kernel.name == "flash_decoding_combine":
+            if run.get("combine_registers"):
+                changes["registers_per_thread"] = int(run["combine_registers"])
+        else:
+            if run.get("registers"):
+                changes["registers_per_thread"] = int(run["registers"])
+            if run.get("threads"):
+                changes["warps"] = int(run["threads"]) // 32
+            if run.get("stages"):
+                changes["buffers"] = tuple(
+                    dataclasses.replace(b, stages=int(run["stages"])) if b.stages > 1 else b
+                    for b in kernel.buffers)
+        kernels.append(dataclasses.replace(kernel, **changes))
+    return dataclasses.replace(schedule, kernels=tuple(kernels))
+
+
+def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
+    """The report's section on the inference-shape kernels of ``bench_inference.json``: each
+    measured kernel beside its prediction (timed and roofline; DRAM bytes where profiled), the
+    APE statistics per algorithm and sweep; a line saying the file is absent otherwise.
+    Writes ``validation_inference.csv``."""
+    lines = ["### Inference shapes: GQA prefill and split-KV decode", ""]
+    path = data_dir / INFERENCE_FILE
+    if not path.is_file():
+        return lines + [f"(no {INFERENCE_FILE} in the data folder: the inference kernels have "
+                        "not been measured yet)", ""]
+    doc = json.loads(path.read_text())
+    rows = compare(doc, workers=workers)
+    if not rows:
+        return lines + [f"({INFERENCE_FILE} holds no passing, timed run)", ""]
+    write_csv(results_dir / "validation_inference.csv", rows)
+    summary = []
+    for (algorithm, sweep), members in sorted(_group(rows, ("algorithm", "sweep")).items()):
+        time_med, time_worst, timed = _stats([r.get("time_ape") for r in members])
+        roof_med, roof_worst, _ = _stats([r.get("time_ape_roofline") for r in members])
+        bytes_med, bytes_worst, profiled = _stats([r.get("bytes_ape_l2") for r in members])
+        summary.append({"algorithm": algorithm, "sweep": sweep, "kernels_timed": timed,
+                        "time_ape_median_pct": time_med, "time_ape_worst_pct": time_worst,
+                        "time_ape_median_pct_roofline": roof_med,
+                        "time_ape_worst_pct_roofline": roof_worst,
+                        "kernels_profiled": profiled, "bytes_ape_median_pct_l2": bytes_med,
+                        "bytes_ape_worst_pct_l2": bytes_worst})
+    write_csv(results_dir / "validation_inference_summary.csv", summary)
+    device = doc["device"]
+    split = [r for r in rows if r["kernel"] == "flash_decoding_split" and r.get("time_ape")]
+    return lines + [
+        f"Measured on {device.get('name')} (driver {device.get('driver')}) on {doc['date']} "
+        f"with `python -m gpu.inference`: {len(rows)} kernels (GQA prefill with `flash2`, "
+        "split-KV decode with `flash_decoding`), each simulated as built (its K/V heads and "
+        f"length, tiles, splits, warps, ring depth and registers) on `{HARDWARE}`. Not in "
+        "the tables above.",
+        "",
+        _markdown(summary, ["algorithm", "sweep", "kernels_timed", "time_ape_median_pct",
+                            "time_ape_worst_pct", "time_ape_median_pct_roofline",
+                            "time_ape_worst_pct_roofline", "kernels_profiled",
+                            "bytes_ape_median_pct_l2", "bytes_ape_worst_pct_l2"]),
+        "",
+        "The decode kernels at the issue's shape (B=16, H=32, H_kv=8, N_kv=32768, d=128):",
+        "",
+        _markdown([r for r in split if r["sweep"] == "decode_target"],
+                  ["num_splits", "block_cols", "stages", "measured_time_s",
+                   "predicted_time_s", "predicted_time_roofline_s", "time_ape",
+                   "measured_dram_bytes", "predicted_hbm_bytes_l2", "timed_limiter"]),
+        ""]
+
+
+def _group(rows: list[dict], keys: tuple) -> dict:
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
 def _figure_lines(rows: list[dict], hardware: str) -> list[str]:
     """The three validation figures with their captions (counts from ``rows``)."""
     timed = sum(1 for r in rows if r.get("measured_time_s"))
@@ -738,6 +841,7 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "",
     ] + _figure_lines(rows, HARDWARE)
     section += flash3_lines(data_dir, results_dir)
+    section += inference_lines(data_dir, results_dir)
     text = "\n".join(section) + "\n"
     write_text(results_dir / "validation.md", text)
     return text
