@@ -633,6 +633,139 @@ def summary_lines(res: dict) -> list[str]:
     return out
 
 
+# ---- wgmma (Hopper warpgroup MMA), for the flash3 model's wgmma path -----------------------------------------
+WGMMA_N = 128  # m64n128k16: FlashAttention-3's QKᵀ and PV shapes are m64 x (Bc or d) x k16 steps
+WGMMA_RATE_CHAIN = 16  # back-to-back wgmmas per commit group in the rate kernel
+WGMMA_OPTIONS = ("--gpu-architecture=sm_90a", "-std=c++17")
+
+
+def wgmma_source(n: int = WGMMA_N) -> str:
+    """Two kernels over wgmma.mma_async m64nNk16 f32 += f16 x f16 with both operands in shared memory (no swizzle;
+    the values are zeros: only time is measured). ``wgmma_latency``: one wgmma, commit, wait, ``iters`` times in
+    one warpgroup (clock64: issue-to-completion cycles of a dependent wgmma). ``wgmma_rate``: per warpgroup,
+    WGMMA_RATE_CHAIN wgmmas into the same accumulators, then commit and wait, ``iters`` times."""
+    regs = n // 2
+    outs = ", ".join(f"%{i}" for i in range(regs))
+    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n'
+           f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{outs}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;'
+           f'\\n}}\\n"')
+    bind = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return (r"""
+typedef unsigned long long u64;
+#define NREG """ + str(regs) + r"""
+__device__ __forceinline__ u64 desc(const void* smem, unsigned lbo, unsigned sbo) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    return (u64)((a >> 4) & 0x3FFF) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32);
+}
+__device__ __forceinline__ void mma(float* d, u64 da, u64 db, int scale_d) {
+    asm volatile(""" + asm + " : " + bind + r""" : "l"(da), "l"(db), "r"(scale_d));
+}
+template <int CHAIN>
+__device__ __forceinline__ void bench(int iters, long long* cycles, float* sink) {
+    __shared__ __align__(128) unsigned char smem[32768];
+    for (int i = threadIdx.x; i < 32768 / 4; i += blockDim.x) ((float*)smem)[i] = 0.0f;
+    __syncthreads();
+    const int wg = threadIdx.x / 128;
+    u64 da = desc(smem + wg * 2048, 128, 256);
+    u64 db = desc(smem + 16384, 128, 256);
+    float d[NREG];
+    for (int i = 0; i < NREG; ++i) d[i] = 0.0f;
+    __syncthreads();
+    long long t0 = clock64();
+    for (int it = 0; it < iters; ++it) {
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int c = 0; c < CHAIN; ++c) mma(d, da, db, 1);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    long long t1 = clock64();
+    float acc = 0.0f;
+    for (int i = 0; i < NREG; ++i) acc += d[i];
+    if (acc == 123.0f) sink[0] = acc;
+    if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+extern "C" __global__ void wgmma_latency(int iters, long long* cycles, float* sink) { bench<1>(iters, cycles, sink); }
+extern "C" __global__ void wgmma_rate(int iters, long long* cycles, float* sink) {
+    bench<""" + str(WGMMA_RATE_CHAIN) + r""">(iters, cycles, sink);
+}
+""")
+
+
+def _wgmma_module():
+    """The wgmma kernels, by NVRTC for sm_90a: through cupy.RawModule, else NVRTC directly (cubin)."""
+    import os
+    import tempfile
+
+    import cupy as cp
+    from cupy.cuda import nvrtc
+
+    src = wgmma_source()
+    try:
+        mod = cp.RawModule(code=src, options=WGMMA_OPTIONS)
+        mod.get_function("wgmma_latency")
+        return mod, "cupy.RawModule"
+    except Exception:  # noqa: BLE001 -- CuPy's own -arch may override sm_90a
+        pass
+    prog = nvrtc.createProgram(src, "wgmma.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, list(WGMMA_OPTIONS))
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    path = os.path.join(tempfile.mkdtemp(), "wgmma.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    return cp.RawModule(path=path), "nvrtc cubin"
+
+
+def wgmma_benchmarks(dev: dict, log=print) -> dict:
+    """wgmma m64n128k16 (f16 inputs, f32 accumulators, operands in shared memory): the issue-to-completion
+    latency of one dependent wgmma (1 warpgroup, 1 CTA), and the rate with 1, 2 and 3 warpgroups per SM (one CTA
+    per SM, WGMMA_RATE_CHAIN wgmmas per commit group; CUDA events). ``latency_cycles`` is the completion beyond the
+    pipe time: the dependent latency less one wgmma's FLOPs at the measured per-SM rate (2 warpgroups)."""
+    import numpy as np
+    import cupy as cp
+
+    mod, path = _wgmma_module()
+    lat_k, rate_k = mod.get_function("wgmma_latency"), mod.get_function("wgmma_rate")
+    sm = dev["sm_count"]
+    cycles = cp.zeros(sm, dtype=cp.int64)
+    sink = cp.zeros(1, dtype=cp.float32)
+    flops_one = 2 * 64 * WGMMA_N * 16
+    iters = 2000
+    lat_k((1,), (128,), (np.int32(10), cycles, sink))
+    per = []
+    for _ in range(7):
+        lat_k((1,), (128,), (np.int32(iters), cycles, sink))
+        cp.cuda.runtime.deviceSynchronize()
+        per.append(int(cycles[0].get()) / iters)
+    by_wg, cyc_by_wg = {}, {}
+    for groups in (1, 2, 3):
+        def run(groups=groups):
+            rate_k((sm,), (128 * groups,), (np.int32(iters), cycles, sink))
+        t = _time(run, reps=7, warm=2)
+        flops = sm * groups * iters * WGMMA_RATE_CHAIN * flops_one
+        by_wg[str(groups)] = flops / t["median"]
+        cyc_by_wg[str(groups)] = float(cp.median(cycles.astype(cp.float64)).get())
+    rate = by_wg["2"]
+    flop_per_sm_cycle = 2 * iters * WGMMA_RATE_CHAIN * flops_one / cyc_by_wg["2"]
+    st = _stats(per)
+    pipe = flops_one / flop_per_sm_cycle
+    log(f"  wgmma m64n{WGMMA_N}k16: dependent {st['median']:.1f} cycles, pipe {pipe:.1f}; "
+        f"{', '.join(f'{g} WG {r / 1e12:.0f} TFLOP/s' for g, r in by_wg.items())}")
+    return {"wgmma_fp16_f32": {
+        "flops_per_s": rate, "flops_per_s_by_warpgroups": by_wg,
+        "flop_per_sm_cycle": flop_per_sm_cycle, "sm_cycles_by_warpgroups": cyc_by_wg,
+        "latency_cycles": st["median"] - pipe, "dependent_cycles": st["median"], "dependent_cycles_repeats": st,
+        "pipe_cycles_one_wgmma": pipe, "shape": f"m64n{WGMMA_N}k16", "compiled_by": path,
+        "method": "wgmma.mma_async f32 += f16 x f16, both operands in shared memory (zeros, no swizzle); latency: "
+                  "1 warpgroup, fence + 1 wgmma + commit + wait_group 0 per iteration, clock64 / iterations; rate: "
+                  f"one CTA per SM of 1-3 warpgroups, {WGMMA_RATE_CHAIN} wgmmas per commit group, CUDA events "
+                  "(flops_per_s: 2 warpgroups, FlashAttention-3's consumers); latency_cycles = dependent cycles "
+                  "less one wgmma's FLOPs at flop_per_sm_cycle"}}
+
+
 def merge_calibration(old: dict, new: dict) -> dict:
     """``old`` with the result keys of ``new`` that it lacks added. Existing results keep their values (the
     h100-measured preset is generated from them); ``new``'s values of those are kept beside them under
@@ -654,7 +787,7 @@ def merge_calibration(old: dict, new: dict) -> dict:
     return doc
 
 
-def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True) -> dict:
+def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True, wgmma: bool = False) -> dict:
     """Run the microbenchmarks: ``rates`` the bandwidth / throughput / launch ones, ``latencies`` the latency
     and Little's-law ones (``latency_benchmarks``)."""
     from . import bench as BN
@@ -672,6 +805,9 @@ def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True) -
         res.update(latency_benchmarks(dev))
         settings["latencies_elapsed_s"] = time.monotonic() - t1
         settings["latency_timer"] = "clock64() inside the kernels (SM cycles), converted with results.sm_clock.hz"
+    if wgmma:
+        res.update(wgmma_benchmarks(dev))
+        settings["wgmma"] = True
     settings["quick"] = quick
     return {"schema": "iosim-gpu-calibration/1", "date": BN.now_iso(), "device": dev, "settings": settings,
             "results": res}
@@ -843,8 +979,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpu.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/data/h100/calibration.json")
-    ap.add_argument("--only", choices=["rates", "latencies"], default=None,
-                    help="run one group of microbenchmarks only (default: both)")
+    ap.add_argument("--only", choices=["rates", "latencies", "wgmma"], default=None,
+                    help="run one group of microbenchmarks only (default: rates and latencies; wgmma: the "
+                         "Hopper warpgroup MMA only)")
     ap.add_argument("--merge-from", default=None, metavar="NEW.json",
                     help="measure nothing: add the result keys of NEW.json that --out lacks to --out")
     args = ap.parse_args(argv)
@@ -857,7 +994,8 @@ def main(argv=None) -> int:
         S.write_json_atomic(args.out, doc)
         print(f"added {doc['settings']['added_results'][-1]['keys']} to {args.out}")
         return 0
-    doc = calibrate(rates=args.only != "latencies", latencies=args.only != "rates")
+    doc = calibrate(rates=args.only in (None, "rates"), latencies=args.only in (None, "latencies"),
+                    wgmma=args.only == "wgmma")
     S.write_json_atomic(args.out, doc)
     r = doc["results"]
     print(f"device {doc['device']['name']}; wrote {args.out}")

@@ -56,7 +56,8 @@ def _wgmma(results: dict, latency: dict) -> tuple[str, float, str]:
         rate = _rate(results, "wgmma_fp16_f32", "flops_per_s")
         cycles = _rate(results, "wgmma_fp16_f32", "latency_cycles")
         return (f"wgmma_flops_per_s = {{ fp16 = {rate:.4e}, bf16 = {rate:.4e} }}\n", cycles,
-                "wgmma m64nNk16 (operands in shared memory) measured")
+                "wgmma m64n128k16 measured (operands in shared memory, zeros: real data may draw more "
+                "power and lower the clock)")
     cycles = latency["smem_cycles"] + latency["mma_cycles"]
     return ("", cycles, "wgmma_cycles an estimate, not measured: shared-memory latency + "
                         "mma.sync latency (a wgmma fetches its operands, then runs as a "
