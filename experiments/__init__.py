@@ -23,6 +23,6 @@ from ._common import Section, is_quick
 
 #: The experiment scripts, in report order.
 SCRIPTS = ("figure2_table", "figure2_blocksize", "sram_sweep", "seq_len_sweep",
-           "backward_tradeoff", "roofline", "timeline", "design_space")
+           "backward_tradeoff", "inference", "roofline", "timeline", "design_space")
 
 __all__ = ["SCRIPTS", "Section", "is_quick"]

@@ -69,6 +69,7 @@ class SimJob(NamedTuple):
     sram_bytes: int | None = None
     rows_per_warp: int | None = None
     pass_: str = "forward"
+    num_splits: int | None = None
 
 
 _MEMO: dict = {}
@@ -81,7 +82,8 @@ def _run(job: SimJob) -> dict:
     result = simulate(job.algorithm, job.shape, block_rows=job.block_rows,
                       block_cols=job.block_cols, hardware=job.hardware,
                       sram_bytes=job.sram_bytes, model=job.model,
-                      rows_per_warp=job.rows_per_warp, pass_=job.pass_)
+                      rows_per_warp=job.rows_per_warp, pass_=job.pass_,
+                      num_splits=job.num_splits)
 
     def row(k):
         return {"name": k.name, "hbm_read_bytes": k.hbm_read_bytes,
@@ -99,7 +101,7 @@ def _cost_guess(job: SimJob) -> float:
     """Rough relative cost, to start the slowest jobs first."""
     s = job.shape
     unfused = job.algorithm in ("standard", "hf", "megatron")
-    per_head = s.seq_len ** 2 * (8 if unfused else 1)
+    per_head = s.seq_len * s.kv_seq_len * (8 if unfused else 1)
     blocks = (job.block_rows or 64) * (job.block_cols or 64)
     return s.batch_heads * per_head * (1 if unfused else 4096 / blocks) * \
         (3 if job.model == "l2" else 1)
@@ -128,9 +130,9 @@ def parallel_map(fn, items, desc: str = "run", progress: bool = True) -> list:
 #: One colour and one marker per attention algorithm (and the op catalogue), the same in every
 #: figure: experiments/*.py and the validation figures all draw from these.
 COLORS = {"standard": "#1f77b4", "hf": "#9467bd", "megatron": "#8c564b", "flash1": "#ff7f0e",
-          "flash2": "#d62728", "catalogue": "#2ca02c"}
+          "flash2": "#d62728", "catalogue": "#2ca02c", "flash_decoding": "#17becf"}
 MARKERS = {"standard": "o", "hf": "v", "megatron": "^", "flash1": "s", "flash2": "D",
-           "catalogue": "P"}
+           "catalogue": "P", "flash_decoding": "X"}
 #: Legend names where they differ from the key.
 LABELS = {"catalogue": "op catalogue"}
 #: Drawing order: the fused kernels (many, scattered) first, the unfused pipelines over them,
