@@ -13,7 +13,7 @@ DOCS = Path(__file__).resolve().parent
 FIGURES = ("roofline_a100-40gb.png", "roofline_h100-measured.png", "figure2_blocksize.png",
            "sram_sweep.png", "seq_len_sweep.png", "validation_time.png", "validation_bytes.png",
            "validation_roofline.png", "timeline.png", "backward_tradeoff.png",
-           "design_space.png")
+           "design_space.png", "inference.png")
 
 VALIDATION_INTRO = """# Validation on the H100
 
