@@ -111,3 +111,37 @@ def test_sweep_and_schema_know_flash3():
     assert S.validate(doc) == []
     bad = dict(run, block_rows=None)
     assert any("block_rows" in e for e in S.validate(dict(doc, runs=[bad])))
+
+
+DATA = Path(__file__).resolve().parents[1] / "experiments" / "data" / "h100"
+
+
+def test_committed_flash3_data_is_valid_and_complete():
+    import json
+
+    doc = json.loads((DATA / "bench_flash3.json").read_text())
+    assert S.validate(doc) == []
+    assert doc["runs"] and all(r["passed"] for r in doc["runs"])
+    assert {r["algorithm"] for r in doc["runs"]} == {"flash2", "flash3"}
+    assert {b["name"] for b in doc["baselines"]} >= {"torch_sdpa"}
+    for r in doc["runs"]:
+        if r["algorithm"] != "flash3":
+            continue
+        for key in ("block_rows", "block_cols", "stages", "consumer_warpgroups", "threads", "smem_bytes",
+                    "registers"):
+            assert r[key] is not None, key
+        assert r["threads"] == 128 * (r["consumer_warpgroups"] + 1) and r["block_rows"] == 64 * r["consumer_warpgroups"]
+        assert r["smem_bytes"] == F3.smem_bytes(r["head_dim"], r["block_cols"], r["stages"], r["block_rows"])
+        k = r["kernels"][0]
+        if k["dram_read_bytes"] is not None:   # ncu: at least Q, K and V (fp16) are read once from DRAM
+            qkv = 3 * r["batch"] * r["heads"] * r["seq_len"] * r["head_dim"] * 2
+            assert k["dram_read_bytes"] >= 0.99 * qkv
+    assert any(r["algorithm"] == "flash3" and r["kernels"][0]["dram_read_bytes"] for r in doc["runs"])
+    san = json.loads((DATA / "sanitizers_flash3.json").read_text())
+    assert {x["tool"] for x in san["results"]} == {"memcheck", "racecheck"}
+    assert all(x["error_count"] == 0 and x["all_outputs_passed"] for x in san["results"])
+    sass = json.loads((DATA / "sass_flash3.json").read_text())
+    for e in sass["entries"]:
+        assert e["returncode"] == 0 and e["spill_store_bytes"] == 0 and e["spill_load_bytes"] == 0
+        if "sass_counts" in e:
+            assert e["sass_counts"]["HGMMA"] > 0 and e["sass_counts"]["LDL"] == 0 and e["sass_counts"]["STL"] == 0
