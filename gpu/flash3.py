@@ -350,6 +350,10 @@ def sass_report(out_path: str) -> dict:
                                    ("UTMALDG", "USETMAXREG", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "SYNCS")}
                 e["hgmma_forms"] = sorted(set(re.findall(r"HGMMA\.[0-9x]+\.F32", sass)))
                 e["hgmma_tnspB"] = len(re.findall(r"HGMMA[^\n]*tnspB", sass))
+                # intra-warpgroup overlap: exponentials issued between wait_group 1 (S_j done) and wait_group 0
+                # (PV_{j-1} done) of the main loop run while the PV wgmma is in flight
+                m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1(.*?)WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass, re.S)
+                e["mufu_ex2_between_wait1_and_wait0"] = len(re.findall(r"MUFU\.EX2", m.group(1))) if m else 0
             entries.append(e)
             print(defs, e.get("registers"), e.get("spill_store_bytes"), e.get("sass_counts", {}).get("HGMMA"),
                   flush=True)

@@ -145,3 +145,6 @@ def test_committed_flash3_data_is_valid_and_complete():
         assert e["returncode"] == 0 and e["spill_store_bytes"] == 0 and e["spill_load_bytes"] == 0
         if "sass_counts" in e:
             assert e["sass_counts"]["HGMMA"] > 0 and e["sass_counts"]["LDL"] == 0 and e["sass_counts"]["STL"] == 0
+            # the main loop's softmax sits between wait_group 1 and wait_group 0 (under the PV wgmma):
+            # one exponential per S element of the thread (block_cols / 2) plus the two rescale factors
+            assert e["mufu_ex2_between_wait1_and_wait0"] == e["variant"]["BC"] // 2 + 2
