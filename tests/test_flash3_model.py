@@ -345,11 +345,16 @@ def test_the_validation_hook_compares_flash3_measurements(tmp_path):
         predicted = simulate_schedule(schedule, hardware=hw).kernels[0].times_s["timed"]
         run = _flash3_run(bc, stages, predicted / 0.8)  # measured 1.25x: APE 20%
         runs.append(run)
+    # the file may hold flash2 runs beside flash3's: the section is flash3's
+    flash2 = dict(_flash3_run(64, None, 1e-3), algorithm="flash2")
+    flash2["kernels"] = [dict(flash2["kernels"][0], name="flash2_fwd")]
     data = tmp_path / "data"
     data.mkdir()
-    (data / validation.FLASH3_FILE).write_text(json.dumps(_flash3_doc(runs)))
+    (data / validation.FLASH3_FILE).write_text(json.dumps(_flash3_doc(runs + [flash2])))
     lines = validation.flash3_lines(data, tmp_path, workers=1)
-    rows = validation.compare(validation.load_flash3(data), workers=1)
+    written = (tmp_path / "validation_flash3.csv").read_text().splitlines()
+    assert len(written) == 1 + 2 and all(",flash3," in "," + line for line in written[1:])
+    rows = validation.compare(validation.load_flash3(data), workers=1)[:2]
     assert [r["stages"] for r in rows] == [2, 3]
     for r in rows:
         assert r["time_ape"] == pytest.approx(20.0)
