@@ -20,6 +20,7 @@ EXPECTED_FILES = {
     "roofline": ["roofline_points.csv", "roofline_a100-40gb.png",
                  "roofline_h100-measured.png"],
     "timeline": ["timeline.csv", "timeline.png"],
+    "inference": ["inference_decode.csv", "inference_gqa.csv", "inference.png"],
 }
 
 
@@ -374,3 +375,19 @@ def test_design_space_keeps_the_fastest_pair_per_point(quick_results):
             (r for r in rows if int(r["l2_mib"]) == l2), key=lambda r: int(r["sram_kib_per_sm"]))]
         assert times == sorted(times, reverse=True) or len(set(times)) == 1 or \
             times[-1] <= times[0]
+
+
+def test_inference_decode_is_memory_bound_and_grouping_shrinks_kv_bytes(quick_results):
+    out, _ = quick_results
+    decode = _csv(out / "inference_decode.csv")
+    assert decode and all(r["bound"] == "memory" for r in decode)
+    for b, m in {(r["batch"], r["kv_seq_len"]) for r in decode}:
+        times = {int(r["num_splits"]): float(r["predicted_time_s"]) for r in decode
+                 if (r["batch"], r["kv_seq_len"]) == (b, m)}
+        # the heuristic splits only when B·H_kv CTAs leave SMs idle, and then it pays
+        assert min(times, key=times.get) == max(times)
+    gqa = _csv(out / "inference_gqa.csv")
+    flash2 = sorted((int(r["group_size"]), int(r["hbm_bytes"])) for r in gqa
+                    if r["algorithm"] == "flash2")
+    assert [b for _, b in flash2] == sorted((b for _, b in flash2), reverse=True)
+    assert flash2[-1][1] < flash2[0][1] * 0.75
