@@ -556,6 +556,32 @@ def flash3_schedule(run: dict, hw):
     return dataclasses.replace(schedule, kernels=(kernel,))
 
 
+def flash3_choice(rows: list[dict]) -> list[dict]:
+    """Per shape with several measured flash3 variants: does the model rank their tiles and
+    ring depths (Br x Bc / stages) as measured? (As :func:`block_choice`, timed and roofline.)"""
+    groups = {}
+    for r in rows:
+        if r["algorithm"] == "flash3" and r["measured_time_s"]:
+            key = (r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"])
+            groups.setdefault(key, []).append(r)
+    table = []
+    for key, members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        label = lambda m: f"{m['block_rows']}x{m['block_cols']}/{m.get('stages')}"  # noqa: E731
+        rho, best_predicted, best_measured, ratio = _rank_agreement(members, "predicted_time_s")
+        rho_roof, _, _, ratio_roof = _rank_agreement(members, "predicted_time_roofline_s")
+        table.append({"batch": key[0], "heads": key[1], "seq_len": key[2], "head_dim": key[3],
+                      "causal": key[4], "variants": len(members), "spearman": rho,
+                      "predicted_best": label(best_predicted),
+                      "measured_best": label(best_measured),
+                      "predicted_best_slowdown_pct": (ratio - 1) * 100,
+                      "within_5pct": ratio <= 1 + BEST_PAIR_TOLERANCE,
+                      "spearman_roofline": rho_roof,
+                      "within_5pct_roofline": ratio_roof <= 1 + BEST_PAIR_TOLERANCE})
+    return table
+
+
 def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
     """The report's flash3 section: each measured kernel of ``bench_flash3.json`` beside its
     prediction (timed and roofline) and the APE statistics of the other algorithms; a line
@@ -572,6 +598,7 @@ def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) 
         return lines + [f"({FLASH3_FILE} holds no passing, timed flash3 run)", ""]
     write_csv(results_dir / "validation_flash3.csv", rows)
     summary = [s for s in summarise(rows) if s["algorithm"] == "flash3"]
+    choice = flash3_choice(rows)
     device = doc["device"]
     return lines + [
         f"Measured on {device.get('name')} (driver {device.get('driver')}, CUDA runtime "
@@ -588,6 +615,14 @@ def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) 
                             "time_ape_worst_pct", "time_ape_median_pct_roofline",
                             "time_ape_worst_pct_roofline", "kernels_profiled_large",
                             "bytes_ape_median_pct_l2", "bytes_ape_worst_pct_l2"]),
+        "",
+        "Ranking the measured variants of each shape (Br x Bc / stages):",
+        "",
+        (_markdown(choice, ["batch", "heads", "seq_len", "head_dim", "causal", "variants",
+                            "spearman", "predicted_best", "measured_best",
+                            "predicted_best_slowdown_pct", "within_5pct", "spearman_roofline",
+                            "within_5pct_roofline"])
+         if choice else "(one variant per shape: nothing to rank)"),
         ""]
 
 

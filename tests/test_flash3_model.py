@@ -361,6 +361,11 @@ def test_the_validation_hook_compares_flash3_measurements(tmp_path):
         assert r["time_ape_roofline"] >= 0
     text = "\n".join(lines)
     assert "| flash3 | 2 | 20 | 20 |" in text
+    # both measured 1.25x their prediction: ranked alike, the predicted best is the measured best
+    (choice,) = validation.flash3_choice(rows)
+    assert choice["spearman"] == pytest.approx(1.0) and choice["within_5pct"]
+    assert choice["predicted_best"] == choice["measured_best"]
+    assert "| 1 | 4 | 1024 | 64 | False | 2 | 1 |" in text
     assert (tmp_path / "validation_flash3.csv").stat().st_size > 0
 
 
