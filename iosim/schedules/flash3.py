@@ -33,6 +33,9 @@ WARPS_PER_WARPGROUP = 4
 #: Ring depths the schedule accepts (FlashAttention-3's forward uses 2).
 STAGES = (2, 3)
 DEFAULT_STAGES = 2
+#: FlashAttention-3's forward runs 1 to 3 consumer warpgroups (Br 64 to 192); the explorer tries
+#: no more (the IR takes any Br).
+MAX_CONSUMER_WARPGROUPS = 3
 #: Registers per thread after ``setmaxnreg``, by consumer warpgroups:
 #: (producer, consumer). FlashAttention-3's forward kernel: 2 consumer warpgroups 24/240,
 #: 3 warpgroups 32/160; 1 warpgroup 56 and "256", which the 255 registers a thread may hold
