@@ -277,17 +277,15 @@ STAGED_ROW_MULTIPLE = 64
 
 def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
                       stages=None) -> list[tuple[int, int, int]]:
-    """The (Br, Bc, stages) a staged algorithm (flash3) is ranked over: Br from ``sizes`` that
-    are whole consumer warpgroups (multiples of 64, at most the algorithm's
-    ``MAX_CONSUMER_WARPGROUPS``; N itself when N < 64) plus the algorithm's
-    default Br, Bc from ``sizes`` plus its default Bc, every ring depth it allows (or just
-    ``stages``). Whether each fits is left to :func:`_explore_stages`."""
+    """The (Br, Bc, stages) a staged algorithm (flash3) is ranked over: Br every whole number
+    of consumer warpgroups it runs (64, 128, 192: up to ``MAX_CONSUMER_WARPGROUPS``; N itself
+    when N < 64) plus its default Br, Bc from ``sizes`` plus its default Bc, every ring depth it
+    allows (or just ``stages``). Whether each fits is left to :func:`_explore_stages`."""
     module = algorithm_module(algorithm)
     default_rows, default_cols = module.fa3_tile(shape.head_dim, shape.causal)
     n = shape.seq_len
-    most = STAGED_ROW_MULTIPLE * module.MAX_CONSUMER_WARPGROUPS
-    rows = ({s for s in sizes if s % STAGED_ROW_MULTIPLE == 0 and s <= most}
-            or {min(n, STAGED_ROW_MULTIPLE)})
+    whole = {STAGED_ROW_MULTIPLE * g for g in range(1, module.MAX_CONSUMER_WARPGROUPS + 1)}
+    rows = {s for s in whole | set(sizes) if s in whole and s <= n} or {min(n, STAGED_ROW_MULTIPLE)}
     rows.add(min(default_rows, n))
     cols = set(sizes) | {min(default_cols, n)}
     depths = module.STAGES if stages is None else (module.check_stages(stages),)
