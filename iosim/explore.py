@@ -285,7 +285,7 @@ def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
     default_rows, default_cols = module.fa3_tile(shape.head_dim, shape.causal)
     n = shape.seq_len
     whole = {STAGED_ROW_MULTIPLE * g for g in range(1, module.MAX_CONSUMER_WARPGROUPS + 1)}
-    rows = {s for s in whole | set(sizes) if s in whole and s <= n} or {min(n, STAGED_ROW_MULTIPLE)}
+    rows = {s for s in whole if s <= n} or {n}
     rows.add(min(default_rows, n))
     cols = set(sizes) | {min(default_cols, n)}
     depths = module.STAGES if stages is None else (module.check_stages(stages),)
