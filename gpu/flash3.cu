@@ -19,8 +19,11 @@
 // Causal (top-left aligned, col <= row): blocks right of the diagonal are never loaded, only blocks that cross
 // it are masked, and row blocks run longest first (blockIdx.x reversed within each head).
 //
-// Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128/192), NCWG (2/3), STAGES (2..), PINGPONG, PV_SPLIT (1: one n64 wgmma per
-// 64-column panel of V instead of one nD wgmma), PRODUCER_REGS, CONSUMER_REGS. Needs sm_90a.
+// Ping-pong (PINGPONG=1): the consumer warpgroups also take turns issuing their wgmmas, so one warpgroup's softmax
+// runs under another's GEMMs.
+// Compile-time parameters (defines): HEAD_DIM (64/128), BC (64/128/192), NCWG (2/3), STAGES (2..), PINGPONG,
+// PV_SPLIT (1: one n64 wgmma per 64-column panel of V instead of one nD wgmma), PRODUCER_REGS, CONSUMER_REGS.
+// Needs sm_90a. Host side, tile choices and measurements: gpu/flash3.py, gpu/NOTES.md (flash3 section).
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -38,11 +41,8 @@
 #ifndef PV_SPLIT
 #define PV_SPLIT 0
 #endif
-#ifndef V_DESC_SWAP
-#define V_DESC_SWAP 0   // diagnostic: swap LBO/SBO of the V (MN-major) descriptor
-#endif
 #ifndef PINGPONG
-#define PINGPONG 1      // 1: the two consumer warpgroups take turns issuing their wgmmas (named barriers)
+#define PINGPONG 1      // 1: the consumer warpgroups take turns issuing their wgmmas (named barriers, round robin)
 #endif
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS (NCWG == 3 ? 24 : 40)
@@ -258,11 +258,7 @@ __device__ __forceinline__ void issue_qk(float* s, u32 qa, u32 kb) {
 }
 // O (64 x D) += P (64 x BC, registers) V (BC x D, MN-major): KT k-steps of 16 rows (2048 bytes) each
 __device__ __forceinline__ void issue_pv(float* o, const u32 (*pf)[4], u32 vb) {
-#if V_DESC_SWAP
-    constexpr u32 LBO = 1024, SBO = PANEL_KV;
-#else
     constexpr u32 LBO = PANEL_KV, SBO = 1024;   // LBO: next 64-column panel (MN), SBO: next 8 rows (K)
-#endif
 #pragma unroll
     for (int t = 0; t < KT; ++t) {
         if constexpr (D == 128 && !PV_SPLIT) {
