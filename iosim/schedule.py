@@ -578,6 +578,10 @@ class Kernel:
     # head; "q" tensors are then seen as the group's rows, token "G")
     heads: str = "q"
     spans: tuple = ()  # (variable, token) pairs overriding the default span of a variable
+    # how a mma_sync kernel's warps share a tile: "rows" (each warp owns query rows and reads
+    # all of the K/V tile) or "keys" (each warp owns a slice of the K/V block's keys and reads
+    # all the query rows: a split-KV decode kernel with few rows)
+    warp_split: str = "rows"
     # (token, extent) pairs of the workload (N, M, G, S, L), set by build_schedule from the shape;
     # absent ones default to seq_len (N, M, L) or 1 (G, S)
     extents: tuple = ()

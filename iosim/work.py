@@ -61,7 +61,19 @@ def op_work(op, dims: dict, buffers: dict, kernel) -> tuple:
         chain = math.ceil(op.extents(dims, buffers)[2] / MMA_K)  # the contraction length k
         a_bytes = _buffer_bytes(a, dims) if a.space == "smem" else 0
         b_bytes = _buffer_bytes(b, dims) if b.space == "smem" else 0
-        if kernel.tensor_path == "mma_sync":
+        if kernel.tensor_path == "mma_sync" and kernel.warp_split == "keys":
+            # each warp owns a slice of the keys (the column variable): an operand spanning
+            # them is read once in all, the other by every warp; a contraction over the keys
+            # is split too, each warp's chain a share of it
+            keys = kernel.col_var
+            a_split = keys in (a.rows, a.cols)
+            b_split = keys in (b.rows, b.cols)
+            smem = (a_bytes if a_split else kernel.warps * a_bytes) \
+                + (b_bytes if b_split else kernel.warps * b_bytes)
+            contraction = a.rows if op.transpose_a else a.cols
+            if contraction == keys:
+                chain = math.ceil(chain / kernel.warps)
+        elif kernel.tensor_path == "mma_sync":
             smem = a_bytes + kernel.warps * b_bytes
         elif kernel.tensor_path == "wgmma":
             smem = a_bytes + kernel.consumer_warpgroups * b_bytes

@@ -216,7 +216,7 @@ def test_decode_is_memory_bound_and_splits_fill_the_sms():
     kv_bytes = 2 * 8 * 32768 * 128 * 2
     assert default.totals.hbm_read_bytes >= kv_bytes
     # 8 CTAs without splits stream the cache from 8 SMs: splitting is several times faster
-    assert default.totals.predicted_time_s * 4 < one.totals.predicted_time_s
+    assert default.totals.predicted_time_s * 2 < one.totals.predicted_time_s
 
 
 def test_explore_ranks_splits_for_decode():

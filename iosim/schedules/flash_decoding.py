@@ -8,9 +8,11 @@ results in a second kernel:
 1. ``flash_decoding_split``: one CTA per (batch·K/V head, block of Br of the group's query rows,
    split). The CTA holds the rows of **all** query heads of the K/V head's group (token "G":
    group_size · N rows, so K and V are read once for the whole group), loops over its split's
-   K/V blocks of Bc rows (FlashAttention-2's online softmax), and writes its partial output
+   K/V blocks of Bc rows (FlashAttention-2's online softmax; its SPLIT_WARPS warps each own a
+   slice of every block's keys, ``warp_split="keys"``), and writes its partial output
    (normalised, float32) and log-sum-exp (float32) to one slab per split;
-2. ``flash_decoding_combine``: one CTA per (batch·K/V head, COMBINE_ROWS rows): for every split,
+2. ``flash_decoding_combine``: one CTA per (batch·K/V head, COMBINE_ROWS rows, a warp each):
+   for every split,
    reads the partial output and log-sum-exp and merges them (the log-sum-exp weighted sum, in
    the online form of FlashAttention's merge); writes O (input dtype) and L.
 
@@ -31,9 +33,9 @@ from . import common
 
 F32 = common.F32
 
-#: Query rows (of the group's) each combine CTA merges.
-COMBINE_ROWS = 16
-#: Warps of a split CTA: they split the K/V block's columns between them.
+#: Query rows (of the group's) each combine CTA merges, one warp per row.
+COMBINE_ROWS = 4
+#: Warps of a split CTA: each owns a slice of every K/V block's keys (few query rows to share).
 SPLIT_WARPS = 4
 #: Shared-memory stages of the K/V copies: enough bytes in flight to stream the cache.
 KV_STAGES = 2
@@ -141,7 +143,7 @@ def build(shape, block_rows, block_cols, sram_bytes, num_splits=None, sm_count=N
                  BufferSpec("L", "i", "1", F32, "reg")),
         blocks={"i": block_rows, "j": block_cols, "s": per_split * block_cols},
         row_var="i", col_var="j", tensor_path="mma_sync", warps=SPLIT_WARPS, heads="kv",
-        spans=spans, extents=extents)
+        spans=spans, extents=extents, warp_split="keys")
     kernels = (split_kernel,)
     tensors = tuple(common.qkv_tensors(shape))
     if split:
@@ -158,7 +160,7 @@ def build(shape, block_rows, block_cols, sram_bytes, num_splits=None, sm_count=N
                      BufferSpec("l", "r", "1", F32, "reg"), BufferSpec("one", "r", "1", F32, "reg"),
                      BufferSpec("L", "r", "1", F32, "reg")),
             blocks={"r": combine_rows, "s": per_split * block_cols}, row_var="r",
-            tensor_path="mma_sync", warps=1, heads="kv",
+            tensor_path="mma_sync", warps=combine_rows, heads="kv",
             spans=(("r", "G"), ("s", "L")), extents=extents),)
         tensors += (TensorSpec("Opart", "G", "d", F32, "intermediate", float32=True, heads="kv",
                                slab_var="s"),
