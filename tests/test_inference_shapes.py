@@ -18,7 +18,7 @@ from iosim.schedules import build_schedule
 from iosim.schedules.flash_decoding import num_splits_heuristic, split_size
 from iosim.trace import build_trace
 
-FORWARD = ["standard", "hf", "megatron", "flash1", "flash2", "flash_decoding"]
+FORWARD = ["standard", "hf", "megatron", "flash1", "flash2", "flash3", "flash_decoding"]
 
 
 def _inputs(shape, seed):

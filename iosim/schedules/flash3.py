@@ -106,7 +106,8 @@ def build(shape, block_rows, block_cols, sram_bytes, stages=DEFAULT_STAGES) -> S
     mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
     step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
             MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
-            OnlineSoftmax("S", "P", "m", "l", "alpha"),
+            OnlineSoftmax("S", "P", "m", "l", "alpha"),) + common.dropout_ops(
+            shape, "P", "i", "j", fused=True) + (
             RowScale("O", "alpha"),
             MatMul("O", "P", "Vj", accumulate=True))
     body = (Load("Qi", "Q", "i", "d"), Fill("O", 0.0), Fill("m", float("-inf")),
@@ -130,7 +131,7 @@ def build(shape, block_rows, block_cols, sram_bytes, stages=DEFAULT_STAGES) -> S
         tensor_path="wgmma", warps=WARPS_PER_WARPGROUP * (groups + 1), longest_first=True,
         registers_per_thread=consumer_registers, producer_warps=WARPS_PER_WARPGROUP,
         producer_registers_per_thread=producer_registers, copy_engine="tma",
-        overlap_softmax=True)
+        overlap_softmax=True, spans=common.FUSED_SPANS)
     tensors = tuple(common.qkv_tensors(shape)) + (
         common.output_tensor(shape),
         TensorSpec("L", "N", "1", F32, "output", float32=True))
