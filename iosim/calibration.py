@@ -55,7 +55,11 @@ def _wgmma(results: dict, latency: dict) -> tuple[str, float, str]:
     if "wgmma_fp16_f32" in results:
         rate = _rate(results, "wgmma_fp16_f32", "flops_per_s")
         cycles = _rate(results, "wgmma_fp16_f32", "latency_cycles")
-        return (f"wgmma_flops_per_s = {{ fp16 = {rate:.4e}, bf16 = {rate:.4e} }}\n", cycles,
+        overlap = results.get("wgmma_mufu_overlap", {}).get("overlap")
+        overlap_line = ("" if overlap is None else
+                        f"wgmma_sfu_overlap = {min(1.0, max(0.0, float(overlap))):.3f}\n")
+        return (f"wgmma_flops_per_s = {{ fp16 = {rate:.4e}, bf16 = {rate:.4e} }}\n"
+                + overlap_line, cycles,
                 "wgmma m64n128k16 measured (operands in shared memory, zeros: real data may draw more "
                 "power and lower the clock)")
     cycles = latency["smem_cycles"] + latency["mma_cycles"]

@@ -87,6 +87,10 @@ class Hardware:
     # a wgmma's completion beyond its pipe time (optional [latency] wgmma_cycles; absent: the
     # dependent mma.sync's)
     wgmma_latency_cycles: float = 0.0
+    # the share of the shorter of a warpgroup's wgmma work and another's exp work that runs
+    # at the same time as the other on one SM (optional [compute] wgmma_sfu_overlap; absent:
+    # 1, they overlap fully): the timed model charges the rest to the tensor pipe
+    wgmma_sfu_overlap: float = 1.0
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
 
@@ -188,7 +192,9 @@ _NOTES = ("source", "ncu_metric")
 _RATE_TABLES = ("tensor_flops_per_s", "mma_sync_flops_per_s", "wgmma_flops_per_s")
 #: Figures a spec may leave out, and the figure each then takes (field names).
 _OPTIONAL = {"wgmma_latency_cycles": (_Key("latency", "wgmma_cycles", float, *_LATENCY),
-                                      "mma_latency_cycles")}
+                                      "mma_latency_cycles"),
+             "wgmma_sfu_overlap": (_Key("compute", "wgmma_sfu_overlap", float, 0.0, 1.0,
+                                        "fraction"), 1.0)}
 _TOP_LEVEL = ("name", "description") + _SECTIONS
 #: The keys each section allows, in the order the documentation lists them.
 ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)
@@ -290,7 +296,8 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
                         "{fp16 = ..., ...} when given")
     for field_name, (spec, fallback) in _OPTIONAL.items():
         value = data[spec.section].get(spec.key)
-        values[field_name] = (values[fallback] if value is None else
+        default = values[fallback] if isinstance(fallback, str) else fallback
+        values[field_name] = (default if value is None else
                               _number(f"{origin}: [{spec.section}] {spec.key}", value, spec))
     wgmma = data["compute"].get("wgmma_flops_per_s", {})
     if not isinstance(wgmma, dict):

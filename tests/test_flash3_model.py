@@ -198,17 +198,32 @@ def _lone_chain(demand):
             + demand["sfu_cycles"])
 
 
+def _flash3_demands(schedule, hardware):
+    trace = build_trace(schedule)
+    (_, hbm), = replay(trace, hardware, "two-level")
+    occ = occupancy(schedule.kernels[0], 64, 1024, hardware)
+    return cta_demands(trace.kernels[0], hbm, hardware, "fp16", occ)
+
+
+def test_wgmma_and_exp_overlap_as_the_spec_measured():
+    schedule = build_schedule("flash3", AttentionShape(1, 1, 1024, 64), 128, 128)
+    full = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=1.0))
+    half = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=0.5))
+    # the tensor pipe is held for the half of the exp work that does not overlap
+    np.testing.assert_allclose(half["tensor_cycles"],
+                               full["tensor_cycles"] + 0.5 * full["sfu_cycles"])
+    np.testing.assert_array_equal(half["sfu_cycles"], full["sfu_cycles"])
+
+
 def test_the_overlapped_softmax_shortens_the_lone_chain_but_not_the_pipes():
     shape = AttentionShape(1, 1, 1024, 64)
     schedule = build_schedule("flash3", shape, 128, 128)
     serial = dataclasses.replace(schedule, kernels=(dataclasses.replace(
         schedule.kernels[0], overlap_softmax=False),))
     demands = {}
+    overlapping = dataclasses.replace(H100, wgmma_sfu_overlap=1.0)  # the pipes apart
     for name, s in (("overlap", schedule), ("serial", serial)):
-        trace = build_trace(s)
-        (_, hbm), = replay(trace, H100, "two-level")
-        occ = occupancy(s.kernels[0], 64, 1024, H100)
-        demands[name] = cta_demands(trace.kernels[0], hbm, H100, "fp16", occ)
+        demands[name] = _flash3_demands(s, overlapping)
     for pipe in ("tensor_cycles", "fp32_cycles", "sfu_cycles", "smem_bytes"):
         np.testing.assert_array_equal(demands["overlap"][pipe], demands["serial"][pipe])
     # per K/V tile, the shorter of (MMAs, softmax + rescale) is hidden: at least each tile's
