@@ -58,6 +58,11 @@ def _wgmma(results: dict, latency: dict) -> tuple[str, float, str]:
         overlap = results.get("wgmma_mufu_overlap", {}).get("overlap")
         overlap_line = ("" if overlap is None else
                         f"wgmma_sfu_overlap = {min(1.0, max(0.0, float(overlap))):.3f}\n")
+        by_groups = results["wgmma_fp16_f32"].get("flops_per_s_by_warpgroups") or {}
+        if by_groups:
+            relative = [float(by_groups[str(g)]) / rate for g in sorted(map(int, by_groups))]
+            overlap_line += ("wgmma_rate_by_warpgroups = ["
+                             + ", ".join(f"{r:.3f}" for r in relative) + "]\n")
         return (f"wgmma_flops_per_s = {{ fp16 = {rate:.4e}, bf16 = {rate:.4e} }}\n"
                 + overlap_line, cycles,
                 "wgmma m64n128k16 measured (operands in shared memory, zeros: real data may draw more "

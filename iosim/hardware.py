@@ -91,12 +91,23 @@ class Hardware:
     # at the same time as the other on one SM (optional [compute] wgmma_sfu_overlap; absent:
     # 1, they overlap fully): the timed model charges the rest to the tensor pipe
     wgmma_sfu_overlap: float = 1.0
+    # the wgmma rate with 1, 2, 3, ... consumer warpgroups resident per SM, relative to
+    # wgmma_flops_per_s (optional [compute] wgmma_rate_by_warpgroups; absent: the same for all)
+    wgmma_rate_by_warpgroups: tuple = ()
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
 
     @property
     def l2_sets(self) -> int:
         return self.l2_bytes // (self.l2_line_bytes * self.l2_associativity)
+
+    def wgmma_rate_factor(self, warpgroups: int) -> float:
+        """The wgmma rate with ``warpgroups`` consumer warpgroups resident per SM, relative to
+        ``wgmma_flops_per_s`` (1 without a table; past its end, its last entry)."""
+        table = self.wgmma_rate_by_warpgroups
+        if not table:
+            return 1.0
+        return table[min(max(int(warpgroups), 1), len(table)) - 1]
 
     def tensor_rate(self, dtype: str, path: str = "library") -> float:
         """Dense tensor-core FLOP/s for matmuls with inputs of ``dtype``: a library GEMM's
@@ -185,6 +196,8 @@ _SCHEMA = {
 }
 #: The plausible range of each tensor-core rate (tensor_flops_per_s, mma_sync_flops_per_s).
 _TENSOR_RATE = _Key("compute", "", float, 1e9, 1e18, "FLOP/s")
+#: A rate relative to another (wgmma_rate_by_warpgroups).
+_RELATIVE_RATE = _Key("compute", "", float, 0.01, 10.0, "x")
 _SECTIONS = ("hbm", "l2", "sram", "compute", "launch", "sm", "latency")
 #: Keys every section may carry besides its figures.
 _NOTES = ("source", "ncu_metric")
@@ -198,7 +211,7 @@ _OPTIONAL = {"wgmma_latency_cycles": (_Key("latency", "wgmma_cycles", float, *_L
 _TOP_LEVEL = ("name", "description") + _SECTIONS
 #: The keys each section allows, in the order the documentation lists them.
 ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)
-                + (_RATE_TABLES if section == "compute" else ())
+                + (_RATE_TABLES + ("wgmma_rate_by_warpgroups",) if section == "compute" else ())
                 + tuple(k.key for k, _ in _OPTIONAL.values() if k.section == section) + _NOTES
                 for section in _SECTIONS}
 
@@ -299,6 +312,13 @@ def hardware_from_dict(data: dict, origin: str) -> Hardware:
         default = values[fallback] if isinstance(fallback, str) else fallback
         values[field_name] = (default if value is None else
                               _number(f"{origin}: [{spec.section}] {spec.key}", value, spec))
+    by_groups = data["compute"].get("wgmma_rate_by_warpgroups", [])
+    if not isinstance(by_groups, list):
+        raise SpecError(f"{origin}: [compute] wgmma_rate_by_warpgroups must be a list of "
+                        "relative rates [1 warpgroup, 2, ...] when given")
+    values["wgmma_rate_by_warpgroups"] = tuple(
+        _number(f"{origin}: [compute] wgmma_rate_by_warpgroups[{i}]", value, _RELATIVE_RATE)
+        for i, value in enumerate(by_groups))
     wgmma = data["compute"].get("wgmma_flops_per_s", {})
     if not isinstance(wgmma, dict):
         raise SpecError(f"{origin}: [compute] wgmma_flops_per_s must be a table "

@@ -88,6 +88,9 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     clock = hw.clock_hz
     per_smsp = hw.sm_count * hw.sub_partitions_per_sm * clock
     mma_rate = hw.tensor_rate(dtype, kt.tensor_path)
+    if kt.tensor_path == "wgmma":  # the rate with this many consumer warpgroups per SM
+        mma_rate *= hw.wgmma_rate_factor((occ.ctas_per_sm if occ is not None else 1)
+                                         * kernel.consumer_warpgroups)
     mma_issue = work.MMA_FLOPS / (mma_rate / per_smsp)  # cycles per MMA on one sub-partition
     fp32_issue = work.WARP_SIZE / (hw.scalar_flops_per_s / 2 / per_smsp)  # FMA = 2 FLOP
     sfu_issue = work.WARP_SIZE / (hw.special_ops_per_s / per_smsp)

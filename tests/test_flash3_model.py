@@ -390,3 +390,28 @@ def test_the_validation_hook_says_when_the_file_is_absent(tmp_path):
     text = "\n".join(validation.flash3_lines(tmp_path, tmp_path))
     assert "no bench_flash3.json" in text
     assert not (tmp_path / "validation_flash3.csv").exists()
+
+
+def test_wgmma_rate_follows_the_resident_warpgroups():
+    shape = AttentionShape(1, 1, 1024, 64)
+    schedule = build_schedule("flash3", shape, 192, 128)  # 3 consumer warpgroups
+    flat = dataclasses.replace(H100, wgmma_rate_by_warpgroups=())
+    slower = dataclasses.replace(H100, wgmma_rate_by_warpgroups=(1.0, 1.0, 0.5))
+    base, halved = (_flash3_demands(schedule, hw) for hw in (flat, slower))
+    # 3 warpgroups resident per SM at half the rate: every MMA takes twice the pipe time
+    exp_part = (1.0 - H100.wgmma_sfu_overlap) * base["sfu_cycles"]
+    np.testing.assert_allclose(halved["tensor_cycles"] - exp_part,
+                               2 * (base["tensor_cycles"] - exp_part))
+    assert H100.wgmma_rate_factor(99) == H100.wgmma_rate_by_warpgroups[-1]
+    assert flat.wgmma_rate_factor(3) == 1.0
+
+
+def test_wgmma_rate_by_warpgroups_is_checked(tmp_path):
+    from pathlib import Path
+
+    text = (Path(iosim.__file__).parent / "presets" / "h100-measured.toml").read_text()
+    bad = text.replace("wgmma_rate_by_warpgroups = [", "wgmma_rate_by_warpgroups = [0, ")
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    with pytest.raises(IosimError, match=r"wgmma_rate_by_warpgroups\[0\]"):
+        iosim.load_hardware(str(path))
