@@ -155,7 +155,10 @@ def build(shape, block_rows, block_cols, sram_bytes, num_splits=None, sm_count=N
             body=(Fill("O", 0.0), Fill("m", float("-inf")), Fill("l", 0.0), Fill("one", 1.0),
                   Loop("s", merge), LogSumExp("L", "m", "l"),
                   Store("O", "O", "r", "d"), Store("L", "L", "r", "1")),
-            buffers=(BufferSpec("Os", "r", "d", F32, "reg"), BufferSpec("Ls", "r", "1", F32, "reg"),
+            # every split's partial result is loaded independently of the merge so far, so
+            # the loads of the next splits are in flight while this one is merged
+            buffers=(BufferSpec("Os", "r", "d", F32, "reg", stages=2),
+                     BufferSpec("Ls", "r", "1", F32, "reg", stages=2),
                      BufferSpec("O", "r", "d", F32, "reg"), BufferSpec("m", "r", "1", F32, "reg"),
                      BufferSpec("l", "r", "1", F32, "reg"), BufferSpec("one", "r", "1", F32, "reg"),
                      BufferSpec("L", "r", "1", F32, "reg")),
