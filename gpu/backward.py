@@ -27,7 +27,7 @@ SCHEMA = "iosim-gpu-bench-backward/1"
 KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"],
                 "flash2": ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]}
 FLASH2_FWD_BLOCKS = (128, 64)   # (BR, BC) of the flash2 forward that produces O and L
-FLASH2_BWD_BLOCKS = (64, 64)    # (BR, BC) of flash2_bwd
+FLASH2_BWD_BLOCKS = (None, None)  # (BR, BC) of flash2_bwd: None = kernels.FLASH2_BWD_DEFAULT_BLOCKS[d]
 GRADS = ("dq", "dk", "dv")
 
 
@@ -87,12 +87,12 @@ class Flash2BackwardRun:
     """``kernels.Flash2Backward`` behind StandardBackward's ``run(q, k, v, do, saved, dq, dk, dv, events)``,
     ``saved`` = (O, L) from the flash2 forward."""
 
-    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False):
+    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
         br, bc = block_rows or FLASH2_BWD_BLOCKS[0], block_cols or FLASH2_BWD_BLOCKS[1]
-        self.impl = K.Flash2Backward(shape, causal, br, bc, ordered=ordered)
+        self.impl = K.Flash2Backward(shape, causal, br, bc, ordered=ordered, defines=defines)
         self.ordered = bool(ordered)
         self.B, self.H, self.N, self.d = shape
-        self.block_rows, self.block_cols = br, bc
+        self.block_rows, self.block_cols = self.impl.br, self.impl.bc
         self.kernel_names = list(self.impl.kernel_names)
 
     def run(self, q, k, v, do, saved, dq, dk, dv, events=None):
@@ -341,7 +341,7 @@ def run_shape(shape, causal, args, log):
     cp.get_default_memory_pool().free_all_blocks()
     bw = make_backward(args.algorithm, shape, causal, args.ordered)
     total, kern = time_backward(bw, sets, args.warmup, args.repeats)
-    blocks = ({"block_rows": bw.block_rows, "block_cols": bw.block_cols,
+    blocks = ({**bw.impl.resources(),
                "dq_accumulation": ("fp32 atomicAdd, K/V blocks in blockIdx.x order per Q block (deterministic)"
                                    if args.ordered else "fp32 atomicAdd, unordered (as FA2)")}
               if args.algorithm == "flash2" else {})
@@ -524,6 +524,234 @@ def cmd_ncu(args):
     return 0
 
 
+# ------------------------------------------------------------------- flash2: variants, ncu, sanitizers
+FLASH2_NCU_SHAPES = [((8, 16, 4096, 64), False), ((8, 16, 4096, 128), False),
+                     ((8, 16, 4096, 64), True), ((8, 16, 4096, 128), True)]
+FLASH2_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats")
+# (BR, BC, extra defines) tried by --variants, per head dim; the first is the default of kernels.Flash2Backward
+FLASH2_VARIANTS = {64: [(64, 128, {}), (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0}),
+                        (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 1}), (32, 128, {}),
+                        (64, 64, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0})],
+                   128: [(64, 128, {}), (32, 128, {})]}
+
+
+def _rand_inputs(shape, seed):
+    import cupy as cp
+
+    rs = cp.random.RandomState(seed)
+    return [rs.standard_normal(shape, dtype=cp.float32).astype(cp.float16) for _ in range(4)]
+
+
+def flash2_variant_check(br, bc, defines, shape, causal, seed, ordered=False):
+    """Float64-reference check of one (BR, BC, defines) variant on a small shape: the error rule per gradient."""
+    import cupy as cp
+
+    q, k, v, do = _rand_inputs(shape, seed)
+    saved = forward_flash2(q, k, v, causal)
+    refs = attention_backward_reference(q, k, v, do, causal, xp=cp)
+    e16 = [R.rel_error(g, r, xp=cp) for g, r in zip(backward_fp16_plain(q, k, v, do, causal, xp=cp), refs)]
+    bw = Flash2BackwardRun(shape, causal, br, bc, ordered=ordered, defines=defines)
+    grads = [cp.full(shape, float("nan"), dtype=cp.float16) for _ in range(3)]
+    bw.run(q, k, v, do, saved, *grads)
+    cp.cuda.runtime.deviceSynchronize()
+    res = {n: R.check_error(R.rel_error(g, r, xp=cp), e) for n, g, r, e in zip(GRADS, grads, refs, e16)}
+    bw.free()
+    return {"shape": list(shape), "causal": causal, "passed": all(c["passed"] for c in res.values()),
+            "grads": res}
+
+
+def cmd_variants(args):
+    """Each FLASH2_VARIANTS entry: small-shape checks (N = 200, 256; causal and not), then the backward timed at
+    (batch, heads, seq_lens[0], d) non-causal, SDPA's backward timed in the same process. JSON to --out."""
+    import json
+
+    import cupy as cp
+
+    from .bench import device_info, now_iso
+    from .schema import write_json_atomic
+
+    N = args.seq_lens[0]
+    doc = {"date": now_iso(), "device": device_info(), "what": "flash2_bwd variants (gpu.backward --variants)",
+           "warmup": args.warmup, "repeats": args.repeats, "results": []}
+    for d in args.head_dims:
+        shape = (args.batch, args.heads, N, d)
+        sets = []
+        q, k, v, do = _rand_inputs(shape, args.seed + d)
+        sets.append((q, k, v, do, forward_flash2(q, k, v, False)))
+        sd = time_torch("sdpa", sets, False, args.warmup, args.repeats)
+        doc["results"].append({"variant": "sdpa", "head_dim": d, "time_s": sd})
+        print(f"d={d} sdpa bwd {sd['median'] * 1e3:.3f} ms", flush=True)
+        for br, bc, defs in FLASH2_VARIANTS[d]:
+            rec = {"variant": "flash2", "head_dim": d, "block_rows": br, "block_cols": bc, "defines": defs}
+            try:
+                rec["checks"] = [flash2_variant_check(br, bc, defs, (1, 2, n, d), c, 11 + n + d)
+                                 for n in (200, 256) for c in (False, True)]
+                rec["checks_passed"] = all(x["passed"] for x in rec["checks"])
+                bw = Flash2BackwardRun(shape, False, br, bc, defines=defs)
+                rec.update(bw.impl.resources())
+                tot, kern = time_backward(bw, sets, args.warmup, args.repeats)
+                bw.free()
+                rec["time_s"], rec["kernels"] = tot, kern
+                rec["vs_sdpa"] = sd["median"] / tot["median"]
+                print(f"d={d} BR={br} BC={bc} {defs} regs={rec.get('registers')} local={rec.get('local_bytes')} "
+                      f"checks={rec['checks_passed']} total={tot['median'] * 1e3:.3f} ms "
+                      f"({rec['vs_sdpa']:.2f}x SDPA)", flush=True)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                print(f"d={d} BR={br} BC={bc} {defs} FAILED {rec['error']}", flush=True)
+            doc["results"].append(rec)
+            write_json_atomic(args.out, doc)
+        sets.clear()
+        cp.get_default_memory_pool().free_all_blocks()
+    write_json_atomic(args.out, doc)
+    print(json.dumps({"wrote": args.out}), flush=True)
+    return 0
+
+
+def ncu_child_flash2(manifest_path, seed, ordered=False):
+    """Under ncu: per FLASH2_NCU_SHAPES entry one warm-up backward, then one inside NVTX range iosim_prof."""
+    import json
+
+    import cupy as cp
+    from cupy.cuda import nvtx
+
+    man = []
+    for r, (shape, causal) in enumerate(FLASH2_NCU_SHAPES):
+        q, k, v, do = _rand_inputs(shape, seed + r)
+        saved = forward_flash2(q, k, v, causal)
+        bw = Flash2BackwardRun(shape, causal, ordered=ordered)
+        grads = [cp.empty(shape, dtype=cp.float16) for _ in range(3)]
+        bw.run(q, k, v, do, saved, *grads)
+        cp.cuda.runtime.deviceSynchronize()
+        nvtx.RangePush("iosim_prof")
+        bw.run(q, k, v, do, saved, *grads)
+        cp.cuda.runtime.deviceSynchronize()
+        nvtx.RangePop()
+        man.append({"shape": list(shape), "causal": causal, **bw.impl.resources()})
+        bw.free()
+        del saved, q, k, v, do, grads
+        cp.get_default_memory_pool().free_all_blocks()
+    with open(manifest_path, "w") as f:
+        json.dump(man, f)
+
+
+def cmd_ncu_flash2(args):
+    """ncu over ncu_child_flash2: DRAM bytes of the three flash2 backward kernels merged into the latest matching
+    flash2 runs of --out (unordered); with --ncu-sections also the SpeedOfLight / memory / warp-state sections of
+    flash2_bwd (one launch per shape) into doc['ncu_sections']."""
+    import json
+    import shutil
+    import subprocess
+
+    from . import ncu as NCU
+    from .schema import write_json_atomic
+
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    base = args.out + (".sections" if args.ncu_sections else "")
+    csv_path, man_path = base + ".ncu.csv", base + ".manifest.json"
+    what = (["--section", x] for x in FLASH2_SECTIONS) if args.ncu_sections else [["--metrics",
+                                                                                   ",".join(NCU.METRICS)]]
+    what = [w for pair in what for w in pair]
+    kname = "regex:^flash2_bwd$" if args.ncu_sections else "regex:^flash2_bwd"
+    cmd = [ncu, "--clock-control", "none", "--cache-control", "all", *what, "--kernel-name", kname,
+           "--csv", "--print-units", "base", "--nvtx", "--nvtx-include", "iosim_prof/", "--log-file", csv_path,
+           sys.executable, "-m", "gpu.backward", "--algorithm", "flash2", "--ncu-child", "--manifest", man_path,
+           "--out", args.out]
+    print("running: " + " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    text = open(csv_path).read()
+    man = json.load(open(man_path))
+    doc = json.load(open(args.out))
+    if args.ncu_sections:
+        ks = NCU.parse_metrics_csv(text)
+        out = []
+        for m, kr in zip(man, ks):
+            out.append({**m, "kernel": kr["name"][:80], "metrics": kr["metrics"]})
+            print(f"ncu sections {m['shape']} causal={m['causal']}: " + "; ".join(
+                f"{k2}={v2}" for k2, v2 in kr["metrics"].items()), flush=True)
+        doc["ncu_sections"] = {"command": " ".join(cmd[:20]), "rc": rc, "launches": out}
+    else:
+        ks = NCU.parse_csv(text)
+        n = 0
+        for i, m in enumerate(man):
+            recs = ks[3 * i:3 * i + 3]
+            if [x["base"] for x in recs] != KERNEL_NAMES["flash2"]:
+                print(f"ncu: shape {m['shape']}: unexpected kernels {[x['base'] for x in recs]}", flush=True)
+                continue
+            B, H, N, d = m["shape"]
+            for r in reversed(doc["runs"]):
+                if (r["algorithm"] == "flash2" and not r.get("dq_accumulation", "").startswith("fp32 atomicAdd, K/V")
+                        and (r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"]) == (B, H, N, d,
+                                                                                                 m["causal"])
+                        and r.get("block_cols") == m["block_cols"] and r.get("block_rows") == m["block_rows"]):
+                    for kr, rec in zip(r["kernels"], recs):
+                        kr.update({"dram_read_bytes": rec["dram_read_bytes"],
+                                   "dram_write_bytes": rec["dram_write_bytes"],
+                                   "ncu_duration_s": rec["duration_s"], "launches": 1})
+                    n += 1
+                    print(f"ncu {m['shape']} causal={m['causal']}: " + ", ".join(
+                        f"{x['base']} read {x['dram_read_bytes'] / 1e9:.3f} GB write {x['dram_write_bytes'] / 1e9:.3f}"
+                        f" GB {x['duration_s'] * 1e3:.3f} ms" for x in recs), flush=True)
+                    break
+        doc["settings"]["ncu_flash2"] = {"command": " ".join(cmd[:14]), "rc": rc, "runs_merged": n,
+                                         "cache_control": "all (flush before each kernel)", "clock_control": "none"}
+    doc["schema_problems"] = validate(doc)
+    write_json_atomic(args.out, doc)
+    return 0
+
+
+def sanitize_child_flash2():
+    """Under compute-sanitizer: the flash2 backward on small shapes (N = 200, 256; d = 64, 128; causal and not;
+    both dQ modes), CuPy's pool off so each array is its own allocation; prints one line per check."""
+    import cupy as cp
+
+    cp.cuda.set_allocator(None)
+    ok = True
+    for n in (200, 256):
+        for d in (64, 128):
+            for c in (False, True):
+                for ordered in (False, True):
+                    chk = flash2_variant_check(None, None, None, (1, 2, n, d), c, 5 + n + d, ordered=ordered)
+                    ok &= chk["passed"]
+                    print(f"SANITIZE_CHECK flash2_bwd N={n} d={d} causal={c} ordered={ordered} "
+                          f"passed={chk['passed']}", flush=True)
+    return 0 if ok else 1
+
+
+def cmd_sanitize_flash2(args):
+    """compute-sanitizer memcheck and racecheck over sanitize_child_flash2; summary into --out's settings."""
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    from .schema import write_json_atomic
+
+    cs = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    res = []
+    for tool in ("memcheck", "racecheck"):
+        cmd = [cs, "--tool", tool, "--kernel-name", "regex:flash2_bwd", "--error-exitcode", "3",
+               sys.executable, "-m", "gpu.backward", "--algorithm", "flash2", "--sanitize-child", "--out", args.out]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        txt = p.stdout + p.stderr
+        summ = [ln for ln in txt.splitlines() if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
+        m = re.search(r"ERROR SUMMARY: (\d+) error", txt)
+        checks = [ln for ln in txt.splitlines() if ln.startswith("SANITIZE_CHECK")]
+        rec = {"tool": tool, "rc": p.returncode, "errors": int(m.group(1)) if m else None,
+               "summary": summ[-3:], "checks": len(checks),
+               "checks_passed": sum("passed=True" in ln for ln in checks), "wall_s": time.perf_counter() - t0}
+        print(json.dumps(rec), flush=True)
+        if p.returncode not in (0,):
+            print(txt[-3000:], flush=True)
+        res.append(rec)
+    doc = json.load(open(args.out))
+    doc["settings"]["sanitizers_flash2"] = {"shapes": "B=1, H=2, N in (200, 256), d in (64, 128), causal and not, "
+                                            "ordered and unordered dQ; default tiles", "results": res}
+    write_json_atomic(args.out, doc)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpu.backward")
     ap.add_argument("--out", required=True)
@@ -545,7 +773,25 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu", action="store_true", help="profile with ncu and merge DRAM bytes into --out")
     ap.add_argument("--ncu-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", action="store_true", help="flash2: check and time FLASH2_VARIANTS; JSON to --out")
+    ap.add_argument("--ncu-sections", action="store_true",
+                    help="flash2 with --ncu: SpeedOfLight/memory/warp-state sections of flash2_bwd instead of bytes")
+    ap.add_argument("--sanitize", action="store_true",
+                    help="flash2: compute-sanitizer memcheck + racecheck on small shapes; summary into --out")
+    ap.add_argument("--sanitize-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.algorithm == "flash2":
+        if args.variants:
+            return cmd_variants(args)
+        if args.sanitize_child:
+            return sanitize_child_flash2()
+        if args.sanitize:
+            return cmd_sanitize_flash2(args)
+        if args.ncu_child:
+            ncu_child_flash2(args.manifest, args.seed)
+            return 0
+        if args.ncu:
+            return cmd_ncu_flash2(args)
     if args.ncu_child:
         ncu_child(args.manifest, args.seed)
         return 0

@@ -309,27 +309,45 @@ def marker(tag: int):
 FLASH2_BWD_KERNEL_NAMES = ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]
 
 
+FLASH2_BWD_DEFAULT_BLOCKS = {64: (64, 128), 128: (64, 128)}   # head_dim -> (BR, BC): 8 warps, no spills (ptxas 13.0)
+
+
 def flash2_bwd_smem_bytes(block_rows: int, block_cols: int, head_dim: int) -> int:
-    """Q, dO (block_rows x d), K, V (block_cols x d), dSᵀ (block_cols x block_rows) fp16 + L, D (fp32 rows)."""
-    return 2 * head_dim * (2 * block_rows + 2 * block_cols) + 2 * block_cols * block_rows + 8 * block_rows
+    """K, V (block_cols x d), Q, dO (block_rows x d, double-buffered), dSᵀ (block_cols x block_rows) fp16 + L, D
+    (fp32 rows, double-buffered)."""
+    return 2 * head_dim * (2 * block_cols + 4 * block_rows) + 2 * block_cols * block_rows + 16 * block_rows
+
+
+def flash2_bwd_blocks_ok(block_rows: int, block_cols: int, head_dim: int) -> bool:
+    """The tilings flash2_bwd.cu compiles: 16-row warps over BC, dQ split into 16-row x (n-tile pair) warp tiles."""
+    if block_rows % 16 or block_cols % 16 or head_dim % 16 or block_rows > block_cols or (
+            block_rows != 32 and block_rows % 64):   # the dS^T swizzle: rows of 4 or of 8k 16-byte chunks
+        return False
+    nwarps, rg, dt = block_cols // 16, block_rows // 16, head_dim // 8
+    if nwarps % rg:
+        return False
+    cg = nwarps // rg
+    return dt % cg == 0 and (dt // cg) % 2 == 0 and flash2_bwd_smem_bytes(block_rows, block_cols, head_dim) <= SMEM_LIMIT_BYTES
 
 
 class Flash2Backward:
     """dQ, dK, dV from Q, K, V, O, dO and the forward's L. ``run(q, k, v, o, L, do, dq, dk, dv, events=None)``
     records ``events[0..3]`` around flash2_bwd_dot, flash2_bwd, flash2_bwd_convert."""
 
-    def __init__(self, shape, causal=False, block_rows=64, block_cols=64, ordered=False):
+    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
         import cupy as cp
 
         self.ordered = bool(ordered)  # deterministic dQ: K/V blocks add in blockIdx.x order per Q block
         self.B, self.H, self.N, self.d = shape
         self.causal = bool(causal)
-        self.br, self.bc = int(block_rows), int(block_cols)
-        if self.br // 16 > self.bc // 16 or self.br % 16 or self.bc % 16:
-            raise ValueError(f"flash2 backward needs BR <= BC, multiples of 16 (got {self.br}, {self.bc})")
+        dbr, dbc = FLASH2_BWD_DEFAULT_BLOCKS.get(self.d, (64, 128))
+        self.br, self.bc = int(block_rows or dbr), int(block_cols or dbc)
+        if not flash2_bwd_blocks_ok(self.br, self.bc, self.d):
+            raise ValueError(f"flash2 backward: unsupported (BR, BC, d) = ({self.br}, {self.bc}, {self.d})")
         self.scale = 1.0 / math.sqrt(self.d)
         self.kernel_names = list(FLASH2_BWD_KERNEL_NAMES)
-        defines = {"HEAD_DIM": self.d, "BR": self.br, "BC": self.bc}
+        self.extra_defines = dict(defines or {})   # e.g. KV_REGS, P_F32, DQ_UNROLL (flash2_bwd.cu's switches)
+        defines = {"HEAD_DIM": self.d, "BR": self.br, "BC": self.bc, **self.extra_defines}
         self.k_dot = _raw_kernel("flash2_bwd.cu", "flash2_bwd_dot", defines)
         self.k_main = _raw_kernel("flash2_bwd.cu", "flash2_bwd", defines)
         self.k_conv = _raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", defines)
@@ -359,6 +377,18 @@ class Flash2Backward:
         self.k_conv((min(132 * 16, (n + 255) // 256),), (256,), (self.dQacc, dq, np.int64(n),
                                                                   np.float32(self.scale)))
         _rec(events, 3)
+
+    def resources(self) -> dict:
+        """Tiles, warps and the compiled flash2_bwd's registers / local memory (spills) / shared memory."""
+        k = self.k_main
+        out = {"block_rows": self.br, "block_cols": self.bc, "threads": self.threads, "smem_bytes": self.smem,
+               "defines": dict(self.extra_defines)}
+        for key, attr in (("registers", "num_regs"), ("local_bytes", "local_size_bytes")):
+            try:
+                out[key] = int(getattr(k, attr))
+            except Exception:  # noqa: BLE001 - attribute names differ across CuPy versions
+                out[key] = None
+        return out
 
     def free(self):
         self.Dv = self.dQacc = self.sem = None
