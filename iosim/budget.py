@@ -28,6 +28,12 @@ BYTES_PER_TEMPLATE_EVENT = 200
 #: timed model).
 SECONDS_PER_TEMPLATE_EVENT = 1e-7
 SECONDS_PER_EVENT = 3e-7
+#: A streamed simulation (iosim.sampling) holds the one-head template (with the timed model's
+#: per-event arrays of one head) and a few arrays per CTA, never the all-heads events; each of
+#: its events costs the walker's replay (upper bound: a sampled run replays fewer).
+BYTES_PER_STREAMED_TEMPLATE_EVENT = 400
+BYTES_PER_CTA = 200
+SECONDS_PER_STREAMED_EVENT = 4e-8
 
 def _half_the_memory() -> int:
     """Half of this machine's physical memory (8 GiB where the OS does not say)."""
@@ -83,10 +89,11 @@ def _events(body, kernel, dims: dict, causal: bool) -> float:
     return count
 
 
-def estimate(schedule) -> CostEstimate:
-    """The cost of simulating ``schedule`` (see the module docstring)."""
+def estimate(schedule, streamed: bool = False) -> CostEstimate:
+    """The cost of simulating ``schedule`` (see the module docstring); ``streamed``: by
+    :func:`iosim.sampling.simulate_streamed` (memory independent of B·H)."""
     shape = schedule.shape
-    template = events = 0.0
+    template = events = ctas_all = 0.0
     for kernel in schedule.kernels:
         dims = kernel.base_dims(shape.head_dim, shape.seq_len)
         ctas = math.prod(n_blocks(dims[kernel.span(var)], kernel.blocks[var])
@@ -94,8 +101,14 @@ def estimate(schedule) -> CostEstimate:
         one_head = ctas * _events(kernel.body, kernel, dims, shape.causal)
         # a padding mask builds one template per distinct valid length (bounded by this)
         template += one_head * (1 if shape.kv_lens is None else len(set(shape.kv_lens)))
-        events += one_head * (shape.batch_kv_heads if kernel.heads == "kv"
-                              else shape.batch_heads)
+        heads = shape.batch_kv_heads if kernel.heads == "kv" else shape.batch_heads
+        events += one_head * heads
+        ctas_all += ctas * heads
+    if streamed:
+        return CostEstimate(
+            events=int(events), template_events=int(template),
+            memory_bytes=template * BYTES_PER_STREAMED_TEMPLATE_EVENT + ctas_all * BYTES_PER_CTA,
+            seconds=events * SECONDS_PER_STREAMED_EVENT + template * SECONDS_PER_TEMPLATE_EVENT)
     return CostEstimate(
         events=int(events), template_events=int(template),
         memory_bytes=events * BYTES_PER_EVENT + template * BYTES_PER_TEMPLATE_EVENT,
@@ -103,10 +116,10 @@ def estimate(schedule) -> CostEstimate:
 
 
 def check(schedule, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES,
-          max_seconds=DEFAULT_MAX_SECONDS) -> CostEstimate:
+          max_seconds=DEFAULT_MAX_SECONDS, streamed: bool = False) -> CostEstimate:
     """The estimate, or a :class:`BudgetError` saying it and how to go on when it exceeds
     ``max_memory_bytes`` or ``max_seconds`` (None: no limit)."""
-    cost = estimate(schedule)
+    cost = estimate(schedule, streamed)
     over = []
     if max_memory_bytes is not None and cost.memory_bytes > max_memory_bytes:
         over.append(f"memory budget {max_memory_bytes / 2**30:.3g} GiB")

@@ -53,6 +53,10 @@ class KernelResult:
     occupancy: dict = field(default_factory=dict)  # resident CTAs/warps per SM and why
     time_breakdown: dict = field(default_factory=dict)  # timed model: share of CTA-time by limiter
     times_s: dict = field(default_factory=dict)
+    # sampled (iosim.sampling): the HBM counts are estimates; ``intervals`` gives each one's
+    # 95 % confidence interval, counter -> [low, high] bytes
+    sampled: bool = False
+    intervals: dict = field(default_factory=dict)
 
     @property
     def hbm_bytes(self) -> int:
@@ -67,7 +71,11 @@ class KernelResult:
         bytes) become None, so that ``json.dumps`` gives strict JSON."""
         from .results import _json_safe
 
-        return _json_safe(asdict(self))
+        data = asdict(self)
+        if not self.sampled:  # an exact result reads as it always did
+            data.pop("sampled")
+            data.pop("intervals")
+        return _json_safe(data)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class SimulationResult:
     time_model: str = "timed"
     timelines: dict = field(default_factory=dict, repr=False)  # kernel -> iosim.timing.TimedKernel
     pass_: str = "forward"  # "forward", "backward" or "both": which kernels are simulated
+    sampled: bool = False  # some kernel's HBM counts were sampled (iosim.sampling)
 
     def to_dict(self) -> dict:
         """The result as plain data for ``json.dumps``: strict JSON (non-finite numbers, such
@@ -90,7 +99,9 @@ class SimulationResult:
         from .results import _json_safe
 
         shape = self.shape
+        sampled = {"sampled": True} if self.sampled else {}
         return _json_safe({
+            **sampled,
             "algorithm": self.algorithm, "pass": self.pass_, "model": self.model,
             "time_model": self.time_model,
             "hardware": self.hardware.name,
@@ -221,6 +232,11 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
         timelines[kt.name] = timed
         kernels.append(_finish(KernelResult(**row), timed, hardware, shape.dtype, model,
                                time_model))
+    return _assemble(schedule, kernels, timelines, hardware, model, time_model)
+
+
+def _assemble(schedule, kernels, timelines, hardware, model, time_model) -> SimulationResult:
+    """The result of the kernels' results: totals over them (they run one after another)."""
     totals = KernelResult(name="total", ctas=sum(k.ctas for k in kernels),
                           concurrent_ctas=max(k.concurrent_ctas for k in kernels))
     for name in COUNT_FIELDS + ("l2_line_accesses", "l2_dirty_end_bytes"):
@@ -230,6 +246,13 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
             into = totals.tensors.setdefault(tensor, {"read_bytes": 0, "write_bytes": 0})
             into["read_bytes"] += moved["read_bytes"]
             into["write_bytes"] += moved["write_bytes"]
+    totals.sampled = any(k.sampled for k in kernels)
+    for name in sorted({name for k in kernels for name in k.intervals}):
+        # a sum of estimates: the ends of the kernels' intervals add up (a wider interval
+        # than the sum's own, on the safe side); an exact kernel adds its count to both
+        totals.intervals[name] = [
+            sum(k.intervals[name][end] if name in k.intervals else getattr(k, name)
+                for k in kernels) for end in (0, 1)]
     totals.predicted_time_s = sum(k.predicted_time_s for k in kernels)
     totals.time_model = time_model
     totals.tensor_path = kernels[0].tensor_path if len({k.tensor_path for k in kernels}) == 1 \
@@ -250,17 +273,17 @@ def simulate_trace(trace, hardware: Hardware, model: str = "l2",
     totals.limiter = max(time_by_limiter, key=time_by_limiter.get)
     totals.bound = "memory" if totals.limiter in MEMORY_LIMITERS else "compute"
     return SimulationResult(algorithm=schedule.algorithm, model=model, hardware=hardware,
-                            shape=shape, block_rows=schedule.block_rows,
+                            shape=schedule.shape, block_rows=schedule.block_rows,
                             block_cols=schedule.block_cols, kernels=kernels, totals=totals,
                             time_model=time_model, timelines=timelines,
-                            pass_=_pass_of(kernels))
+                            pass_=_pass_of(kernels), sampled=totals.sampled)
 
 
 def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_cols=None,
              hardware="h100-measured", sram_bytes=None, model: str = "l2",
              time_model: str = "timed", rows_per_warp=None, pass_: str = "forward",
              num_splits=None, max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
-             max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
+             max_seconds=budget.DEFAULT_MAX_SECONDS, exact=None) -> SimulationResult:
     """Count bytes per memory level and FLOPs of ``algorithm`` on ``shape``, and predict time.
 
     ``hardware`` is a preset name, a TOML path or a :class:`Hardware`; ``sram_bytes`` overrides
@@ -272,7 +295,12 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     (default: FlashAttention's heuristic for the hardware's SMs).
     Before building anything the cost is estimated (:mod:`iosim.budget`); past
     ``max_memory_bytes`` or ``max_seconds`` (None: no limit) a
-    :class:`~iosim.budget.BudgetError` says the estimate and how to go on."""
+    :class:`~iosim.budget.BudgetError` says the estimate and how to go on.
+    ``exact``: None (default) replays every event of a simulation up to
+    :data:`iosim.sampling.SAMPLE_ABOVE_EVENTS` trace events and samples a larger one (see
+    :mod:`iosim.sampling`: streamed in bounded memory, HBM counts estimated with a confidence
+    interval, ``result.sampled``); True always replays every event (a larger one streamed);
+    False samples whenever the kernel is long enough."""
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
     check_model(model)
@@ -288,16 +316,19 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
                               sram_bytes=hw.sram_bytes_per_block, rows_per_warp=rows_per_warp,
                               pass_=pass_, **splits)
     return simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
-                             max_memory_bytes=max_memory_bytes, max_seconds=max_seconds)
+                             max_memory_bytes=max_memory_bytes, max_seconds=max_seconds,
+                             exact=exact)
 
 
 def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
                       time_model: str = "timed",
                       max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
-                      max_seconds=budget.DEFAULT_MAX_SECONDS) -> SimulationResult:
+                      max_seconds=budget.DEFAULT_MAX_SECONDS, exact=None) -> SimulationResult:
     """Simulate a schedule built by hand (see the how-to "Write your own schedule"): refuse it
     when its tiles do not fit the hardware's SRAM per thread block or its estimated cost exceeds
-    the budget, then trace and replay it as :func:`simulate` does."""
+    the budget, then trace and replay it as :func:`simulate` does (``exact`` as there)."""
+    from . import sampling
+
     from .schedule import Schedule
 
     if not isinstance(schedule, Schedule):
@@ -307,5 +338,11 @@ def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
     check_time_model(time_model)
     hw = load_hardware(hardware)
     schedule.check_fits(hw.sram_bytes_per_block)
-    budget.check(schedule, max_memory_bytes, max_seconds)
+    if exact not in (None, True, False):
+        raise IosimError(f"exact must be None, True or False, got {exact!r}")
+    streamed = sampling.streams(schedule, exact)
+    budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed)
+    if streamed:
+        return sampling.simulate_streamed(schedule, hw, model, time_model,
+                                          sample=exact is not True)
     return simulate_trace(build_trace(schedule), hw, model, time_model)

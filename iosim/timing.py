@@ -426,14 +426,18 @@ def dispatch(n_sms, slots_per_sm, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes
     return end
 
 
-def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None) -> TimedKernel:
+def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None,
+                demand=None) -> TimedKernel:
     """Run the timed model on one kernel trace of a workload of ``shape`` (see the module
     docstring). ``hbm_by_event``: each event's HBM bytes, read and written back; ``occ``: the
-    kernel's occupancy, when the caller has it already."""
+    kernel's occupancy, when the caller has it already; ``demand``: every CTA's demands
+    (:func:`cta_demands`' dict) when the caller has them (a streamed replay, which holds one
+    head's events only: :mod:`iosim.sampling`); ``hbm_by_event`` is then not used."""
     hw = hardware
     if occ is None:
         occ = occupancy(kt.kernel, shape.head_dim, shape.seq_len, hw)
-    demand = _all_demands(kt, hbm_by_event, hw, shape.dtype, occ)
+    if demand is None:
+        demand = _all_demands(kt, hbm_by_event, hw, shape.dtype, occ)
     clock = hw.clock_hz
     n = kt.n_ctas
     pipe = np.stack([demand["tensor_cycles"], demand["fp32_cycles"],

@@ -1,0 +1,552 @@
+"""Sampled simulation of long kernels (the SMARTS / SimPoint idea), in bounded memory.
+
+A kernel's events run in one order that does not depend on the cache: ``slots`` CTAs resident
+at once, one event each in turn (:func:`iosim.engine.interleave`). Along that order a long
+kernel settles into a steady state: the resident CTAs stream the same K/V blocks, and the share
+of each tensor's L2 requests that miss (and the dirty bytes evicted per request) stays the same
+from one stretch of the stream to the next. So instead of replaying every event:
+
+* the **prefix** (the cold start: the first ``window`` line accesses) and the **suffix** (the
+  last ``window``, where the last CTAs drain; it also gives the dirty bytes left in the L2 at the
+  end) are replayed exactly;
+* ``windows`` interior **windows** of ``window`` line accesses, spread systematically over the
+  rest of the stream (from a random offset, seeded), are each replayed after a **warm-up** of
+  ``warmup`` line accesses from a cold L2 (a few times its capacity in lines, so that the L2's
+  contents at the window's start are those of the full replay);
+* per window and per event class (tensor x load/store), the HBM bytes read and written back per
+  byte of L2 request give one estimate of the interior's HBM bytes: the class's exact L2 request
+  bytes there (closed-form from the head template) times the window's ratios. The estimate is
+  the mean over windows, with a Student-t 95 % confidence interval.
+
+FLOPs, SRAM bytes and L2 request bytes are exact: they come from the one-head template
+(:mod:`iosim.trace_fast`) times the heads. The events of all heads are never held: the walker
+(:func:`_replay_windows`, Numba) generates each event from the template and the head's address
+offsets as the interleaved order reaches it, and runs the cache only inside windows. Memory is
+the template plus per-CTA arrays, independent of B·H.
+
+The timed model gets each template event's HBM bytes as its L2 request bytes times its class's
+estimated ratios (the same for every head: :func:`iosim.timing.time_kernel`'s ``per_head``).
+
+Sampling applies to the ``l2`` model of a kernel without a key-padding mask; the ``two-level``
+model needs no replay (every tile is HBM traffic) and is computed exactly here from the
+template, in the same bounded memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import engine
+from ._numba import njit_cached
+from .engine import (_CHUNK_ACCESSES, _DIRTY_SHIFT, _MAX_PACKED_WAYS, _POPCOUNT, _SECTOR_MASK,
+                     _initial_order, _log2, _run_move_to_front, _run_packed, _set_of)
+
+LOAD, STORE, COMPUTE = 0, 1, 2
+
+#: Simulations with more trace events than this (over all heads) are sampled unless ``exact``.
+#: Every test and experiment shape below it replays exactly, as before sampling existed.
+SAMPLE_ABOVE_EVENTS = 20_000_000
+#: Interior windows replayed (the t-interval has windows - 1 degrees of freedom).
+WINDOWS = 12
+#: A window's measured line accesses, as a multiple of the L2's capacity in lines.
+WINDOW_CAPACITIES = 1.0
+#: The warm-up before an interior window, as a multiple of the L2's capacity in lines.
+WARMUP_CAPACITIES = 2.0
+#: Sampling pays only when the windows cover at most this share of the stream.
+MAX_COVERED_SHARE = 0.5
+#: Seed of the random offset of the systematic windows (results are reproducible).
+SEED = 12
+
+
+@dataclass
+class SampleStats:
+    """What the sampled replay of one kernel measured and estimated."""
+
+    windows: int  # interior windows
+    covered_share: float  # share of the line accesses replayed (warm-ups included)
+    intervals: dict = field(default_factory=dict)  # counter -> (low, high), 95 %
+
+
+# ---- the walker --------------------------------------------------------------------------------
+@njit_cached
+def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets, n_heads,
+          stop, replay, measure_from, n_sets, assoc, line_bytes, sector_bytes, state,
+          order_of_set, slot_cta, slot_te, slot_end, slot_head, cursor, cls_counts,
+          tmpl_hbm, tmpl_n):
+    """Advance the interleaved event order of ``n_heads`` heads running the template (CTAs at
+    ``t_start``; head h's addresses are the template's plus ``offsets[h, tensor]``) up to
+    position ``stop``, from where the last call left it (``cursor``: position, next CTA, active
+    slots; the slot arrays; the cache ``state`` and ``order_of_set``). With ``replay`` the
+    events run through the cache; events at positions >= ``measure_from`` then add their HBM
+    bytes read, written back and their L2 request bytes to ``cls_counts[cls[e]]`` (columns 0,
+    1, 2) and their HBM bytes to ``tmpl_hbm[e]`` (``tmpl_n[e]`` counting them). Without
+    ``replay`` the order only advances (a skip)."""
+    cph = t_start.shape[0] - 1
+    n_ctas = cph * n_heads
+    n_slots = slot_cta.shape[0]
+    flat_state = state.reshape(state.shape[0] * state.shape[1])
+    packed = assoc <= _MAX_PACKED_WAYS
+    line_shift = _log2(line_bytes)
+    sector_shift = _log2(sector_bytes)
+    inv_sets = 1.0 / n_sets
+    most = 0
+    for e in range(kind.shape[0]):
+        if kind[e] != COMPUTE:
+            most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
+    capacity = _CHUNK_ACCESSES + most
+    chunk_line = np.empty(capacity, dtype=np.int64)
+    chunk_bits = np.empty(capacity, dtype=np.int64)
+    chunk_set = np.empty(capacity, dtype=np.uint64)
+    chunk_event = np.empty(capacity, dtype=np.int64)
+    # the chunk's events: their HBM bytes, template event and whether measured
+    event_counts = np.zeros((capacity, 2), dtype=np.int64)
+    ev_te = np.empty(capacity, dtype=np.int64)
+    ev_measured = np.zeros(capacity, dtype=np.bool_)
+    full_mask = (1 << (line_bytes >> sector_shift)) - 1
+    line_offset_mask = line_bytes - 1
+    pos = cursor[0]
+    next_cta = cursor[1]
+    active = cursor[2]
+    n = 0  # line accesses in the chunk
+    n_ev = 0  # events in the chunk
+    s = cursor[3]  # the slot whose turn is next
+    while active > 0 and pos < stop:
+        c = slot_cta[s]
+        if c >= 0:
+            te = slot_te[s]
+            while te >= slot_end[s]:  # this CTA is done: the slot takes the next one
+                if next_cta < n_ctas:
+                    c = next_cta
+                    next_cta += 1
+                    local = c % cph
+                    te = t_start[local]
+                    slot_end[s] = t_start[local + 1]
+                    slot_head[s] = c // cph
+                else:
+                    c = -1
+                    break
+            slot_cta[s] = c
+            if c < 0:
+                active -= 1
+            else:
+                slot_te[s] = te + 1
+                p = pos
+                pos += 1
+                k = kind[te]
+                if replay and k != COMPUTE and row_bytes[te] > 0:
+                    is_write = k == STORE
+                    full_bits = ((full_mask | (full_mask << _DIRTY_SHIFT)) if is_write
+                                 else full_mask)
+                    a0 = addr[te] + offsets[slot_head[s], tensor[te]]
+                    request = 0
+                    for r in range(rows[te]):
+                        start = a0 + r * row_stride[te]
+                        end = start + row_bytes[te]
+                        first_line = start >> line_shift
+                        count = ((end - 1) >> line_shift) - first_line + 1
+                        for j in range(count):
+                            chunk_line[n + j] = first_line + j
+                            chunk_bits[n + j] = full_bits
+                            chunk_set[n + j] = _set_of(first_line + j, n_sets, inv_sets)
+                            chunk_event[n + j] = n_ev
+                        keep = ~((1 << ((start & line_offset_mask) >> sector_shift)) - 1)
+                        chunk_bits[n] &= keep & (keep << _DIRTY_SHIFT | _SECTOR_MASK)
+                        n += count
+                        keep = (2 << (((end - 1) & line_offset_mask) >> sector_shift)) - 1
+                        chunk_bits[n - 1] &= keep | (keep << _DIRTY_SHIFT)
+                        request += ((end - 1) >> sector_shift) - (start >> sector_shift) + 1
+                    event_counts[n_ev, 0] = 0
+                    event_counts[n_ev, 1] = 0
+                    ev_te[n_ev] = te
+                    ev_measured[n_ev] = p >= measure_from
+                    if p >= measure_from:
+                        cls_counts[cls[te], 2] += request * sector_bytes
+                    n_ev += 1
+                    if n >= _CHUNK_ACCESSES:
+                        _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event,
+                                   state, flat_state, order_of_set, assoc, sector_bytes,
+                                   event_counts, ev_te, ev_measured, cls, cls_counts,
+                                   tmpl_hbm, tmpl_n)
+                        n = 0
+                        n_ev = 0
+        s += 1
+        if s == n_slots:
+            s = 0
+    if n_ev > 0:
+        _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event, state, flat_state,
+                   order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_measured, cls,
+                   cls_counts, tmpl_hbm, tmpl_n)
+    cursor[0] = pos
+    cursor[1] = next_cta
+    cursor[2] = active
+    cursor[3] = s
+
+
+@njit_cached
+def _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event, state, flat_state,
+               order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_measured, cls,
+               cls_counts, tmpl_hbm, tmpl_n):
+    """Run a chunk of line accesses through the cache; credit the measured events."""
+    if assoc <= _MAX_PACKED_WAYS:
+        _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state,
+                    order_of_set, assoc, sector_bytes, event_counts)
+    else:
+        _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state,
+                           sector_bytes, event_counts)
+    for i in range(n_ev):
+        if ev_measured[i]:
+            te = ev_te[i]
+            cls_counts[cls[te], 0] += event_counts[i, 0]
+            cls_counts[cls[te], 1] += event_counts[i, 1]
+            tmpl_hbm[te] += event_counts[i, 0] + event_counts[i, 1]
+            tmpl_n[te] += 1
+
+
+@njit_cached
+def _dirty_bytes(state, sector_bytes):
+    """Dirty bytes held by the cache ``state``."""
+    dirty = 0
+    for i in range(state.shape[0]):
+        for j in range(state.shape[1]):
+            if state[i, j] >= 0:
+                dirty += _POPCOUNT[(state[i, j] >> _DIRTY_SHIFT) & _SECTOR_MASK] * sector_bytes
+    return dirty
+
+
+@njit_cached
+def _event_lines(kind, addr, rows, row_bytes, row_stride, line_bytes, sector_bytes, lines,
+                 sectors):
+    """Per event: the L2 lines it touches and its L2 request bytes (touched sectors)."""
+    line_shift = _log2(line_bytes)
+    sector_shift = _log2(sector_bytes)
+    for e in range(kind.shape[0]):
+        lines[e] = 0
+        sectors[e] = 0
+        if kind[e] == COMPUTE or row_bytes[e] <= 0:
+            continue
+        for r in range(rows[e]):
+            start = addr[e] + r * row_stride[e]
+            end = start + row_bytes[e]
+            lines[e] += ((end - 1) >> line_shift) - (start >> line_shift) + 1
+            sectors[e] += (((end - 1) >> sector_shift) - (start >> sector_shift) + 1) \
+                * sector_bytes
+
+
+# ---- templates without the all-heads trace ----------------------------------------------------
+@dataclass
+class HeadTemplates:
+    """One kernel's one-head template and what places it for every head."""
+
+    kernel: object
+    template: dict  # every column (iosim.trace) of one batch·head's events, and "cta_start"
+    heads: int
+    offsets: np.ndarray  # (heads, tensors + 1): byte offset of each tensor per head (0: compute)
+
+
+def head_templates(schedule) -> list[HeadTemplates] | None:
+    """Per kernel, its one-head template and per-head address offsets; None with a key-padding
+    mask (its batch elements run different templates: the caller replays exactly)."""
+    from . import trace_fast
+    from .trace import tensor_heads, tensor_layout
+
+    shape = schedule.shape
+    if shape.kv_lens is not None:
+        return None
+    base, head_stride = tensor_layout(schedule)
+    names = tuple(t.name for t in schedule.tensors)
+    tensor_ids = {name: i for i, name in enumerate(names)}
+    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    out = []
+    for kernel in schedule.kernels:
+        heads = shape.batch_kv_heads if kernel.heads == "kv" else shape.batch_heads
+        columns, starts = trace_fast.head_template(kernel, schedule, base, tensor_ids)
+        columns = dict(columns)
+        columns["cta_start"] = starts
+        head_index = np.arange(heads, dtype=np.int64)
+        offsets = np.ascontiguousarray(tensor_heads(schedule, kernel, head_index) * stride_by_id)
+        out.append(HeadTemplates(kernel=kernel, template=columns, heads=heads, offsets=offsets))
+    return out
+
+
+def streams(schedule, exact) -> bool:
+    """Whether :func:`iosim.simulate.simulate_schedule` takes the streamed path
+    (:func:`simulate_streamed`) rather than building the all-heads trace: with ``exact=False``
+    (sample) whenever it can; otherwise above :data:`SAMPLE_ABOVE_EVENTS` estimated events
+    (then sampled unless ``exact`` is True). Never with a key-padding mask."""
+    if schedule.shape.kv_lens is not None:
+        return False
+    if exact is False:
+        return True
+    from .budget import estimate
+
+    return estimate(schedule).events > SAMPLE_ABOVE_EVENTS
+
+
+# ---- one kernel ------------------------------------------------------------------------------
+def _t_quantile(dof: int) -> float:
+    """The two-sided 95 % Student-t quantile for ``dof`` degrees of freedom."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+             9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+             16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+    if dof in table:
+        return table[dof]
+    if dof > 30:
+        return 1.96 + 2.4 / dof
+    return table[max(k for k in table if k < dof)]
+
+
+@dataclass
+class KernelReplay:
+    """The engine's counters of one kernel and each template event's HBM bytes."""
+
+    counts: dict  # iosim.engine.COUNTERS -> value (HBM ones estimated when sampled)
+    hbm_by_template_event: np.ndarray  # float64, the mean over heads (the same for every head)
+    stats: SampleStats | None = None  # None: every event was replayed
+
+
+class _Walker:
+    """The resumable state of :func:`_walk` over one kernel."""
+
+    def __init__(self, ht: HeadTemplates, hardware, slots: int, cls: np.ndarray, n_cls: int):
+        t = ht.template
+        self.ht, self.hw, self.cls = ht, hardware, cls
+        self.starts = np.ascontiguousarray(t["cta_start"], dtype=np.int64)
+        self.tensor = np.ascontiguousarray(t["tensor"], dtype=np.int64)
+        cph = len(self.starts) - 1
+        n_ctas = cph * ht.heads
+        n_slots = max(1, min(slots, n_ctas))
+        self.state = np.full((hardware.l2_sets, hardware.l2_associativity), -1, dtype=np.int64)
+        self.order = np.full(hardware.l2_sets if hardware.l2_associativity <= _MAX_PACKED_WAYS
+                             else 0, _initial_order(hardware.l2_associativity), dtype=np.int64)
+        first = np.arange(n_slots, dtype=np.int64)
+        self.slot_cta = first.copy()
+        self.slot_te = self.starts[first % cph].copy()
+        self.slot_end = self.starts[first % cph + 1].copy()
+        self.slot_head = first // cph
+        self.cursor = np.array([0, n_slots, n_slots, 0], dtype=np.int64)
+        self.n_cls = n_cls
+        self.tmpl_hbm = np.zeros(len(t["kind"]), dtype=np.float64)
+        self.tmpl_n = np.zeros(len(t["kind"]), dtype=np.int64)
+
+    @property
+    def pos(self) -> int:
+        return int(self.cursor[0])
+
+    def cold(self) -> None:
+        self.state[:, :] = -1
+        self.order[:] = _initial_order(self.hw.l2_associativity)
+
+    def run(self, stop: int, replay: bool = True, measure_from: int = 0) -> np.ndarray:
+        """Advance to position ``stop``; per class: HBM read, written back, L2 request bytes
+        of the events measured (positions >= ``measure_from``)."""
+        t, hw = self.ht.template, self.hw
+        counts = np.zeros((self.n_cls, 3), dtype=np.int64)
+        if stop > self.pos:
+            _walk(self.starts, t["kind"], self.tensor, t["addr"], t["rows"], t["row_bytes"],
+                  t["row_stride"], self.cls, self.ht.offsets, self.ht.heads, stop, replay,
+                  measure_from, hw.l2_sets, hw.l2_associativity, hw.l2_line_bytes,
+                  hw.l2_sector_bytes, self.state, self.order, self.slot_cta, self.slot_te,
+                  self.slot_end, self.slot_head, self.cursor, counts, self.tmpl_hbm,
+                  self.tmpl_n)
+        return counts
+
+    def dirty_bytes(self) -> int:
+        return int(_dirty_bytes(self.state, self.hw.l2_sector_bytes))
+
+
+#: Steady state: the last STEADY_SEGMENTS segments' HBM bytes per L2 request byte agree within
+#: STEADY_TOLERANCE (max - min over their mean), with at least MIN_SEGMENTS replayed.
+STEADY_SEGMENTS = 5
+STEADY_TOLERANCE = 0.01
+MIN_SEGMENTS = 6
+#: Warm-up before the replayed tail, in segments (waves) from a cold L2.
+TAIL_WARMUP_SEGMENTS = 2
+
+
+def _ratio(c: np.ndarray) -> float:
+    request = c[:, 2].sum()
+    return float(c[:, :2].sum()) / request if request else 0.0
+
+
+def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> KernelReplay:
+    """The L2 replay of one kernel from its template, in bounded memory: every event (exact)
+    or, with ``sample``, a prefix replayed wave by wave until the steady state, the tail after a
+    warm-up, and the middle extrapolated (see the module docstring)."""
+    t = ht.template
+    kind = t["kind"]
+    n_tensors = ht.offsets.shape[1] - 1
+    cls = np.where(kind == COMPUTE, 0, t["tensor"].astype(np.int64) * 2 + (kind == STORE))
+    n_cls = 2 * max(n_tensors, 1)
+    lines = np.zeros(len(kind), dtype=np.int64)
+    request = np.zeros(len(kind), dtype=np.int64)
+    _event_lines(kind, t["addr"], t["rows"], t["row_bytes"], t["row_stride"],
+                 hardware.l2_line_bytes, hardware.l2_sector_bytes, lines, request)
+    heads = ht.heads
+    n_positions = len(kind) * heads
+    exact_counts = {
+        "l2_read_bytes": int(request[kind == LOAD].sum()) * heads,
+        "l2_write_bytes": int(request[kind == STORE].sum()) * heads,
+        "l2_line_accesses": int(lines.sum()) * heads,
+    }
+    request_by_cls = np.bincount(cls, weights=request, minlength=n_cls) * heads
+    walker = _Walker(ht, hardware, slots, cls, n_cls)
+    cph = len(t["cta_start"]) - 1
+    n_slots = len(walker.slot_cta)
+    # a segment: one wave's events (the resident CTAs' mean events each)
+    segment = max(1, int(round(n_slots * len(kind) / max(cph, 1))))
+    tail = segment
+    sampled_middle = None
+    segments = []
+    replayed = np.zeros((n_cls, 3), dtype=np.int64)
+    while walker.pos < n_positions:
+        stop = min(n_positions, walker.pos + segment)
+        c = walker.run(stop)
+        segments.append(c)
+        replayed += c
+        left = n_positions - walker.pos
+        if (sample and len(segments) >= MIN_SEGMENTS
+                and left > (tail + TAIL_WARMUP_SEGMENTS * segment) * 2):
+            last = [_ratio(x) for x in segments[-STEADY_SEGMENTS:]]
+            mean = sum(last) / len(last)
+            if mean > 0 and (max(last) - min(last)) / mean <= STEADY_TOLERANCE:
+                sampled_middle = (walker.pos, n_positions - tail)
+                break
+    counts = dict(exact_counts)
+    if sampled_middle is None:  # every event replayed
+        counts["hbm_read_bytes"] = int(replayed[:, 0].sum())
+        counts["hbm_write_bytes"] = int(replayed[:, 1].sum())
+        counts["l2_dirty_end_bytes"] = walker.dirty_bytes()
+        read_by_cls = replayed[:, 0].astype(np.float64)
+        write_by_cls = replayed[:, 1].astype(np.float64)
+        stats = None
+    else:
+        middle_begin, tail_begin = sampled_middle
+        walker.run(tail_begin - TAIL_WARMUP_SEGMENTS * segment, replay=False)  # skip
+        walker.cold()
+        tail_counts = walker.run(n_positions, measure_from=tail_begin)
+        counts["l2_dirty_end_bytes"] = walker.dirty_bytes()
+        edges = replayed + tail_counts
+        rest = np.maximum(request_by_cls - edges[:, 2], 0.0)  # the middle's request bytes
+        steady = np.stack(segments[-STEADY_SEGMENTS:])
+        pooled_l2 = steady[:, :, 2].sum(axis=0).astype(np.float64)
+        intervals, by_cls = {}, {}
+        for col, name in ((0, "hbm_read_bytes"), (1, "hbm_write_bytes")):
+            pooled = np.divide(steady[:, :, col].sum(axis=0), pooled_l2, out=np.zeros(n_cls),
+                               where=pooled_l2 > 0)
+            l2_k = steady[:, :, 2].astype(np.float64)
+            ratio_k = np.where(l2_k > 0, np.divide(steady[:, :, col], l2_k,
+                                                   out=np.zeros_like(l2_k), where=l2_k > 0),
+                               pooled[None, :])
+            totals_k = edges[:, col].sum() + ratio_k @ rest
+            mean = float(totals_k.mean())
+            half = (_t_quantile(len(totals_k) - 1) * float(totals_k.std(ddof=1))
+                    / math.sqrt(len(totals_k)))
+            counts[name] = int(round(mean))
+            intervals[name] = (max(mean - half, 0.0), mean + half)
+            by_cls[name] = edges[:, col] + pooled * rest
+        read_by_cls, write_by_cls = by_cls["hbm_read_bytes"], by_cls["hbm_write_bytes"]
+        covered = (middle_begin + TAIL_WARMUP_SEGMENTS * segment + tail) / n_positions
+        stats = SampleStats(windows=len(segments), covered_share=min(1.0, covered),
+                            intervals=intervals)
+    # each template event's HBM bytes: the mean over the heads where it was replayed, else its
+    # request bytes times its class's ratio
+    ratio = np.divide(read_by_cls + write_by_cls, request_by_cls, out=np.zeros(n_cls),
+                      where=request_by_cls > 0)
+    seen = walker.tmpl_n > 0
+    hbm = np.where(kind == COMPUTE, 0.0, request * ratio[cls])
+    hbm[seen] = walker.tmpl_hbm[seen] / walker.tmpl_n[seen]
+    return KernelReplay(counts=counts, hbm_by_template_event=hbm, stats=stats)
+
+
+# ---- a whole simulation ----------------------------------------------------------------------
+def _one_head_trace(ht: HeadTemplates, schedule, all_heads: bool):
+    """A :class:`~iosim.trace.KernelTrace` of the template (one head's events) for the timed
+    model: with ``all_heads`` its CTAs are every head's (``cta_start`` over all heads, as
+    :func:`iosim.trace.build_trace` gives it; the event columns stay one head's)."""
+    from .trace import _COLUMNS, KernelTrace
+
+    t = ht.template
+    shape = schedule.shape
+    starts = t["cta_start"]
+    heads = ht.heads if all_heads else 1
+    per_head = len(t["kind"])
+    cta_start = np.append((starts[:-1][None, :]
+                           + per_head * np.arange(heads, dtype=np.int64)[:, None]).ravel(),
+                          per_head * heads).astype(np.int64)
+    if heads == 1:
+        columns = {c: t[c] for c in _COLUMNS}
+    else:  # the timed model reads one head's columns (``head``): placeholders of every
+        # head's length that take no memory
+        columns = {c: np.broadcast_to(np.zeros(1, dtype=t[c].dtype), (per_head * heads,))
+                   for c in _COLUMNS}
+    return KernelTrace(name=ht.kernel.name, cta_start=cta_start,
+                       smem_bytes_per_cta=ht.kernel.smem_bytes(shape.head_dim, shape.seq_len),
+                       kernel=ht.kernel, tensor_path=ht.kernel.tensor_path, head=t,
+                       heads=heads, **columns)
+
+
+def _timed(ht: HeadTemplates, schedule, hbm_by_template_event, hardware, occ):
+    """The timed model of a kernel whose heads all see ``hbm_by_template_event``: one head's
+    CTA demands, repeated for every head (memory: one head's events)."""
+    from .timing import cta_demands, time_kernel
+
+    shape = schedule.shape
+    full = _one_head_trace(ht, schedule, all_heads=True)
+    cph = len(ht.template["cta_start"]) - 1
+    if getattr(ht.kernel, "producer_warps", 0) and ht.heads > 1 and cph < hardware.sm_count:
+        # a producer's copies share the bandwidth of the SMs every head's CTAs keep busy, which
+        # one head's CTAs alone would understate: the all-heads events (O(events) memory)
+        return time_kernel(full, np.tile(hbm_by_template_event, ht.heads), hardware, shape,
+                           occ)
+    one = _one_head_trace(ht, schedule, all_heads=False)
+    part = cta_demands(one, hbm_by_template_event, hardware, shape.dtype, occ)
+    demand = {key: np.tile(value, ht.heads) for key, value in part.items()}
+    return time_kernel(full, None, hardware, shape, occ, demand=demand)
+
+
+def simulate_streamed(schedule, hardware, model: str, time_model: str, sample: bool = True):
+    """:func:`iosim.simulate.simulate_schedule` without the all-heads trace: each kernel's
+    one-head template is replayed for every head by :func:`replay_kernel` (sampled when
+    ``sample`` and it is long enough), FLOPs, SRAM and L2 request bytes summed from the template
+    exactly, and the timed model run on one head's demands repeated."""
+    from .occupancy import occupancy
+    from .simulate import KernelResult, _assemble, _finish, concurrent_ctas, \
+        tile_traffic_by_tensor
+
+    shape = schedule.shape
+    names = tuple(t.name for t in schedule.tensors)
+    kernels, timelines = [], {}
+    for ht in head_templates(schedule):
+        t, heads = ht.template, ht.heads
+        occ = occupancy(ht.kernel, shape.head_dim, shape.seq_len, hardware)
+        n_ctas = (len(t["cta_start"]) - 1) * heads
+        slots = concurrent_ctas(occ, hardware, n_ctas)
+        counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
+        engine.sum_events(t["kind"], t["rows"], t["row_bytes"], t["flops_tensor"],
+                          t["flops_scalar"], t["sram_read"], t["sram_write"], counts)
+        row = {name: int(counts[i]) * heads for i, name in enumerate(engine.COUNTERS)}
+        stats = None
+        if model == "l2":
+            replayed = replay_kernel(ht, hardware, slots, sample)
+            row.update(replayed.counts)
+            hbm = replayed.hbm_by_template_event
+            stats = replayed.stats
+        else:  # two-level: every tile moved is HBM traffic
+            hbm = np.where(t["kind"] == COMPUTE, 0.0,
+                           (t["rows"] * t["row_bytes"]).astype(np.float64))
+        one = _one_head_trace(ht, schedule, all_heads=False)
+        tensors = {name: {key: value * heads for key, value in moved.items()}
+                   for name, moved in tile_traffic_by_tensor(one, names).items()}
+        row.update(name=ht.kernel.name, ctas=n_ctas, concurrent_ctas=slots,
+                   phase=ht.kernel.phase, special_ops=int(t["special_ops"].sum()) * heads,
+                   tensor_path=ht.kernel.tensor_path, tensors=tensors,
+                   sampled=stats is not None,
+                   intervals={k: [float(lo), float(hi)] for k, (lo, hi)
+                              in (stats.intervals.items() if stats else ())})
+        timed = _timed(ht, schedule, hbm, hardware, occ)
+        timelines[ht.kernel.name] = timed
+        kernels.append(_finish(KernelResult(**row), timed, hardware, shape.dtype, model,
+                               time_model))
+    return _assemble(schedule, kernels, timelines, hardware, model, time_model)
