@@ -23,7 +23,8 @@ the kernel the way the GPU runs it, in three steps.
    warps: the lone warp's latency; many: the busiest station's throughput; in between, the
    queueing a ``max()`` of the two would miss. Loads issued ahead block no warp but still take
    bandwidth, so a CTA lasts at least its SM's bytes over the SM's bandwidth share (bandwidth
-   is shared by every SM holding a CTA at that moment).
+   is the chip's, shared by demand among the SMs holding CTAs: a CTA is charged the mean bytes
+   of the CTAs resident with it, or its own at the SM's cap; :func:`shared_bandwidth_bytes`).
 3. **CTAs are dispatched in launch order** to SMs as slots free up (``occupancy`` slots per
    SM): waves, the tail and causal imbalance come out of this, and the kernel ends when its
    last CTA does. The launch overhead is added.
@@ -426,6 +427,23 @@ def dispatch(n_sms, slots_per_sm, latency_s, pipe_s, smem_s, l2_bytes, hbm_bytes
     return end
 
 
+def shared_bandwidth_bytes(bytes_per_cta: np.ndarray, resident: int, fair_share: float,
+                           sm_cap: float) -> np.ndarray:
+    """Per CTA, the bytes its SM's bandwidth floor is charged with. L2 and HBM bandwidth is
+    the whole chip's, shared by demand: an SM whose CTAs move more bytes than the others (a
+    CTA that misses where its neighbour hits) takes more than an equal share, up to the SM's
+    own cap. So a CTA's floor is the mean bytes of the ``resident`` CTAs around it in launch
+    order (those running at the same time) at the equal ``fair_share``, or its own bytes at
+    the SM's cap, whichever is longer: with equal CTAs, its own bytes at the equal share."""
+    n = len(bytes_per_cta)
+    sums = np.concatenate(([0.0], np.cumsum(bytes_per_cta, dtype=np.float64)))
+    index = np.arange(n)
+    first = np.maximum(0, index - resident + 1)
+    last = np.minimum(n, np.maximum(index + 1, resident))
+    mean = (sums[last] - sums[first]) / (last - first)
+    return np.maximum(mean, bytes_per_cta * min(1.0, fair_share / sm_cap))
+
+
 def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None,
                 demand=None) -> TimedKernel:
     """Run the timed model on one kernel trace of a workload of ``shape`` (see the module
@@ -448,9 +466,15 @@ def time_kernel(kt, hbm_by_event: np.ndarray, hardware, shape, occ=None,
     end = np.zeros(n)
     limiter = np.zeros(n, dtype=np.int64)
     if n:
+        resident = hw.sm_count * occ.ctas_per_sm
+        active = min(hw.sm_count, n)
         dispatch(hw.sm_count, occ.ctas_per_sm, demand["latency_cycles"] / clock,
                  np.ascontiguousarray(pipe), demand["smem_bytes"] / smem_per_sm,
-                 demand["l2_bytes"], demand["hbm_bytes"], demand["exposed_l2_bytes"],
+                 shared_bandwidth_bytes(demand["l2_bytes"], resident,
+                                        hw.l2_bandwidth_bytes_per_s / active, smem_per_sm),
+                 shared_bandwidth_bytes(demand["hbm_bytes"], resident,
+                                        hw.hbm_bandwidth_bytes_per_s / active, smem_per_sm),
+                 demand["exposed_l2_bytes"],
                  demand["exposed_hbm_bytes"],
                  occ.warps_per_cta - getattr(occ, "producer_warps", 0),  # the computing warps
                  hw.sub_partitions_per_sm,

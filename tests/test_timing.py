@@ -212,3 +212,21 @@ def test_back_to_back_loads_wait_once_as_a_group():
     groups = steps
     assert demand["latency_cycles"][0] - compute == pytest.approx(
         groups * (H100.dram_latency_cycles - H100.l2_latency_cycles))
+
+
+def test_bandwidth_is_shared_by_demand_not_in_equal_parts():
+    from iosim.timing import shared_bandwidth_bytes
+
+    equal = np.full(10, 1000.0)
+    # equal CTAs: each is charged its own bytes (the equal share is all there is)
+    np.testing.assert_allclose(shared_bandwidth_bytes(equal, 4, 1.0, 10.0), equal)
+    # pairs where one CTA misses (2000 bytes from DRAM) and its neighbour hits (0): with the
+    # pair resident together, both are charged the pair's mean, not the misser its own bytes
+    pairs = np.tile([2000.0, 0.0], 4)
+    charged = shared_bandwidth_bytes(pairs, 8, 1.0, 10.0)
+    np.testing.assert_allclose(charged, 1000.0)
+    # ... but never less than its own bytes at the SM's own cap (here 4x the equal share)
+    charged = shared_bandwidth_bytes(np.array([8000.0, 0, 0, 0]), 4, 1.0, 4.0)
+    np.testing.assert_allclose(charged, [2000.0, 2000.0, 2000.0, 2000.0])
+    charged = shared_bandwidth_bytes(np.array([8000.0, 0, 0, 0]), 4, 1.0, 2.0)
+    np.testing.assert_allclose(charged[0], 4000.0)
