@@ -528,11 +528,17 @@ def cmd_ncu(args):
 FLASH2_NCU_SHAPES = [((8, 16, 4096, 64), False), ((8, 16, 4096, 128), False),
                      ((8, 16, 4096, 64), True), ((8, 16, 4096, 128), True)]
 FLASH2_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats")
+FLASH2_STALLS = ("barrier", "short_scoreboard", "long_scoreboard", "mio_throttle", "math_pipe_throttle", "wait",
+                 "not_selected", "selected", "lg_throttle", "dispatch_stall", "no_instruction", "branch_resolving",
+                 "membar", "sleeping", "tex_throttle", "drain", "misc", "imc_miss")
+FLASH2_EXTRA_METRICS = tuple(f"smsp__average_warps_issue_stalled_{x}_per_issue_active.ratio" for x in FLASH2_STALLS) + (
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum")
 # (BR, BC, extra defines) tried by --variants, per head dim; the first is the default of kernels.Flash2Backward
-FLASH2_VARIANTS = {64: [(64, 128, {}), (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0}),
-                        (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 1}), (32, 128, {}),
-                        (64, 64, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0})],
-                   128: [(64, 128, {}), (32, 128, {})]}
+FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"PIPE_DQ": 0}), (32, 128, {}),
+                        (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0})],
+                   128: [(64, 128, {}), (64, 128, {"PIPE_DQ": 0}), (32, 128, {})]}
 
 
 def _rand_inputs(shape, seed):
@@ -649,8 +655,8 @@ def cmd_ncu_flash2(args):
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     base = args.out + (".sections" if args.ncu_sections else "")
     csv_path, man_path = base + ".ncu.csv", base + ".manifest.json"
-    what = (["--section", x] for x in FLASH2_SECTIONS) if args.ncu_sections else [["--metrics",
-                                                                                   ",".join(NCU.METRICS)]]
+    what = ([["--section", x] for x in FLASH2_SECTIONS] + [["--metrics", ",".join(FLASH2_EXTRA_METRICS)]]
+            if args.ncu_sections else [["--metrics", ",".join(NCU.METRICS)]])
     what = [w for pair in what for w in pair]
     kname = "regex:^flash2_bwd$" if args.ncu_sections else "regex:^flash2_bwd"
     cmd = [ncu, "--clock-control", "none", "--cache-control", "all", *what, "--kernel-name", kname,

@@ -37,6 +37,9 @@
 #ifndef DQ_UNROLL            // unroll of the dQ k-loop (bounds how many K fragments the compiler loads ahead)
 #define DQ_UNROLL 2
 #endif
+#ifndef PIPE_DQ              // 1: dQ of Q block i computed after the barrier of block i+1 (dS^T double-buffered),
+#define PIPE_DQ 1            //    one __syncthreads per Q block; 0: dQ right after dS^T, two per Q block
+#endif
 #ifndef MIN_CTAS             // __launch_bounds__ minimum CTAs per SM (2: at most 128 registers a thread)
 #define MIN_CTAS 1
 #endif
@@ -124,8 +127,8 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
     h16* sV = sK + BC * D;                           // BC x D
     h16* sQ = sV + BC * D;                           // 2 x BR x D   (double-buffered)
     h16* sdO = sQ + 2 * BR * D;                      // 2 x BR x D
-    h16* sdS = sdO + 2 * BR * D;                     // BC x BR  (dS^T, rows = K/V rows)
-    float* sL = reinterpret_cast<float*>(sdS + BC * BR);   // 2 x BR: L (natural log, as the forward wrote it)
+    h16* sdS = sdO + 2 * BR * D;                     // (1 + PIPE_DQ) x BC x BR  (dS^T, rows = K/V rows)
+    float* sL = reinterpret_cast<float*>(sdS + (1 + PIPE_DQ) * BC * BR);   // 2 x BR: L (natural log)
     float* sD = sL + 2 * BR;                                // 2 x BR: rowsum(dO o O)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -188,13 +191,76 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
 #pragma unroll
         for (int e = 0; e < 4; ++e) { dk[i][e] = 0.f; dv[i][e] = 0.f; }
 
+    // dQaccum[qbp*BR .. +BR, :] += dS K of Q block qbp, dS^T read from the tile at shared address sdSb
+    auto dq_block = [&](int qbp, u32 sdSb) {
+        // ---- dQaccum += dS K over all warps (A = dS by ldmatrix.trans of dS^T, B = K .trans) ----
+        // ordered (deterministic) mode: the K/V blocks add into this Q block's dQ rows in blockIdx.x order
+        int* turn = sem + bh * (size_t)nqb + qbp;
+        if (ordered) {
+            if (tid == 0) {
+                while (atomicAdd(turn, 0) != (int)blockIdx.x) { __nanosleep(64); }
+                __threadfence();
+            }
+            __syncthreads();
+        }
+        {
+            const int rg = warp % RG, cg = warp / RG;
+            float acc[DTW][4];
+#pragma unroll
+            for (int i = 0; i < DTW; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll kDqUnroll
+            for (int kt = 0; kt < KTK; ++kt) {
+                u32 a[4];
+                {
+                    const int mi = lane >> 3;
+                    const int r = kt * 16 + (lane & 7) + (mi >> 1) * 8;
+                    const int c = rg * 2 + (mi & 1);
+                    ldsm_x4_t(a[0], a[1], a[2], a[3], sdSb + swz_ds(r, c) * 2);
+                }
+#pragma unroll
+                for (int j = 0; j < DTW; j += 2) {
+                    const int r = kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int c = cg * DTW + j + (lane >> 4);
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4_t(b0, b1, b2, b3, sKa + swz<D>(r, c) * 2);
+                    mma16816(acc[j], a, b0, b1);
+                    mma16816(acc[j + 1], a, b2, b3);
+                }
+            }
+            const int qr_a = qbp * BR + rg * 16 + g, qr_b = qr_a + 8;
+#pragma unroll
+            for (int j = 0; j < DTW; ++j) {
+                const int col = (cg * DTW + j) * 8 + 2 * c4;
+                if (qr_a < N) red_add_v2(dQb + (size_t)qr_a * D + col, acc[j][0], acc[j][1]);
+                if (qr_b < N) red_add_v2(dQb + (size_t)qr_b * D + col, acc[j][2], acc[j][3]);
+            }
+        }
+        if (ordered) {
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(turn, 1);
+        }
+    };
+
     for (int qb = qb0, it = 0; qb < nqb; ++qb, ++it) {
         const int q0 = qb * BR;
         const int b = it & 1;
+#if PIPE_DQ
+        cp_async_wait<0>();
+        __syncthreads();            // (1) block qb landed; every warp is past iteration it-1 (its buffers, dS^T)
+        if (qb + 1 < nqb) load_q_block(qb + 1, b ^ 1);   // next block in flight while this one is used
+        cp_async_commit();
+        if (it > 0) dq_block(qb - 1, sdSa + (b ^ 1) * BC * BR * 2);
+        h16* sdSw = sdS + b * BC * BR;
+#else
         if (qb + 1 < nqb) load_q_block(qb + 1, b ^ 1);   // next block in flight while this one is used
         cp_async_commit();
         cp_async_wait<1>();
-        __syncthreads();                                  // (1) block qb landed; dQ of block qb-1 done with sdS
+        __syncthreads();            // (1) block qb landed; dQ of block qb-1 done with sdS
+        h16* sdSw = sdS;
+#endif
 
         const u32 sQa = smem_addr(sQ + b * BR * D), sdOa = smem_addr(sdO + b * BR * D);
         const float* Lq = sL + b * BR;
@@ -319,8 +385,8 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
 #endif
             dsf[nt >> 1][(nt & 1) * 2 + 0] = pack_h2(ds[0], ds[1]);
             dsf[nt >> 1][(nt & 1) * 2 + 1] = pack_h2(ds[2], ds[3]);
-            *reinterpret_cast<u32*>(sdS + swz_ds(wr0 + g, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 0];
-            *reinterpret_cast<u32*>(sdS + swz_ds(wr0 + g + 8, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 1];
+            *reinterpret_cast<u32*>(sdSw + swz_ds(wr0 + g, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 0];
+            *reinterpret_cast<u32*>(sdSw + swz_ds(wr0 + g + 8, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 1];
         }
 
         // ---- dK += dS^T Q  (Q via ldmatrix.trans) ----
@@ -336,58 +402,16 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
                 mma16816(dk[dt + 1], dsf[kt], b2, b3);
             }
         }
+#if !PIPE_DQ
         __syncthreads();   // (2) dS^T complete; Q, dO, L, D of buffer b no longer read
+        dq_block(qb, sdSa);
+#endif
 
-        // ---- dQaccum[q0 .. q0+BR, :] += dS K over all warps (A = dS by ldmatrix.trans of dS^T, B = K .trans) ----
-        // ordered (deterministic) mode: the K/V blocks add into this Q block's dQ rows in blockIdx.x order
-        int* turn = sem + bh * (size_t)nqb + qb;
-        if (ordered) {
-            if (tid == 0) {
-                while (atomicAdd(turn, 0) != (int)blockIdx.x) { __nanosleep(64); }
-                __threadfence();
-            }
-            __syncthreads();
-        }
-        {
-            const int rg = warp % RG, cg = warp / RG;
-            float acc[DTW][4];
-#pragma unroll
-            for (int i = 0; i < DTW; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-#pragma unroll kDqUnroll
-            for (int kt = 0; kt < KTK; ++kt) {
-                u32 a[4];
-                {
-                    const int mi = lane >> 3;
-                    const int r = kt * 16 + (lane & 7) + (mi >> 1) * 8;
-                    const int c = rg * 2 + (mi & 1);
-                    ldsm_x4_t(a[0], a[1], a[2], a[3], sdSa + swz_ds(r, c) * 2);
-                }
-#pragma unroll
-                for (int j = 0; j < DTW; j += 2) {
-                    const int r = kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                    const int c = cg * DTW + j + (lane >> 4);
-                    u32 b0, b1, b2, b3;
-                    ldsm_x4_t(b0, b1, b2, b3, sKa + swz<D>(r, c) * 2);
-                    mma16816(acc[j], a, b0, b1);
-                    mma16816(acc[j + 1], a, b2, b3);
-                }
-            }
-            const int qr_a = q0 + rg * 16 + g, qr_b = qr_a + 8;
-#pragma unroll
-            for (int j = 0; j < DTW; ++j) {
-                const int col = (cg * DTW + j) * 8 + 2 * c4;
-                if (qr_a < N) red_add_v2(dQb + (size_t)qr_a * D + col, acc[j][0], acc[j][1]);
-                if (qr_b < N) red_add_v2(dQb + (size_t)qr_b * D + col, acc[j][2], acc[j][3]);
-            }
-        }
-        if (ordered) {
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) atomicAdd(turn, 1);
-        }
     }
+#if PIPE_DQ
+    __syncthreads();       // dS^T of the last Q block complete
+    dq_block(nqb - 1, sdSa + ((nqb - 1 - qb0) & 1) * BC * BR * 2);
+#endif
     cp_async_wait<0>();
 
     // ---- epilogue: dK (scaled), dV to fp16 ----

@@ -312,10 +312,11 @@ FLASH2_BWD_KERNEL_NAMES = ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]
 FLASH2_BWD_DEFAULT_BLOCKS = {64: (64, 128), 128: (64, 128)}   # head_dim -> (BR, BC): 8 warps, no spills (ptxas 13.0)
 
 
-def flash2_bwd_smem_bytes(block_rows: int, block_cols: int, head_dim: int) -> int:
-    """K, V (block_cols x d), Q, dO (block_rows x d, double-buffered), dSᵀ (block_cols x block_rows) fp16 + L, D
-    (fp32 rows, double-buffered)."""
-    return 2 * head_dim * (2 * block_cols + 4 * block_rows) + 2 * block_cols * block_rows + 16 * block_rows
+def flash2_bwd_smem_bytes(block_rows: int, block_cols: int, head_dim: int, pipe_dq: bool = True) -> int:
+    """K, V (block_cols x d), Q, dO (block_rows x d, double-buffered), dSᵀ (block_cols x block_rows; two with
+    ``pipe_dq``, flash2_bwd.cu's PIPE_DQ) fp16 + L, D (fp32 rows, double-buffered)."""
+    return (2 * head_dim * (2 * block_cols + 4 * block_rows) + 2 * (2 if pipe_dq else 1) * block_cols * block_rows
+            + 16 * block_rows)
 
 
 def flash2_bwd_blocks_ok(block_rows: int, block_cols: int, head_dim: int) -> bool:
@@ -351,7 +352,7 @@ class Flash2Backward:
         self.k_dot = _raw_kernel("flash2_bwd.cu", "flash2_bwd_dot", defines)
         self.k_main = _raw_kernel("flash2_bwd.cu", "flash2_bwd", defines)
         self.k_conv = _raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", defines)
-        self.smem = flash2_bwd_smem_bytes(self.br, self.bc, self.d)
+        self.smem = flash2_bwd_smem_bytes(self.br, self.bc, self.d, bool(int(self.extra_defines.get("PIPE_DQ", 1))))
         self.k_main.max_dynamic_shared_size_bytes = self.smem
         self.threads = (self.bc // 16) * 32
         B, H, N, d = self.B, self.H, self.N, self.d

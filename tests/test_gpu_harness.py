@@ -602,5 +602,6 @@ def test_flash2_backward_kernel_names_match_simulator():
     fsrc = Path(F2.__file__).read_text()
     for name in BW.KERNEL_NAMES["flash2"]:
         assert f'"{name}"' in fsrc
-    # K, V + double-buffered Q, dO (fp16) + dS^T (fp16) + double-buffered L, D rows (fp32)
-    assert K.flash2_bwd_smem_bytes(64, 64, 128) == 2 * 128 * (2 * 64 + 4 * 64) + 2 * 64 * 64 + 16 * 64
+    # K, V + double-buffered Q, dO (fp16) + one or two dS^T (fp16) + double-buffered L, D rows (fp32)
+    assert K.flash2_bwd_smem_bytes(64, 64, 128, False) == 2 * 128 * (2 * 64 + 4 * 64) + 2 * 64 * 64 + 16 * 64
+    assert K.flash2_bwd_smem_bytes(64, 64, 128) == 2 * 128 * (2 * 64 + 4 * 64) + 4 * 64 * 64 + 16 * 64
