@@ -88,6 +88,9 @@ class Flash2BackwardRun:
     ``saved`` = (O, L) from the flash2 forward."""
 
     def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
+        cfg = flash2_config(shape[3]) if (block_rows, block_cols, defines) == (None, None, None) else None
+        if cfg:   # IOSIM_FLASH2_BWD_CONFIG: the variant picked by --variants (run_backward.sh flash2)
+            block_rows, block_cols, defines = cfg
         br, bc = block_rows or FLASH2_BWD_BLOCKS[0], block_cols or FLASH2_BWD_BLOCKS[1]
         self.impl = K.Flash2Backward(shape, causal, br, bc, ordered=ordered, defines=defines)
         self.ordered = bool(ordered)
@@ -101,6 +104,19 @@ class Flash2BackwardRun:
 
     def free(self):
         self.impl.free()
+
+
+def flash2_config(head_dim):
+    """(BR, BC, defines) for ``head_dim`` from the JSON file named by IOSIM_FLASH2_BWD_CONFIG ({"64": [BR, BC,
+    {defines}], ...}, written by ``--variants``), else None (kernels.Flash2Backward's defaults)."""
+    path = os.environ.get("IOSIM_FLASH2_BWD_CONFIG")
+    if not path:
+        return None
+    import json
+
+    with open(path) as f:
+        cfg = json.load(f).get(str(head_dim))
+    return (int(cfg[0]), int(cfg[1]), dict(cfg[2])) if cfg else None
 
 
 def make_backward(algorithm, shape, causal, ordered=False):
@@ -536,9 +552,9 @@ FLASH2_EXTRA_METRICS = tuple(f"smsp__average_warps_issue_stalled_{x}_per_issue_a
     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum")
 # (BR, BC, extra defines) tried by --variants, per head dim; the first is the default of kernels.Flash2Backward
-FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"PIPE_DQ": 0}), (32, 128, {}),
-                        (32, 128, {"MIN_CTAS": 2, "KV_REGS": 0, "P_F32": 0})],
-                   128: [(64, 128, {}), (64, 128, {"PIPE_DQ": 0}), (32, 128, {})]}
+FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (64, 128, {"KV_REGS": 0}),
+                        (64, 128, {"PIPE_DQ": 0})],
+                   128: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (32, 128, {})]}
 
 
 def _rand_inputs(shape, seed):
@@ -564,6 +580,18 @@ def flash2_variant_check(br, bc, defines, shape, causal, seed, ordered=False):
     bw.free()
     return {"shape": list(shape), "causal": causal, "passed": all(c["passed"] for c in res.values()),
             "grads": res}
+
+
+def pick_best_variants(results):
+    """{str(d): [BR, BC, defines]}: per head dim the fastest flash2 variant whose small-shape checks all passed."""
+    best = {}
+    for d in sorted({r["head_dim"] for r in results if r.get("variant") == "flash2"}):
+        ok = [r for r in results if r.get("variant") == "flash2" and r["head_dim"] == d and r.get("checks_passed")
+              and "time_s" in r]
+        if ok:
+            r = min(ok, key=lambda x: x["time_s"]["median"])
+            best[str(d)] = [r["block_rows"], r["block_cols"], r["defines"]]
+    return best
 
 
 def cmd_variants(args):
@@ -609,8 +637,11 @@ def cmd_variants(args):
             write_json_atomic(args.out, doc)
         sets.clear()
         cp.get_default_memory_pool().free_all_blocks()
+    best = pick_best_variants(doc["results"])
+    doc["best"] = best
     write_json_atomic(args.out, doc)
-    print(json.dumps({"wrote": args.out}), flush=True)
+    write_json_atomic(args.out + ".best.json", best)
+    print(json.dumps({"wrote": args.out, "best": best}), flush=True)
     return 0
 
 
@@ -707,13 +738,14 @@ def cmd_ncu_flash2(args):
 
 
 def sanitize_child_flash2():
-    """Under compute-sanitizer: the flash2 backward on small shapes (N = 200, 256; d = 64, 128; causal and not;
-    both dQ modes), CuPy's pool off so each array is its own allocation; prints one line per check."""
+    """Under compute-sanitizer: the flash2 backward on a small shape (B = 1, H = 2, N = 200: no whole block;
+    d = 64, 128; causal and not; both dQ modes), CuPy's pool off so each array is its own allocation; prints one
+    line per check."""
     import cupy as cp
 
     cp.cuda.set_allocator(None)
     ok = True
-    for n in (200, 256):
+    for n in (200,):
         for d in (64, 128):
             for c in (False, True):
                 for ordered in (False, True):
@@ -736,7 +768,7 @@ def cmd_sanitize_flash2(args):
     cs = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     res = []
     for tool in ("memcheck", "racecheck"):
-        cmd = [cs, "--tool", tool, "--kernel-name", "regex:flash2_bwd", "--error-exitcode", "3",
+        cmd = [cs, "--tool", tool, "--print-limit", "50", "--error-exitcode", "3",
                sys.executable, "-m", "gpu.backward", "--algorithm", "flash2", "--sanitize-child", "--out", args.out]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -752,8 +784,10 @@ def cmd_sanitize_flash2(args):
             print(txt[-3000:], flush=True)
         res.append(rec)
     doc = json.load(open(args.out))
-    doc["settings"]["sanitizers_flash2"] = {"shapes": "B=1, H=2, N in (200, 256), d in (64, 128), causal and not, "
-                                            "ordered and unordered dQ; default tiles", "results": res}
+    doc["settings"]["sanitizers_flash2"] = {"shapes": "B=1, H=2, N=200, d in (64, 128), causal and not, ordered and "
+                                            "unordered dQ; tiles as the flash2 runs (flash2_config)",
+                                            "config": {str(d): flash2_config(d) for d in (64, 128)},
+                                            "results": res}
     write_json_atomic(args.out, doc)
     return 0
 

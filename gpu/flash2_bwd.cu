@@ -37,6 +37,9 @@
 #ifndef DQ_UNROLL            // unroll of the dQ k-loop (bounds how many K fragments the compiler loads ahead)
 #define DQ_UNROLL 2
 #endif
+#ifndef FUSE_SDP             // 1: S^T and dP^T in one loop, then P^T and dS^T, then dV and dK in one loop (more
+#define FUSE_SDP 1           //    independent mma per step, more registers); 0: one product after the other
+#endif
 #ifndef PIPE_DQ              // 1: dQ of Q block i computed after the barrier of block i+1 (dS^T double-buffered),
 #define PIPE_DQ 1            //    one __syncthreads per Q block; 0: dQ right after dS^T, two per Q block
 #endif
@@ -267,6 +270,87 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
         const float* Dq = sD + b * BR;
         const bool masked = (q0 + BR > N) || (kv0 + BC > N) || (causal && q0 < kv0 + BC);
 
+#if FUSE_SDP
+        // ---- S^T = K Q^T and dP^T = V dO^T together (two independent mma chains per n-tile) ----
+        float st[NTQ][4], dpt[NTQ][4];
+#pragma unroll
+        for (int i = 0; i < NTQ; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) { st[i][e] = 0.f; dpt[i][e] = 0.f; }
+#pragma unroll
+        for (int kk = 0; kk < KD; kk += 2) {
+#if KV_REGS
+            const u32* a0 = ka[kk];
+            const u32* a1 = ka[kk + 1];
+            const u32* v0 = va[kk];
+            const u32* v1 = va[kk + 1];
+#else
+            u32 a0[4], a1[4], v0[4], v1[4];
+            {
+                const int r = wr0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                ldsm_x4(a0[0], a0[1], a0[2], a0[3], sKa + swz<D>(r, 2 * kk + (lane >> 4)) * 2);
+                ldsm_x4(a1[0], a1[1], a1[2], a1[3], sKa + swz<D>(r, 2 * (kk + 1) + (lane >> 4)) * 2);
+                ldsm_x4(v0[0], v0[1], v0[2], v0[3], sVa + swz<D>(r, 2 * kk + (lane >> 4)) * 2);
+                ldsm_x4(v1[0], v1[1], v1[2], v1[3], sVa + swz<D>(r, 2 * (kk + 1) + (lane >> 4)) * 2);
+            }
+#endif
+#pragma unroll
+            for (int nt = 0; nt < NTQ; ++nt) {
+                const int r = nt * 8 + (lane & 7);
+                const int c = 2 * kk + (lane >> 3);
+                u32 b0, b1, b2, b3, d0, d1, d2, d3;
+                ldsm_x4(b0, b1, b2, b3, sQa + swz<D>(r, c) * 2);
+                ldsm_x4(d0, d1, d2, d3, sdOa + swz<D>(r, c) * 2);
+                mma16816(st[nt], a0, b0, b1);
+                mma16816(dpt[nt], v0, d0, d1);
+                mma16816(st[nt], a1, b2, b3);
+                mma16816(dpt[nt], v1, d2, d3);
+            }
+        }
+
+        // ---- P^T, dS^T = P^T o (dP^T - D) (masked: K/V row past N, Q row past N, causal kv > q) ----
+        u32 pf[KTQ][4], dsf[KTQ][4];
+#pragma unroll
+        for (int nt = 0; nt < NTQ; ++nt) {
+            const float2 l2 = *reinterpret_cast<const float2*>(Lq + nt * 8 + 2 * c4);
+            const float2 dd = *reinterpret_cast<const float2*>(Dq + nt * 8 + 2 * c4);
+            float p[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int ql = nt * 8 + 2 * c4 + (e & 1);
+                float pe = fast_exp2(fmaf(st[nt][e], sl2, -((e & 1) ? l2.y : l2.x) * log2e));
+                if (masked) {
+                    const int kvr = (e < 2) ? kvr_a : kvr_b;
+                    if (kvr >= N || q0 + ql >= N || (causal && kvr > q0 + ql)) pe = 0.f;
+                }
+                p[e] = pe;
+                ds[e] = pe * (dpt[nt][e] - ((e & 1) ? dd.y : dd.x));
+            }
+            pf[nt >> 1][(nt & 1) * 2 + 0] = pack_h2(p[0], p[1]);
+            pf[nt >> 1][(nt & 1) * 2 + 1] = pack_h2(p[2], p[3]);
+            dsf[nt >> 1][(nt & 1) * 2 + 0] = pack_h2(ds[0], ds[1]);
+            dsf[nt >> 1][(nt & 1) * 2 + 1] = pack_h2(ds[2], ds[3]);
+            *reinterpret_cast<u32*>(sdSw + swz_ds(wr0 + g, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 0];
+            *reinterpret_cast<u32*>(sdSw + swz_ds(wr0 + g + 8, nt) + 2 * c4) = dsf[nt >> 1][(nt & 1) * 2 + 1];
+        }
+
+        // ---- dV += P^T dO and dK += dS^T Q together (dO, Q via ldmatrix.trans) ----
+#pragma unroll
+        for (int kt = 0; kt < KTQ; ++kt) {
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                const int r = kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int c = dt + (lane >> 4);
+                u32 b0, b1, b2, b3, q0f, q1f, q2f, q3f;
+                ldsm_x4_t(b0, b1, b2, b3, sdOa + swz<D>(r, c) * 2);
+                ldsm_x4_t(q0f, q1f, q2f, q3f, sQa + swz<D>(r, c) * 2);
+                mma16816(dv[dt], pf[kt], b0, b1);
+                mma16816(dk[dt], dsf[kt], q0f, q1f);
+                mma16816(dv[dt + 1], pf[kt], b2, b3);
+                mma16816(dk[dt + 1], dsf[kt], q2f, q3f);
+            }
+        }
+#else
         // ---- S^T = K Q^T (16 x BR per warp) ----
         float st[NTQ][4];
 #pragma unroll
@@ -402,6 +486,7 @@ flash2_bwd(const h16* __restrict__ Q, const h16* __restrict__ K, const h16* __re
                 mma16816(dk[dt + 1], dsf[kt], b2, b3);
             }
         }
+#endif  // FUSE_SDP
 #if !PIPE_DQ
         __syncthreads();   // (2) dS^T complete; Q, dO, L, D of buffer b no longer read
         dq_block(qb, sdSa);

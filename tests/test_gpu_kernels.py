@@ -226,3 +226,13 @@ def test_flash3_logsumexp_matches_flash2(causal):
     mx = s.max(axis=-1, keepdims=True)
     lse = (mx + cp.log(cp.exp(s - mx).sum(axis=-1, keepdims=True)))[..., 0]
     assert float(cp.abs(p3.L - lse).max()) < 1e-3
+
+
+@pytest.mark.parametrize("defines", [{"FUSE_SDP": 0}, {"PIPE_DQ": 0}, {"KV_REGS": 0, "P_F32": 0}])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash2_backward_variants(defines, d, causal):
+    """flash2_bwd.cu's switches (FUSE_SDP, PIPE_DQ, KV_REGS / P_F32) give gradients within the error rule."""
+    for br, bc in ((64, 128), (32, 128)):
+        chk = BW.flash2_variant_check(br, bc, defines, (1, 2, 200, d), causal, 99 + d)
+        assert chk["passed"], (br, bc, defines, chk)
