@@ -12,10 +12,13 @@
 //                        S^T = K Q^T -> P^T = exp2(scale log2e S^T - log2e L) -> dV += P^T dO (P^T straight from
 //                        the accumulators as A-fragments, dO by ldmatrix.trans) -> dP^T = V dO^T ->
 //                        dS^T = P^T o (dP^T - D) -> dK += dS^T Q (Q by ldmatrix.trans); dS^T stored once to
-//                        shared memory (fp16); barrier; dQ_partial = dS K split over all warps (warp = 16 Q rows x
+//                        shared memory (fp16); dQ_partial = dS K split over all warps (warp = 16 Q rows x
 //                        D/(NWARPS/(BR/16)) columns; A = dS by ldmatrix.trans of dS^T, B = K by ldmatrix.trans),
 //                        added to the fp32 accumulator with red.global.add.v2.f32 (8-byte vector reductions).
-//                      Two __syncthreads per Q block. dK is scaled by `scale` in this kernel's epilogue.
+//                      PIPE_DQ (default): dS^T double-buffered and the dQ of block i done after the one
+//                      __syncthreads of block i+1 (the last one after the loop); PIPE_DQ 0: a second barrier and
+//                      the dQ right after dS^T. dK is scaled by `scale` in this kernel's epilogue.
+//                      Measured switches (gpu.backward --variants): FUSE_SDP, KV_REGS, P_F32, MIN_CTAS, DQ_UNROLL.
 //                      ordered != 0: the K/V-block CTAs of one (b*h) take turns (blockIdx.x order, a counter per
 //                      Q block zeroed by flash2_bwd_dot) so the fp32 sums, and dQ, are bitwise reproducible;
 //                      ordered == 0 (default, as FA2): unordered reductions, dQ may differ in the last bit run to run.
@@ -38,8 +41,8 @@
 #define DQ_UNROLL 2
 #endif
 #ifndef FUSE_SDP             // 1: S^T and dP^T in one loop, then P^T and dS^T, then dV and dK in one loop (more
-#define FUSE_SDP 1           //    independent mma per step, more registers); 0: one product after the other
-#endif
+#define FUSE_SDP 0           //    independent mma per step, more registers; measured 2-3 % slower); 0: one
+#endif                       //    product after the other (default)
 #ifndef PIPE_DQ              // 1: dQ of Q block i computed after the barrier of block i+1 (dS^T double-buffered),
 #define PIPE_DQ 1            //    one __syncthreads per Q block; 0: dQ right after dS^T, two per Q block
 #endif
