@@ -74,14 +74,15 @@ class SampleStats:
 def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets, n_heads,
           stop, replay, measure_from, n_sets, assoc, line_bytes, sector_bytes, state,
           order_of_set, slot_cta, slot_te, slot_end, slot_head, cursor, cls_counts,
-          tmpl_hbm, tmpl_n):
+          tmpl_hbm, tmpl_read, tmpl_n, head_read):
     """Advance the interleaved event order of ``n_heads`` heads running the template (CTAs at
     ``t_start``; head h's addresses are the template's plus ``offsets[h, tensor]``) up to
     position ``stop``, from where the last call left it (``cursor``: position, next CTA, active
     slots; the slot arrays; the cache ``state`` and ``order_of_set``). With ``replay`` the
     events run through the cache; events at positions >= ``measure_from`` then add their HBM
     bytes read, written back and their L2 request bytes to ``cls_counts[cls[e]]`` (columns 0,
-    1, 2) and their HBM bytes to ``tmpl_hbm[e]`` (``tmpl_n[e]`` counting them). Without
+    1, 2), their HBM bytes to ``tmpl_hbm[e]`` (those read also to ``tmpl_read[e]``;
+    ``tmpl_n[e]`` counting them) and their HBM bytes read to ``head_read[head]``. Without
     ``replay`` the order only advances (a skip)."""
     cph = t_start.shape[0] - 1
     n_ctas = cph * n_heads
@@ -103,6 +104,7 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
     # the chunk's events: their HBM bytes, template event and whether measured
     event_counts = np.zeros((capacity, 2), dtype=np.int64)
     ev_te = np.empty(capacity, dtype=np.int64)
+    ev_head = np.empty(capacity, dtype=np.int64)
     ev_measured = np.zeros(capacity, dtype=np.bool_)
     full_mask = (1 << (line_bytes >> sector_shift)) - 1
     line_offset_mask = line_bytes - 1
@@ -160,6 +162,7 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
                     event_counts[n_ev, 0] = 0
                     event_counts[n_ev, 1] = 0
                     ev_te[n_ev] = te
+                    ev_head[n_ev] = slot_head[s]
                     ev_measured[n_ev] = p >= measure_from
                     if p >= measure_from:
                         cls_counts[cls[te], 2] += request * sector_bytes
@@ -167,8 +170,8 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
                     if n >= _CHUNK_ACCESSES:
                         _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event,
                                    state, flat_state, order_of_set, assoc, sector_bytes,
-                                   event_counts, ev_te, ev_measured, cls, cls_counts,
-                                   tmpl_hbm, tmpl_n)
+                                   event_counts, ev_te, ev_head, ev_measured, cls,
+                                   cls_counts, tmpl_hbm, tmpl_read, tmpl_n, head_read)
                         n = 0
                         n_ev = 0
         s += 1
@@ -176,8 +179,8 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
             s = 0
     if n_ev > 0:
         _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event, state, flat_state,
-                   order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_measured, cls,
-                   cls_counts, tmpl_hbm, tmpl_n)
+                   order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_head,
+                   ev_measured, cls, cls_counts, tmpl_hbm, tmpl_read, tmpl_n, head_read)
     cursor[0] = pos
     cursor[1] = next_cta
     cursor[2] = active
@@ -186,8 +189,8 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
 
 @njit_cached
 def _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event, state, flat_state,
-               order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_measured, cls,
-               cls_counts, tmpl_hbm, tmpl_n):
+               order_of_set, assoc, sector_bytes, event_counts, ev_te, ev_head, ev_measured,
+               cls, cls_counts, tmpl_hbm, tmpl_read, tmpl_n, head_read):
     """Run a chunk of line accesses through the cache; credit the measured events."""
     if assoc <= _MAX_PACKED_WAYS:
         _run_packed(n, chunk_line, chunk_bits, chunk_set, chunk_event, flat_state,
@@ -201,7 +204,9 @@ def _run_chunk(n, n_ev, chunk_line, chunk_bits, chunk_set, chunk_event, state, f
             cls_counts[cls[te], 0] += event_counts[i, 0]
             cls_counts[cls[te], 1] += event_counts[i, 1]
             tmpl_hbm[te] += event_counts[i, 0] + event_counts[i, 1]
+            tmpl_read[te] += event_counts[i, 0]
             tmpl_n[te] += 1
+            head_read[ev_head[i]] += event_counts[i, 0]
 
 
 @njit_cached
@@ -328,7 +333,10 @@ class _Walker:
         self.cursor = np.array([0, n_slots, n_slots, 0], dtype=np.int64)
         self.n_cls = n_cls
         self.tmpl_hbm = np.zeros(len(t["kind"]), dtype=np.float64)
+        self.tmpl_read = np.zeros(len(t["kind"]), dtype=np.float64)
         self.tmpl_n = np.zeros(len(t["kind"]), dtype=np.int64)
+        self.head_read = np.zeros(ht.heads, dtype=np.float64)
+        self.cph = cph
 
     @property
     def pos(self) -> int:
@@ -349,25 +357,85 @@ class _Walker:
                   measure_from, hw.l2_sets, hw.l2_associativity, hw.l2_line_bytes,
                   hw.l2_sector_bytes, self.state, self.order, self.slot_cta, self.slot_te,
                   self.slot_end, self.slot_head, self.cursor, counts, self.tmpl_hbm,
-                  self.tmpl_n)
+                  self.tmpl_read, self.tmpl_n, self.head_read)
         return counts
+
+    def heads_done(self) -> int:
+        """Heads whose every CTA has finished: 0 .. this - 1."""
+        running = self.slot_cta[self.slot_cta >= 0]
+        oldest = int(running.min()) if len(running) else self.ht.heads * self.cph
+        return oldest // self.cph
 
     def dirty_bytes(self) -> int:
         return int(_dirty_bytes(self.state, self.hw.l2_sector_bytes))
 
 
-#: Steady state: the last STEADY_SEGMENTS segments' HBM bytes per L2 request byte agree within
-#: STEADY_TOLERANCE (max - min over their mean), with at least MIN_SEGMENTS replayed.
-STEADY_SEGMENTS = 5
-STEADY_TOLERANCE = 0.01
-MIN_SEGMENTS = 6
-#: Warm-up before the replayed tail, in segments (waves) from a cold L2.
+#: Steady state: the segments (waves) replayed are compared in two blocks of STEADY_SEGMENTS,
+#: the last ones and those before; the state is steady when the blocks' HBM bytes per L2
+#: request byte agree within STEADY_TOLERANCE (a block spans the short patterns some streams
+#: repeat, e.g. one wave in eight starting a new head at the same place), with at least
+#: MIN_SEGMENTS replayed.
+STEADY_SEGMENTS = 4
+STEADY_TOLERANCE = 0.003
+MIN_SEGMENTS = 2 * STEADY_SEGMENTS + 1
+#: The prefix is steady only after it moved this many times the L2's capacity through HBM.
+STEADY_TURNOVERS = 2.0
+#: Warm-up before the replayed tail, from the steady state's L2: at least this many segments
+#: (waves) and this many times the L2's capacity moved through HBM.
 TAIL_WARMUP_SEGMENTS = 2
+TAIL_WARMUP_TURNOVERS = 1.5
 
 
-def _ratio(c: np.ndarray) -> float:
-    request = c[:, 2].sum()
-    return float(c[:, :2].sum()) / request if request else 0.0
+def _ratio(segments) -> float:
+    """HBM bytes (read and written back) per L2 request byte over ``segments``."""
+    total = np.sum(segments, axis=0)
+    request = total[:, 2].sum()
+    return float(total[:, :2].sum()) / request if request else 0.0
+
+
+#: With at least HEAD_SAMPLING_MIN_HEADS heads the sampling unit is a head: the state is
+#: steady when the HBM bytes read by the last heads finished (at least MIN_STEADY_HEADS, those
+#: of the first wave left out) have a 95 % interval of their mean within HEAD_TOLERANCE of it.
+HEAD_SAMPLING_MIN_HEADS = 16
+MIN_STEADY_HEADS = 8
+HEAD_TOLERANCE = 0.002
+
+
+def _steady_heads(walker, first: int):
+    """The per-head HBM read bytes of the steady heads finished so far, or None while they
+    are too few or too spread (see HEAD_TOLERANCE)."""
+    done = walker.heads_done()
+    x = walker.head_read[first:done]
+    if len(x) < MIN_STEADY_HEADS:
+        return None
+    mean = float(x.mean())
+    half = _t_quantile(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return x if mean > 0 and half <= HEAD_TOLERANCE * mean else None
+
+
+def _steady(segments) -> bool:
+    if len(segments) < MIN_SEGMENTS:
+        return False
+    last = _ratio(segments[-STEADY_SEGMENTS:])
+    before = _ratio(segments[-2 * STEADY_SEGMENTS:-STEADY_SEGMENTS])
+    mean = (last + before) / 2
+    return mean > 0 and abs(last - before) <= STEADY_TOLERANCE * mean
+
+
+def _tail_plan(segment, pos, n_positions, moved_per_position, capacity_bytes):
+    """(warm-up start, tail start) positions of the tail replay after a steady prefix ending at
+    ``pos``, or None when skipping to it would save less than half of what is left. The
+    warm-up is at least TAIL_WARMUP_SEGMENTS and long enough to move TAIL_WARMUP_TURNOVERS
+    times the L2's capacity through HBM at the steady rate (``moved_per_position``): the
+    stand-in lines are then gone, as the lines of the skipped waves would be."""
+    warm = TAIL_WARMUP_SEGMENTS * segment
+    if moved_per_position > 0:
+        warm = max(warm, int(TAIL_WARMUP_TURNOVERS * capacity_bytes / moved_per_position))
+    tail_begin = n_positions - segment
+    warm_begin = tail_begin - warm
+    if warm_begin - pos < (n_positions - pos) / 2:
+        return None
+    return warm_begin, tail_begin
 
 
 def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> KernelReplay:
@@ -396,25 +464,47 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
     n_slots = len(walker.slot_cta)
     # a segment: one wave's events (the resident CTAs' mean events each)
     segment = max(1, int(round(n_slots * len(kind) / max(cph, 1))))
-    tail = segment
-    sampled_middle = None
-    segments = []
+    is_store_cls = np.arange(n_cls) % 2 == 1
+    # many heads: a head is the sampling unit (the heads the first wave ran are left out of
+    # the steady ones); few: a wave, by HBM bytes per L2 request byte
+    head_mode = heads >= HEAD_SAMPLING_MIN_HEADS
+    first_steady_head = -(-n_slots // cph) + 1
+    steady_heads = None
+    # per segment: class counts; dirty sectors made (episodes); dirty bytes held at its end
+    segments, episodes, held = [], [], []
+    turned_over = None  # the first segment after the L2 turned over
+    capacity_bytes = hardware.l2_sets * hardware.l2_associativity * hardware.l2_line_bytes
     replayed = np.zeros((n_cls, 3), dtype=np.int64)
+    dirty_before = 0
+    plan = None
     while walker.pos < n_positions:
-        stop = min(n_positions, walker.pos + segment)
-        c = walker.run(stop)
+        c = walker.run(min(n_positions, walker.pos + segment))
+        dirty = walker.dirty_bytes()
+        # dirty sectors made in the segment: those written back in it plus the change in
+        # the dirty bytes held (each dirty sector is written back once: evicted, or at the end)
+        episodes.append(c[:, 1].sum() + dirty - dirty_before)
+        dirty_before = dirty
+        held.append(dirty)
         segments.append(c)
         replayed += c
-        left = n_positions - walker.pos
-        if (sample and len(segments) >= MIN_SEGMENTS
-                and left > (tail + TAIL_WARMUP_SEGMENTS * segment) * 2):
-            last = [_ratio(x) for x in segments[-STEADY_SEGMENTS:]]
-            mean = sum(last) / len(last)
-            if mean > 0 and (max(last) - min(last)) / mean <= STEADY_TOLERANCE:
-                sampled_middle = (walker.pos, n_positions - tail)
+        if not sample:
+            continue
+        # steady only once the L2 has filled and turned over (before that no line has been
+        # evicted and every dirty line stays: the state would not stand in for a later one)
+        if replayed[:, 0].sum() + sum(episodes) < STEADY_TURNOVERS * capacity_bytes:
+            continue
+        if turned_over is None:
+            turned_over = len(segments) - 1
+        steady_heads = (_steady_heads(walker, first_steady_head) if head_mode
+                        else None)
+        if (steady_heads is not None and len(segments) > TAIL_WARMUP_SEGMENTS) or (
+                not head_mode and _steady(segments)):
+            moved = (replayed[:, 0].sum() + sum(episodes)) / walker.pos
+            plan = _tail_plan(segment, walker.pos, n_positions, moved, capacity_bytes)
+            if plan is not None:
                 break
     counts = dict(exact_counts)
-    if sampled_middle is None:  # every event replayed
+    if plan is None:  # every event replayed
         counts["hbm_read_bytes"] = int(replayed[:, 0].sum())
         counts["hbm_write_bytes"] = int(replayed[:, 1].sum())
         counts["l2_dirty_end_bytes"] = walker.dirty_bytes()
@@ -422,32 +512,69 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         write_by_cls = replayed[:, 1].astype(np.float64)
         stats = None
     else:
-        middle_begin, tail_begin = sampled_middle
-        walker.run(tail_begin - TAIL_WARMUP_SEGMENTS * segment, replay=False)  # skip
-        walker.cold()
+        middle_begin = walker.pos
+        warm_begin, tail_begin = plan
+        # skip the middle; the L2 keeps the steady state's lines: they stand in for the lines
+        # the skipped waves would have left (as many, as old, as many of them dirty), which
+        # the tail's warm-up ages and evicts as the full replay would
+        walker.run(warm_begin, replay=False)
+        walker.run(tail_begin, measure_from=n_positions)
+        dirty_tail_begin = walker.dirty_bytes()
         tail_counts = walker.run(n_positions, measure_from=tail_begin)
-        counts["l2_dirty_end_bytes"] = walker.dirty_bytes()
+        dirty_end = walker.dirty_bytes()
+        counts["l2_dirty_end_bytes"] = dirty_end
+        tail_episodes = tail_counts[:, 1].sum() + dirty_end - dirty_tail_begin
         edges = replayed + tail_counts
         rest = np.maximum(request_by_cls - edges[:, 2], 0.0)  # the middle's request bytes
-        steady = np.stack(segments[-STEADY_SEGMENTS:])
-        pooled_l2 = steady[:, :, 2].sum(axis=0).astype(np.float64)
-        intervals, by_cls = {}, {}
-        for col, name in ((0, "hbm_read_bytes"), (1, "hbm_write_bytes")):
-            pooled = np.divide(steady[:, :, col].sum(axis=0), pooled_l2, out=np.zeros(n_cls),
-                               where=pooled_l2 > 0)
-            l2_k = steady[:, :, 2].astype(np.float64)
-            ratio_k = np.where(l2_k > 0, np.divide(steady[:, :, col], l2_k,
-                                                   out=np.zeros_like(l2_k), where=l2_k > 0),
-                               pooled[None, :])
-            totals_k = edges[:, col].sum() + ratio_k @ rest
-            mean = float(totals_k.mean())
-            half = (_t_quantile(len(totals_k) - 1) * float(totals_k.std(ddof=1))
-                    / math.sqrt(len(totals_k)))
+        n_steady = len(segments) - 1 if head_mode else 2 * STEADY_SEGMENTS
+        steady = np.stack(segments[-n_steady:])
+        steady_episodes = np.asarray(episodes[-n_steady:], dtype=np.float64)
+        l2_k = steady[:, :, 2].astype(np.float64)
+        pooled_l2 = l2_k.sum(axis=0)
+        # per steady segment, an estimate of the whole kernel's count
+        read_ratio = np.divide(steady[:, :, 0], l2_k, out=np.zeros_like(l2_k), where=l2_k > 0)
+        pooled_read = np.divide(steady[:, :, 0].sum(axis=0), pooled_l2, out=np.zeros(n_cls),
+                                where=pooled_l2 > 0)
+        read_ratio = np.where(l2_k > 0, read_ratio, pooled_read[None, :])
+        def t_interval(per_k):  # the mean of per-segment estimates, and its 95 % half-width
+            return float(per_k.mean()), (_t_quantile(len(per_k) - 1) * float(per_k.std(ddof=1))
+                                         / math.sqrt(len(per_k)))
+
+        reads = t_interval(edges[:, 0].sum() + read_ratio @ rest)
+        if head_mode:
+            # the middle's events are the template's, run by the heads not replayed there: each
+            # template event's mean HBM read bytes over the replayed heads, times the heads it
+            # was not replayed for; the interval from the spread of the steady heads' bytes
+            seen = walker.tmpl_n > 0
+            missing = np.where(seen, heads - walker.tmpl_n, 0)
+            middle = float(np.sum(walker.tmpl_read[seen] / walker.tmpl_n[seen] * missing[seen]))
+            unseen = float(np.sum(np.where(seen, 0.0, request * pooled_read[cls]))) * heads
+            mean, half = t_interval(steady_heads)
+            reads = (float(edges[:, 0].sum()) + middle + unseen,
+                     half * float(missing.sum()) / max(len(kind), 1))
+        store_k = l2_k[:, is_store_cls].sum(axis=1)
+        store_rest = rest[is_store_cls].sum()
+        episode_ratio = np.divide(steady_episodes, store_k, out=np.zeros_like(store_k),
+                                  where=store_k > 0)
+        # the dirty bytes made: the prefix's, the middle's (estimated) and the tail's; all but
+        # those left at the end were written back during the kernel
+        writes = t_interval(sum(episodes) + episode_ratio * store_rest + tail_episodes
+                            - dirty_end)
+        # the dirty bytes left at the end come from the stand-in state: as uncertain as the
+        # dirty bytes held from one steady segment to the next
+        since = held[turned_over:]
+        dirty_half = (_t_quantile(len(since) - 1) * float(np.std(since, ddof=1))
+                      if len(since) > 1 else 0.0)
+        writes = (writes[0], math.hypot(writes[1], dirty_half))
+        intervals = {}
+        for name, (mean, half) in (("hbm_read_bytes", reads), ("hbm_write_bytes", writes)):
             counts[name] = int(round(mean))
             intervals[name] = (max(mean - half, 0.0), mean + half)
-            by_cls[name] = edges[:, col] + pooled * rest
-        read_by_cls, write_by_cls = by_cls["hbm_read_bytes"], by_cls["hbm_write_bytes"]
-        covered = (middle_begin + TAIL_WARMUP_SEGMENTS * segment + tail) / n_positions
+        pooled_write = np.divide(steady[:, :, 1].sum(axis=0), pooled_l2, out=np.zeros(n_cls),
+                                 where=pooled_l2 > 0)
+        read_by_cls = edges[:, 0] + pooled_read * rest
+        write_by_cls = edges[:, 1] + pooled_write * rest
+        covered = (middle_begin + n_positions - warm_begin) / n_positions
         stats = SampleStats(windows=len(segments), covered_share=min(1.0, covered),
                             intervals=intervals)
     # each template event's HBM bytes: the mean over the heads where it was replayed, else its
