@@ -552,8 +552,8 @@ FLASH2_EXTRA_METRICS = tuple(f"smsp__average_warps_issue_stalled_{x}_per_issue_a
     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
     "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum")
 # (BR, BC, extra defines) tried by --variants, per head dim; the first is the default of kernels.Flash2Backward
-FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (64, 128, {"KV_REGS": 0}),
-                        (64, 128, {"PIPE_DQ": 0})],
+FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (128, 128, {"P_F32": 0}),
+                        (128, 128, {"KV_REGS": 0, "P_F32": 0})],
                    128: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (32, 128, {})]}
 
 
