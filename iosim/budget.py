@@ -45,6 +45,9 @@ def _half_the_memory() -> int:
         return 8 * 2**30
 
 
+#: A simulation estimated to take longer says its estimate on stderr before it starts.
+ANNOUNCE_ABOVE_SECONDS = 10.0
+
 #: Default budget of one simulation (or of the simulations an explorer runs at once).
 DEFAULT_MAX_MEMORY_BYTES = _half_the_memory()
 DEFAULT_MAX_SECONDS = 1800.0

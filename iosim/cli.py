@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--block-rows", type=int, default=None, help="Br (default: algorithm's)")
     sim.add_argument("--block-cols", type=int, default=None, help="Bc (default: algorithm's)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.add_argument("--exact", action="store_true",
+                     help="replay every event, however long the kernel (default: a simulation "
+                          "of over 10 M trace events is sampled: its HBM bytes are estimated "
+                          "from a steady-state sample, with a 95%% confidence interval)")
     exp = sub.add_parser("explore", help="rank the block sizes that fit the SRAM")
     _add_workload(exp)
     exp.add_argument("--out", default=None, help="write every ranked pair to this CSV file")
@@ -152,8 +156,16 @@ def format_table(result) -> str:
              f"predicted time: {result.time_model} model")
     count = sum(1 for k in result.kernels for t in k.tensors.values()
                 for key in ("read_bytes", "write_bytes") if t[key])
+    sampled = []
+    if getattr(result, "sampled", False):
+        sampled = ["sampled (iosim.sampling; --exact replays every event): HBM counts are "
+                   "estimates, 95% confidence intervals: " + ", ".join(
+                       f"{name.replace('_bytes', '').replace('_', ' ')} "
+                       f"{format_bytes(low)} .. {format_bytes(high)}"
+                       for name, (low, high) in result.totals.intervals.items())]
     return "\n".join([title, text_table(header, rows, left_columns=1)]
-                     + [f"{label} by tensor ({count} tensor reads/writes):"] + accesses)
+                     + [f"{label} by tensor ({count} tensor reads/writes):"] + accesses
+                     + sampled)
 
 
 def _budget(args) -> dict:
@@ -179,7 +191,8 @@ def _simulate_with_stages(args):
                               rows_per_warp=args.rows_per_warp, pass_=args.pass_,
                               stages=args.stages)
     return simulate_schedule(schedule, hardware=hw, model=args.model,
-                             time_model=args.time_model, **_budget(args))
+                             time_model=args.time_model, exact=args.exact or None,
+                             **_budget(args))
 
 
 def _simulate(args) -> None:
@@ -191,7 +204,8 @@ def _simulate(args) -> None:
                       block_cols=args.block_cols, hardware=args.hardware,
                       sram_bytes=args.sram_bytes, model=args.model,
                       time_model=args.time_model, rows_per_warp=args.rows_per_warp,
-                      pass_=args.pass_, num_splits=args.num_splits, **_budget(args))
+                      pass_=args.pass_, num_splits=args.num_splits,
+                      exact=args.exact or None, **_budget(args))
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -1,35 +1,39 @@
-"""Sampled simulation of long kernels (the SMARTS / SimPoint idea), in bounded memory.
+"""Streamed and sampled simulation of long kernels (the SMARTS / SimPoint idea), in memory
+independent of B·H.
 
-A kernel's events run in one order that does not depend on the cache: ``slots`` CTAs resident
-at once, one event each in turn (:func:`iosim.engine.interleave`). Along that order a long
-kernel settles into a steady state: the resident CTAs stream the same K/V blocks, and the share
-of each tensor's L2 requests that miss (and the dirty bytes evicted per request) stays the same
-from one stretch of the stream to the next. So instead of replaying every event:
+**Streaming.** The events of all batch·heads are never held: :func:`_walk` (Numba) generates
+each event from the one-head template (:mod:`iosim.trace_fast`) and the head's address offsets
+as the interleaved order of the L2 model reaches it (``slots`` CTAs resident, one event each in
+turn, as :func:`iosim.engine.interleave`), and runs it through the same L2 as
+:func:`iosim.engine.replay_l2`: the counts are identical. FLOPs, SRAM bytes and L2 request
+bytes are summed from the template exactly. The timed model gets one head's CTA demands,
+computed with each template event's mean HBM bytes over the heads, repeated for every head
+(:func:`iosim.timing.time_kernel`'s ``demand``). Memory: the template, plus a few numbers per
+CTA and per head.
 
-* the **prefix** (the cold start: the first ``window`` line accesses) and the **suffix** (the
-  last ``window``, where the last CTAs drain; it also gives the dirty bytes left in the L2 at the
-  end) are replayed exactly;
-* ``windows`` interior **windows** of ``window`` line accesses, spread systematically over the
-  rest of the stream (from a random offset, seeded), are each replayed after a **warm-up** of
-  ``warmup`` line accesses from a cold L2 (a few times its capacity in lines, so that the L2's
-  contents at the window's start are those of the full replay);
-* per window and per event class (tensor x load/store), the HBM bytes read and written back per
-  byte of L2 request give one estimate of the interior's HBM bytes: the class's exact L2 request
-  bytes there (closed-form from the head template) times the window's ratios. The estimate is
-  the mean over windows, with a Student-t 95 % confidence interval.
+**Sampling.** The order in which events run does not depend on the cache, and a long kernel
+settles into a steady state. :func:`replay_kernel` replays a **prefix** wave by wave (a
+segment: the resident CTAs' events) until the state is steady, skips the **middle** (the order
+still advances, the cache does not run), replays the **tail** (the last segment, after a warm-up
+from the L2 state the prefix left: its lines stand in for those of the skipped waves and are
+aged out by the warm-up), and extrapolates the middle:
 
-FLOPs, SRAM bytes and L2 request bytes are exact: they come from the one-head template
-(:mod:`iosim.trace_fast`) times the heads. The events of all heads are never held: the walker
-(:func:`_replay_windows`, Numba) generates each event from the template and the head's address
-offsets as the interleaved order reaches it, and runs the cache only inside windows. Memory is
-the template plus per-CTA arrays, independent of B·H.
+* with many heads (:data:`HEAD_SAMPLING_MIN_HEADS`) the sampling unit is a **head**: steady once
+  the finished heads' HBM read bytes have a 95 % interval within :data:`HEAD_TOLERANCE` of their
+  mean (the heads of the first wave left out); the middle's reads are each template event's mean
+  over the replayed heads times the heads it was not replayed for;
+* with few heads, a **wave**: steady once two blocks of :data:`STEADY_SEGMENTS` segments agree
+  in HBM bytes per L2 request byte; the middle's reads are its exact L2 request bytes per
+  event class (tensor x load/store) times the steady segments' ratios;
+* HBM writes through **dirty episodes**: every sector made dirty is written back once (evicted,
+  or after the kernel), so the writes during the kernel are the episodes (prefix and tail
+  measured, the middle's from the steady segments' episodes per byte stored) less the dirty
+  bytes left at the end (the tail's final state).
 
-The timed model gets each template event's HBM bytes as its L2 request bytes times its class's
-estimated ratios (the same for every head: :func:`iosim.timing.time_kernel`'s ``per_head``).
-
-Sampling applies to the ``l2`` model of a kernel without a key-padding mask; the ``two-level``
-model needs no replay (every tile is HBM traffic) and is computed exactly here from the
-template, in the same bounded memory.
+The prefix is steady only after it moved :data:`STEADY_TURNOVERS` times the L2's capacity
+through HBM (before that no line has been evicted). Each estimate carries a Student-t 95 %
+interval: over the steady heads (reads) or segments (writes, widened by the spread of the dirty
+bytes held). A kernel too short for the skip to pay is replayed whole (exact).
 """
 from __future__ import annotations
 
@@ -45,21 +49,12 @@ from .engine import (_CHUNK_ACCESSES, _DIRTY_SHIFT, _MAX_PACKED_WAYS, _POPCOUNT,
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 
-#: Simulations with more trace events than this (over all heads) are sampled unless ``exact``.
-#: Every test and experiment shape below it replays exactly, as before sampling existed.
-SAMPLE_ABOVE_EVENTS = 20_000_000
-#: Interior windows replayed (the t-interval has windows - 1 degrees of freedom).
-WINDOWS = 12
-#: A window's measured line accesses, as a multiple of the L2's capacity in lines.
-WINDOW_CAPACITIES = 1.0
-#: The warm-up before an interior window, as a multiple of the L2's capacity in lines.
-WARMUP_CAPACITIES = 2.0
-#: Sampling pays only when the windows cover at most this share of the stream.
-MAX_COVERED_SHARE = 0.5
-#: Seed of the random offset of the systematic windows (results are reproducible).
-SEED = 12
-
-
+#: Simulations with more trace events than this (over all heads) are streamed: replayed from
+#: the one-head template (memory independent of B·H), with the same counts as the all-heads
+#: trace. Below it nothing changes: the all-heads trace is built and replayed.
+STREAM_ABOVE_EVENTS = 2_000_000
+#: ... and with more than this they are sampled, unless ``exact`` (see :func:`sampling_mode`).
+SAMPLE_ABOVE_EVENTS = 10_000_000
 @dataclass
 class SampleStats:
     """What the sampled replay of one kernel measured and estimated."""
@@ -275,18 +270,21 @@ def head_templates(schedule) -> list[HeadTemplates] | None:
     return out
 
 
-def streams(schedule, exact) -> bool:
-    """Whether :func:`iosim.simulate.simulate_schedule` takes the streamed path
-    (:func:`simulate_streamed`) rather than building the all-heads trace: with ``exact=False``
-    (sample) whenever it can; otherwise above :data:`SAMPLE_ABOVE_EVENTS` estimated events
-    (then sampled unless ``exact`` is True). Never with a key-padding mask."""
+def sampling_mode(schedule, exact) -> tuple[bool, bool]:
+    """(streamed, sampled): how :func:`iosim.simulate.simulate_schedule` simulates
+    ``schedule``. ``exact=True``: every event replayed, streamed above
+    :data:`STREAM_ABOVE_EVENTS`; ``exact=False``: streamed and sampled wherever a kernel is long
+    enough; None (default): streamed above STREAM_ABOVE_EVENTS, sampled too above
+    :data:`SAMPLE_ABOVE_EVENTS`. A key-padding mask (batch elements with different templates)
+    is never streamed."""
     if schedule.shape.kv_lens is not None:
-        return False
+        return False, False
     if exact is False:
-        return True
+        return True, True
     from .budget import estimate
 
-    return estimate(schedule).events > SAMPLE_ABOVE_EVENTS
+    events = estimate(schedule).events
+    return events > STREAM_ABOVE_EVENTS, exact is None and events > SAMPLE_ABOVE_EVENTS
 
 
 # ---- one kernel ------------------------------------------------------------------------------
@@ -554,12 +552,18 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
                      half * float(missing.sum()) / max(len(kind), 1))
         store_k = l2_k[:, is_store_cls].sum(axis=1)
         store_rest = rest[is_store_cls].sum()
-        episode_ratio = np.divide(steady_episodes, store_k, out=np.zeros_like(store_k),
-                                  where=store_k > 0)
+        # dirty bytes made per byte stored: pooled over the steady segments (a segment may
+        # store nothing: its CTAs all in their loops), spread over those that store
+        stores = store_k > 0
+        pooled_episodes = (float(steady_episodes[stores].sum() / store_k[stores].sum())
+                           if stores.any() else 0.0)
         # the dirty bytes made: the prefix's, the middle's (estimated) and the tail's; all but
         # those left at the end were written back during the kernel
-        writes = t_interval(sum(episodes) + episode_ratio * store_rest + tail_episodes
-                            - dirty_end)
+        writes = (float(sum(episodes) + pooled_episodes * store_rest + tail_episodes
+                        - dirty_end), 0.0)
+        if stores.sum() > 1:
+            per_k = steady_episodes[stores] / store_k[stores] * store_rest
+            writes = (writes[0], t_interval(per_k)[1])
         # the dirty bytes left at the end come from the stand-in state: as uncertain as the
         # dirty bytes held from one steady segment to the next
         since = held[turned_over:]
@@ -577,13 +581,25 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         covered = (middle_begin + n_positions - warm_begin) / n_positions
         stats = SampleStats(windows=len(segments), covered_share=min(1.0, covered),
                             intervals=intervals)
-    # each template event's HBM bytes: the mean over the heads where it was replayed, else its
-    # request bytes times its class's ratio
-    ratio = np.divide(read_by_cls + write_by_cls, request_by_cls, out=np.zeros(n_cls),
-                      where=request_by_cls > 0)
+    # each template event's HBM bytes read and written back: the mean over the heads where it
+    # was replayed, else its request bytes times its class's ratio; when sampled, each part
+    # scaled to the estimated total (the replayed heads include the cold start's, which evict
+    # nothing and so write nothing back)
     seen = walker.tmpl_n > 0
-    hbm = np.where(kind == COMPUTE, 0.0, request * ratio[cls])
-    hbm[seen] = walker.tmpl_hbm[seen] / walker.tmpl_n[seen]
+    n_seen = np.maximum(walker.tmpl_n, 1)
+    parts = []
+    for by_cls, mean in ((read_by_cls, walker.tmpl_read / n_seen),
+                         (write_by_cls, (walker.tmpl_hbm - walker.tmpl_read) / n_seen)):
+        ratio = np.divide(by_cls, request_by_cls, out=np.zeros(n_cls),
+                          where=request_by_cls > 0)
+        part = np.where(seen, mean, np.where(kind == COMPUTE, 0.0, request * ratio[cls]))
+        parts.append(part)
+    if stats is not None:
+        for part, name in zip(parts, ("hbm_read_bytes", "hbm_write_bytes")):
+            total = float(part.sum()) * heads
+            if total > 0:
+                part *= counts[name] / total
+    hbm = parts[0] + parts[1]
     return KernelReplay(counts=counts, hbm_by_template_event=hbm, stats=stats)
 
 

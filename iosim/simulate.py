@@ -298,9 +298,10 @@ def simulate(algorithm: str, shape: AttentionShape, *, block_rows=None, block_co
     :class:`~iosim.budget.BudgetError` says the estimate and how to go on.
     ``exact``: None (default) replays every event of a simulation up to
     :data:`iosim.sampling.SAMPLE_ABOVE_EVENTS` trace events and samples a larger one (see
-    :mod:`iosim.sampling`: streamed in bounded memory, HBM counts estimated with a confidence
-    interval, ``result.sampled``); True always replays every event (a larger one streamed);
-    False samples whenever the kernel is long enough."""
+    :mod:`iosim.sampling`: HBM counts estimated with a confidence interval, ``result.sampled``);
+    True always replays every event; False samples whenever the kernel is long enough. Above
+    :data:`iosim.sampling.STREAM_ABOVE_EVENTS` events the replay is streamed from one head's
+    events (memory independent of B·H; the same counts)."""
     if not isinstance(shape, AttentionShape):
         raise IosimError(f"shape must be an iosim.AttentionShape, got {type(shape).__name__}")
     check_model(model)
@@ -340,9 +341,14 @@ def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
     schedule.check_fits(hw.sram_bytes_per_block)
     if exact not in (None, True, False):
         raise IosimError(f"exact must be None, True or False, got {exact!r}")
-    streamed = sampling.streams(schedule, exact)
-    budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed)
+    streamed, sampled = sampling.sampling_mode(schedule, exact)
+    cost = budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed)
+    if cost.seconds > budget.ANNOUNCE_ABOVE_SECONDS:  # say what is coming before a long run
+        import sys
+
+        print(f"iosim: simulating {schedule.algorithm} at {schedule.shape.describe()}: "
+              f"estimated {cost.describe()}{' at most (sampled)' if sampled else ''}",
+              file=sys.stderr, flush=True)
     if streamed:
-        return sampling.simulate_streamed(schedule, hw, model, time_model,
-                                          sample=exact is not True)
+        return sampling.simulate_streamed(schedule, hw, model, time_model, sample=sampled)
     return simulate_trace(build_trace(schedule), hw, model, time_model)
