@@ -593,7 +593,7 @@ def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) 
                         "measured yet)", ""]
     # the file also holds flash2 beside flash3 on the same shapes: the section is flash3's
     rows = compare(dict(doc, runs=[r for r in doc["runs"] if r["algorithm"] == "flash3"]),
-                   workers=workers)
+                   workers=workers, progress=True)
     if not rows:
         return lines + [f"({FLASH3_FILE} holds no passing, timed flash3 run)", ""]
     write_csv(results_dir / "validation_flash3.csv", rows)
@@ -677,7 +677,7 @@ def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = Non
         return lines + [f"(no {INFERENCE_FILE} in the data folder: the inference kernels have "
                         "not been measured yet)", ""]
     doc = json.loads(path.read_text())
-    rows = compare(doc, workers=workers)
+    rows = compare(doc, workers=workers, progress=True)
     if not rows:
         return lines + [f"({INFERENCE_FILE} holds no passing, timed run)", ""]
     write_csv(results_dir / "validation_inference.csv", rows)
