@@ -354,8 +354,10 @@ def _check_budget(algorithm, shape, schedules, parallel, max_memory_bytes,
                   max_seconds) -> None:
     """Refuse a ranking whose estimated memory (the ``parallel`` costliest pairs at once) or
     time (all pairs over ``parallel`` workers) exceeds the budget, before simulating any."""
-    costs = sorted((budget.estimate(schedule) for schedule in schedules),
-                   key=lambda c: -c.memory_bytes)
+    from .sampling import sampling_mode
+
+    costs = sorted((budget.estimate(schedule, streamed=sampling_mode(schedule, None)[0])
+                    for schedule in schedules), key=lambda c: -c.memory_bytes)
     memory = sum(c.memory_bytes for c in costs[:parallel])
     seconds = sum(c.seconds for c in costs) / parallel
     over = []

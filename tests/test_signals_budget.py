@@ -36,8 +36,10 @@ def test_causal_estimates_are_close():
 
 def test_a_run_over_budget_is_refused_before_anything_is_built(capsys):
     started = time.perf_counter()
-    code = main(["simulate", "--algorithm", "flash2", "--batch", "1000000", "--seq-len", "1024",
-                 "--head-dim", "64"])
+    # (streamed, a simulation holds one head's events and a few numbers per CTA: 10^8 batch
+    # elements of 8 CTAs each are what is over the memory budget)
+    code = main(["simulate", "--algorithm", "flash2", "--batch", "100000000", "--seq-len",
+                 "1024", "--head-dim", "64"])
     assert code == 2 and time.perf_counter() - started < 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1
