@@ -487,11 +487,24 @@ def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> lis
     hw = iosim.load_hardware(hardware)
     rows = []
     for run in doc.get("runs", []):
-        if not run.get("passed"):
+        # every gradient within the error rule (a dQ added with atomics in whatever order the
+        # CTAs arrive may differ in its last bits between runs: timed all the same)
+        grads = run.get("grads") or {}
+        within = grads and all(g["rel_error"] <= g["error_bound"] for g in grads.values())
+        if not (run.get("passed") or within):
             continue
+        if run["algorithm"] != "standard" and not run.get("threads"):
+            continue  # a fused kernel's earlier version, recorded without its resources
+        if "(deterministic)" in run.get("dq_accumulation", ""):
+            continue  # dQ added in a fixed order (CTAs wait their turn): not what the IR models
         schedule = iosim.build_schedule(run["algorithm"], _shape(run), run.get("block_rows"),
                                         run.get("block_cols"), hw.sram_bytes_per_block,
                                         pass_="backward")
+        if run.get("threads"):  # the fused kernel as built: its warps and registers
+            schedule = dataclasses.replace(schedule, kernels=tuple(
+                dataclasses.replace(k, warps=run["threads"] // 32,
+                                    registers_per_thread=run.get("registers"))
+                if k.name == f"{run['algorithm']}_bwd" else k for k in schedule.kernels))
         predicted = {k.name: k for k in simulate_schedule(schedule, hardware=hw).kernels}
         for measured in run["kernels"]:
             kernel = predicted.get(measured["name"])
