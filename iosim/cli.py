@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument("--exact", action="store_true",
                      help="replay every event, however long the kernel (default: a simulation "
-                          "of over 10 M trace events is sampled: its HBM bytes are estimated "
+                          "of over 4 M trace events is sampled: its HBM bytes are estimated "
                           "from a steady-state sample, with a 95%% confidence interval)")
     exp = sub.add_parser("explore", help="rank the block sizes that fit the SRAM")
     _add_workload(exp)
@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--workers", type=int, default=None,
                      help="worker processes (default: all cores)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp.add_argument("--exact", action="store_true",
+                     help="replay every event of every pair (default: a pair of over 1 M "
+                          "trace events is sampled; its HBM bytes are estimated to about a "
+                          "percent, enough to rank)")
     exp.add_argument("--scheduler", default=None,
                      help="where the pairs run: local worker processes (default), 'local' (a "
                           "Dask LocalCluster) or a Dask scheduler address such as "
@@ -223,7 +227,8 @@ def _explore(args) -> None:
                    sram_bytes=args.sram_bytes, model=args.model, workers=args.workers,
                    progress=not args.no_progress, time_model=args.time_model,
                    rows_per_warp=args.rows_per_warp, pass_=args.pass_,
-                   scheduler=args.scheduler, stages=args.stages, num_splits=args.num_splits, **_budget(args))
+                   scheduler=args.scheduler, stages=args.stages, num_splits=args.num_splits,
+                   exact=args.exact or None, **_budget(args))
     print(format_ranking(rows[: args.top]))
     for warning in (occupancy_warning(rows[: args.top]), spill_warning(rows[: args.top])):
         if warning:

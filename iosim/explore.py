@@ -174,11 +174,12 @@ def _fitting_schedules(algorithm, shape, hardware, row_sizes, col_sizes, rows_pe
 def _simulate_pair(job) -> BlockChoice:
     from .simulate import simulate
 
-    algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need, splits = job
+    (algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need, splits,
+     exact) = job
     result = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
                       model=model, time_model=time_model, rows_per_warp=rows_per_warp,
                       pass_=pass_, max_memory_bytes=None, max_seconds=None,
-                      num_splits=splits if algorithm_splits(algorithm) else None)
+                      num_splits=splits if algorithm_splits(algorithm) else None, exact=exact)
     total = result.totals
     slowest = max(result.kernels, key=lambda k: k.times_s["timed"])
     occ = slowest.occupancy
@@ -214,7 +215,7 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             candidates=None, time_model: str = "timed", rows_per_warp=None,
             pass_: str = "forward", scheduler: str | None = None, stages=None, num_splits=None,
             max_memory_bytes=budget.DEFAULT_MAX_MEMORY_BYTES,
-            max_seconds=budget.DEFAULT_MAX_SECONDS) -> list[BlockChoice]:
+            max_seconds=budget.DEFAULT_MAX_SECONDS, exact=None) -> list[BlockChoice]:
     """Simulate every candidate (Br, Bc) pair that fits the SRAM; fastest first. Block rows
     run over the query rows (a split-KV kernel's: the group's), block columns over the keys;
     a split-KV algorithm (flash_decoding) also ranks ``num_splits`` (when not given: 1 to 128
@@ -231,7 +232,9 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     run (:mod:`iosim.distribute`: local processes by default, "local" for a Dask LocalCluster,
     or a Dask scheduler address); ``max_memory_bytes`` (of the
     pairs simulated at once, one per worker) and ``max_seconds`` (of the whole ranking) bound the
-    estimated cost (:mod:`iosim.budget`; None: no limit). Raises :class:`IosimError` for bad
+    estimated cost (:mod:`iosim.budget`; None: no limit); ``exact``: None (default) samples
+    each pair of over :data:`SAMPLE_PAIRS_ABOVE_EVENTS` trace events (:mod:`iosim.sampling`),
+    True replays every event of every pair. Raises :class:`IosimError` for bad
     input, when no pair fits, or (:class:`~iosim.budget.BudgetError`) when the estimate exceeds
     the budget."""
     algorithm_module(algorithm)
@@ -248,7 +251,8 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
         hw = hw.with_sram(sram_bytes)
     if algorithm in STAGED:  # flash3: the ring depth ranked with the tiles
         return _explore_stages(algorithm, shape, hw, model, time_model, workers, progress,
-                               candidates, scheduler, stages, max_memory_bytes, max_seconds)
+                               candidates, scheduler, stages, max_memory_bytes, max_seconds,
+                               exact)
     kind = "pow2" if candidates is None else candidates
     row_extent = getattr(algorithm_module(algorithm), "row_extent", lambda s: s.seq_len)(shape)
     row_sizes = candidate_sizes(row_extent, kind)
@@ -262,13 +266,29 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
+    exact_of = {(br, bc, splits): pair_exact(schedule, exact)
+                for (br, bc, splits), (_, schedule) in fitting}
     jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need,
-             splits) for br, bc, need, splits in pairs]
+             splits, exact_of[br, bc, splits]) for br, bc, need, splits in pairs]
     _check_budget(algorithm, shape, [schedule for _, (_, schedule) in fitting],
                   min(workers, len(jobs)), max_memory_bytes, max_seconds)
     rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
                     progress=progress, desc=f"{algorithm} {shape.describe()}")
     return sorted(rows, key=rank_key)
+
+
+#: A ranking needs each pair to about a percent, not its exact bytes: by default (``exact`` None)
+#: the explorer samples every pair of more trace events than this (iosim.sampling), which
+#: single simulations do only above iosim.sampling.SAMPLE_ABOVE_EVENTS.
+SAMPLE_PAIRS_ABOVE_EVENTS = 1_000_000
+
+
+def pair_exact(schedule, exact):
+    """The ``exact`` a pair is simulated with: the explorer's own, or by default (None) False
+    (sampled where long enough) above :data:`SAMPLE_PAIRS_ABOVE_EVENTS` events, else None."""
+    if exact is not None:
+        return exact
+    return False if budget.estimate(schedule).events > SAMPLE_PAIRS_ABOVE_EVENTS else None
 
 
 #: FlashAttention-3's Br: whole consumer warpgroups (wgmma is 64 rows high).
@@ -296,9 +316,9 @@ def _simulate_staged(job) -> BlockChoice:
     """One (Br, Bc, stages) of a staged algorithm, simulated (as :func:`_simulate_pair`)."""
     from .simulate import simulate_schedule
 
-    schedule, hw, model, time_model, stages, need = job
+    schedule, hw, model, time_model, stages, need, exact = job
     result = simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
-                               max_memory_bytes=None, max_seconds=None)
+                               max_memory_bytes=None, max_seconds=None, exact=exact)
     total = result.totals
     occ = max(result.kernels, key=lambda k: k.times_s["timed"]).occupancy
     return BlockChoice(
@@ -317,7 +337,8 @@ def _simulate_staged(job) -> BlockChoice:
 
 
 def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, candidates,
-                    scheduler, stages, max_memory_bytes, max_seconds) -> list[BlockChoice]:
+                    scheduler, stages, max_memory_bytes, max_seconds,
+                    exact=None) -> list[BlockChoice]:
     """:func:`explore` for a staged algorithm (flash3): every (Br, Bc, stages) of
     :func:`staged_candidates` whose tiles fit the SRAM and whose CTA fits an SM, simulated and
     ranked together (ties: HBM bytes, Br, Bc, then the shallower ring)."""
@@ -340,7 +361,7 @@ def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, 
             f"no (block_rows, block_cols, stages) from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    jobs = [(schedule, hw, model, time_model, depth, need)
+    jobs = [(schedule, hw, model, time_model, depth, need, pair_exact(schedule, exact))
             for (_, _, depth), (need, schedule) in sorted(fitting.items())]
     parallel = min(workers, len(jobs))
     _check_budget(algorithm, shape, [job[0] for job in jobs], parallel, max_memory_bytes,
@@ -356,7 +377,9 @@ def _check_budget(algorithm, shape, schedules, parallel, max_memory_bytes,
     time (all pairs over ``parallel`` workers) exceeds the budget, before simulating any."""
     from .sampling import sampling_mode
 
-    costs = sorted((budget.estimate(schedule, streamed=sampling_mode(schedule, None)[0])
+    costs = sorted((budget.estimate(schedule,
+                                    streamed=sampling_mode(schedule, pair_exact(schedule,
+                                                                                None))[0])
                     for schedule in schedules), key=lambda c: -c.memory_bytes)
     memory = sum(c.memory_bytes for c in costs[:parallel])
     seconds = sum(c.seconds for c in costs) / parallel
