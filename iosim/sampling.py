@@ -380,11 +380,11 @@ STEADY_SEGMENTS = 4
 STEADY_TOLERANCE = 0.003
 MIN_SEGMENTS = 2 * STEADY_SEGMENTS + 1
 #: The prefix is steady only after it moved this many times the L2's capacity through HBM.
-STEADY_TURNOVERS = 2.0
+STEADY_TURNOVERS = 1.0
 #: Warm-up before the replayed tail, from the steady state's L2: at least this many segments
 #: (waves) and this many times the L2's capacity moved through HBM.
 TAIL_WARMUP_SEGMENTS = 2
-TAIL_WARMUP_TURNOVERS = 1.5
+TAIL_WARMUP_TURNOVERS = 1.0
 
 
 def _ratio(segments) -> float:
