@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes (default: all cores)")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.add_argument("--exact", action="store_true",
-                     help="replay every event of every pair (default: a pair of over 1 M "
+                     help="replay every event of every pair (default: a pair of over 250 k "
                           "trace events is sampled; its HBM bytes are estimated to about a "
                           "percent, enough to rank)")
     exp.add_argument("--scheduler", default=None,

@@ -280,7 +280,7 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
 #: A ranking needs each pair to about a percent, not its exact bytes: by default (``exact`` None)
 #: the explorer samples every pair of more trace events than this (iosim.sampling), which
 #: single simulations do only above iosim.sampling.SAMPLE_ABOVE_EVENTS.
-SAMPLE_PAIRS_ABOVE_EVENTS = 1_000_000
+SAMPLE_PAIRS_ABOVE_EVENTS = 250_000
 
 
 def pair_exact(schedule, exact):
