@@ -400,16 +400,21 @@ def _ratio(segments) -> float:
 HEAD_SAMPLING_MIN_HEADS = 16
 MIN_STEADY_HEADS = 8
 HEAD_TOLERANCE = 0.002
+HEAD_MAX_L2_SHARE = 0.25
 
 
-def _steady_heads(walker, first: int):
+def _steady_heads(walker, first: int, capacity_bytes: float):
     """The per-head HBM read bytes of the steady heads finished so far, or None while they
-    are too few or too spread (see HEAD_TOLERANCE)."""
+    are too few or too spread (see HEAD_TOLERANCE), or while a head reads more than
+    HEAD_MAX_L2_SHARE of the L2: heads that large share the L2 with their neighbours by how
+    their CTAs fall into waves, which changes from head to head, and are not alike."""
     done = walker.heads_done()
     x = walker.head_read[first:done]
     if len(x) < MIN_STEADY_HEADS:
         return None
     mean = float(x.mean())
+    if mean > HEAD_MAX_L2_SHARE * capacity_bytes:
+        return None
     half = _t_quantile(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return x if mean > 0 and half <= HEAD_TOLERANCE * mean else None
 
@@ -420,7 +425,12 @@ def _steady(segments) -> bool:
     last = _ratio(segments[-STEADY_SEGMENTS:])
     before = _ratio(segments[-2 * STEADY_SEGMENTS:-STEADY_SEGMENTS])
     mean = (last + before) / 2
-    return mean > 0 and abs(last - before) <= STEADY_TOLERANCE * mean
+    if not (mean > 0 and abs(last - before) <= STEADY_TOLERANCE * mean):
+        return False
+    # and the segments' own ratios are close enough for their mean's interval to be as tight
+    ratios = [_ratio([c]) for c in segments[-2 * STEADY_SEGMENTS:]]
+    half = _t_quantile(len(ratios) - 1) * float(np.std(ratios, ddof=1)) / math.sqrt(len(ratios))
+    return half <= STEADY_TOLERANCE * mean
 
 
 def _tail_plan(segment, pos, n_positions, moved_per_position, capacity_bytes):
@@ -496,8 +506,8 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
             continue
         if turned_over is None:
             turned_over = len(segments) - 1
-        steady_heads = (_steady_heads(walker, first_steady_head) if head_mode
-                        else None)
+        steady_heads = (_steady_heads(walker, first_steady_head, capacity_bytes)
+                        if head_mode else None)
         if (steady_heads is not None and len(segments) > TAIL_WARMUP_SEGMENTS) or (
                 not head_mode and _steady(segments)):
             moved = (replayed[:, 0].sum() + sum(episodes)) / walker.pos

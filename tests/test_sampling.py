@@ -63,7 +63,7 @@ GRID = [
     ("flash2", 8, 16, 4096, 128, False, 32, 32),
     ("flash2", 4, 16, 8192, 128, True, None, None),
     ("flash2", 4, 16, 16384, 64, False, None, None),
-    ("flash2", 1, 32, 65536, 64, True, None, None),
+    ("flash2", 1, 32, 65536, 16, True, None, None),
     ("standard", 4, 16, 2048, 64, False, None, None),
 ]
 
