@@ -38,7 +38,7 @@ bytes held). A kernel too short for the skip to pay is replayed whole (exact).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,8 +62,8 @@ SAMPLE_ABOVE_EVENTS = STREAM_ABOVE_EVENTS
 class SampleStats:
     """What the sampled replay of one kernel measured and estimated."""
 
-    windows: int  # interior windows
-    covered_share: float  # share of the line accesses replayed (warm-ups included)
+    segments: int  # segments (waves) of the prefix replayed before the steady state
+    covered_share: float  # share of the events replayed (the tail's warm-up included)
     intervals: dict = field(default_factory=dict)  # counter -> (low, high), 95 %
 
 
@@ -86,7 +86,6 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
     n_ctas = cph * n_heads
     n_slots = slot_cta.shape[0]
     flat_state = state.reshape(state.shape[0] * state.shape[1])
-    packed = assoc <= _MAX_PACKED_WAYS
     line_shift = _log2(line_bytes)
     sector_shift = _log2(sector_bytes)
     inv_sets = 1.0 / n_sets
@@ -592,7 +591,7 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         read_by_cls = edges[:, 0] + pooled_read * rest
         write_by_cls = edges[:, 1] + pooled_write * rest
         covered = (middle_begin + n_positions - warm_begin) / n_positions
-        stats = SampleStats(windows=len(segments), covered_share=min(1.0, covered),
+        stats = SampleStats(segments=len(segments), covered_share=min(1.0, covered),
                             intervals=intervals)
     # each template event's HBM bytes read and written back: the mean over the heads where it
     # was replayed, else its request bytes times its class's ratio; when sampled, each part
