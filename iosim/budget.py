@@ -29,11 +29,14 @@ BYTES_PER_TEMPLATE_EVENT = 200
 SECONDS_PER_TEMPLATE_EVENT = 1e-7
 SECONDS_PER_EVENT = 3e-7
 #: A streamed simulation (iosim.sampling) holds the one-head template (with the timed model's
-#: per-event arrays of one head) and a few arrays per CTA, never the all-heads events; each of
-#: its events costs the walker's replay (upper bound: a sampled run replays fewer).
+#: per-event arrays of one head) and a few arrays per CTA, never the all-heads events
+#: (benchmarks/sampling_speed.py: 0.88-0.97 GB peak at 3.1 M template events, flash2 N = 65536
+#: d = 128); each of its events costs the walker's replay, 6e-8 s (16 x 16 tiles) to 2.6e-7 s
+#: (64 x 128 tiles) an event on the same benchmark: the larger figure, an upper bound (a
+#: sampled run replays fewer).
 BYTES_PER_STREAMED_TEMPLATE_EVENT = 400
 BYTES_PER_CTA = 200
-SECONDS_PER_STREAMED_EVENT = 4e-8
+SECONDS_PER_STREAMED_EVENT = 2.6e-7
 
 def _half_the_memory() -> int:
     """Half of this machine's physical memory (8 GiB where the OS does not say)."""
@@ -45,8 +48,10 @@ def _half_the_memory() -> int:
         return 8 * 2**30
 
 
-#: A simulation estimated to take longer says its estimate on stderr before it starts.
+#: A simulation estimated to take longer says its estimate on stderr before it starts, where
+#: ``announce`` is set (``iosim simulate`` sets it; a sweep's workers leave it off).
 ANNOUNCE_ABOVE_SECONDS = 10.0
+announce = False
 
 #: Default budget of one simulation (or of the simulations an explorer runs at once).
 DEFAULT_MAX_MEMORY_BYTES = _half_the_memory()

@@ -200,6 +200,9 @@ def _simulate_with_stages(args):
 
 
 def _simulate(args) -> None:
+    from . import budget
+
+    budget.announce = True  # say the estimate before a long run
     if args.stages is not None:  # flash3's ring depth
         result = _simulate_with_stages(args)
         print(json.dumps(result.to_dict()) if args.json else format_table(result))

@@ -343,7 +343,7 @@ def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
         raise IosimError(f"exact must be None, True or False, got {exact!r}")
     streamed, sampled = sampling.sampling_mode(schedule, exact)
     cost = budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed)
-    if cost.seconds > budget.ANNOUNCE_ABOVE_SECONDS:  # say what is coming before a long run
+    if budget.announce and cost.seconds > budget.ANNOUNCE_ABOVE_SECONDS:  # before a long run
         import sys
 
         print(f"iosim: simulating {schedule.algorithm} at {schedule.shape.describe()}: "

@@ -164,3 +164,29 @@ def test_streamed_memory_does_not_grow_with_the_heads():
     finally:
         tracemalloc.stop()
     assert trace_peak > 3 * large
+
+
+def test_cli_table_ends_with_the_intervals_of_a_sampled_run(capsys):
+    from iosim.cli import main
+
+    args = ["simulate", "--algorithm", "flash2", "--batch", "32", "--heads", "16", "--seq-len",
+            "4096", "--head-dim", "128"]  # 6.4 M events: sampled by default
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("sampled") and "hbm read" in out.splitlines()[-1]
+    assert main(args + ["--exact"]) == 0
+    assert "sampled" not in capsys.readouterr().out
+
+
+def test_explore_samples_its_pairs_and_ranks_as_the_exact_replay():
+    from iosim.explore import explore
+
+    shape = iosim.AttentionShape(8, 16, 4096, 128)
+    kw = dict(workers=1, progress=False, candidates=[64, 128])
+    default = explore("flash2", shape, **kw)
+    exact = explore("flash2", shape, exact=True, **kw)
+    assert [(r.block_rows, r.block_cols) for r in default] == \
+        [(r.block_rows, r.block_cols) for r in exact]
+    for mine, theirs in zip(default, exact):
+        assert mine.hbm_bytes == pytest.approx(theirs.hbm_bytes, rel=0.01)
+        assert mine.predicted_time_s == pytest.approx(theirs.predicted_time_s, rel=0.01)
