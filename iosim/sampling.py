@@ -469,6 +469,9 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         "l2_line_accesses": int(lines.sum()) * heads,
     }
     request_by_cls = np.bincount(cls, weights=request, minlength=n_cls) * heads
+    if n_positions == 0:  # no CTA, no event: nothing reaches the L2
+        counts = dict(exact_counts, hbm_read_bytes=0, hbm_write_bytes=0, l2_dirty_end_bytes=0)
+        return KernelReplay(counts=counts, hbm_by_template_event=np.zeros(len(kind)))
     walker = _Walker(ht, hardware, slots, cls, n_cls)
     cph = len(t["cta_start"]) - 1
     n_slots = len(walker.slot_cta)
