@@ -130,16 +130,18 @@ def parallel_map(fn, items, desc: str = "run", progress: bool = True) -> list:
 #: One colour and one marker per attention algorithm (and the op catalogue), the same in every
 #: figure: experiments/*.py and the validation figures all draw from these.
 COLORS = {"standard": "#1f77b4", "hf": "#9467bd", "megatron": "#8c564b", "flash1": "#ff7f0e",
-          "flash2": "#d62728", "catalogue": "#2ca02c", "flash_decoding": "#17becf"}
+          "flash2": "#d62728", "catalogue": "#2ca02c", "flash_decoding": "#17becf",
+          "flash3": "#e377c2"}
 MARKERS = {"standard": "o", "hf": "v", "megatron": "^", "flash1": "s", "flash2": "D",
-           "catalogue": "P", "flash_decoding": "X"}
+           "catalogue": "P", "flash_decoding": "X", "flash3": "*"}
 #: Legend names where they differ from the key.
 LABELS = {"catalogue": "op catalogue"}
 #: Drawing order: the fused kernels (many, scattered) first, the unfused pipelines over them,
 #: ``standard`` last. Its GEMMs are the same kernels as hf's and megatron's (and its bytes often
 #: the same as megatron's), so it is drawn on top with an open marker (and a dashed line)
 #: through which the points and lines it covers stay visible.
-DRAW_ORDER = ("flash1", "flash2", "catalogue", "hf", "megatron", "standard")
+DRAW_ORDER = ("flash1", "flash2", "flash3", "flash_decoding", "catalogue", "hf", "megatron",
+              "standard")
 OPEN = frozenset({"standard"})
 
 
