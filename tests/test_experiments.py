@@ -381,10 +381,12 @@ def test_inference_decode_is_memory_bound_and_grouping_shrinks_kv_bytes(quick_re
     out, _ = quick_results
     decode = _csv(out / "inference_decode.csv")
     assert decode and all(r["bound"] == "memory" for r in decode)
-    for b, m in {(r["batch"], r["kv_seq_len"]) for r in decode}:
+    longest = max(int(r["kv_seq_len"]) for r in decode)
+    for b in {r["batch"] for r in decode}:
         times = {int(r["num_splits"]): float(r["predicted_time_s"]) for r in decode
-                 if (r["batch"], r["kv_seq_len"]) == (b, m)}
-        # the heuristic splits only when B·H_kv CTAs leave SMs idle, and then it pays
+                 if r["batch"] == b and int(r["kv_seq_len"]) == longest}
+        # the heuristic splits only when B·H_kv CTAs leave SMs idle, and on a long cache it
+        # pays (on a short one the combine kernel can cost more than the split saves)
         assert min(times, key=times.get) == max(times)
     gqa = _csv(out / "inference_gqa.csv")
     flash2 = sorted((int(r["group_size"]), int(r["hbm_bytes"])) for r in gqa
