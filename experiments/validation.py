@@ -189,6 +189,17 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
     return {"block_rows": l2.block_rows, "block_cols": l2.block_cols, "kernels": kernels}
 
 
+#: The run fields a prediction depends on (the shape, the tiling and the kernel's resources).
+PREDICTION_FIELDS = ("algorithm", "batch", "heads", "seq_len", "head_dim", "causal", "kv_heads",
+                     "kv_seq_len", "block_rows", "block_cols", "warp_rows", "q_in_registers",
+                     "num_splits", "threads", "stages", "registers", "combine_registers",
+                     "consumer_warpgroups", "consumer_regs", "producer_regs")
+
+
+def _prediction_key(run: dict) -> tuple:
+    return tuple(run.get(name) for name in PREDICTION_FIELDS)
+
+
 def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
             registers: dict | None = None, progress: bool = False) -> list[dict]:
     """One row per measured kernel of every passing run: predictions beside measurements.
@@ -203,23 +214,29 @@ def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
     runs = [r for r in doc["runs"] if r.get("passed") and r.get("time_s")]
     workers = workers or os.cpu_count() or 1
     job = partial(predict, hardware=hardware, registers=registers)
-    bar = tqdm(total=len(runs), desc="validation", unit="run", file=sys.stderr,
+    # runs of one configuration (a sweep repeated, the same kernel in two sweeps) are
+    # predicted once
+    keys = [_prediction_key(r) for r in runs]
+    unique = list({key: run for key, run in zip(keys, runs)}.values())
+    bar = tqdm(total=len(unique), desc="validation", unit="run", file=sys.stderr,
                disable=not progress, leave=False)
-    if workers > 1 and len(runs) > 1:
+    if workers > 1 and len(unique) > 1:
         # the largest first, so that no worker is left with a long one at the end
-        order = sorted(range(len(runs)), key=lambda i: -runs[i]["batch"] * runs[i]["seq_len"] ** 2)
+        order = sorted(range(len(unique)),
+                       key=lambda i: -unique[i]["batch"] * unique[i]["seq_len"] ** 2)
         done = {}
         with process_pool(workers) as pool:
-            for i, prediction in zip(order, pool.map(job, [runs[i] for i in order])):
+            for i, prediction in zip(order, pool.map(job, [unique[i] for i in order])):
                 done[i] = prediction
                 bar.update(1)
-        predictions = [done[i] for i in range(len(runs))]
+        by_key = {_prediction_key(unique[i]): done[i] for i in range(len(unique))}
     else:
-        predictions = []
-        for r in runs:
-            predictions.append(job(r))
+        by_key = {}
+        for r in unique:
+            by_key[_prediction_key(r)] = job(r)
             bar.update(1)
     bar.close()
+    predictions = [by_key[key] for key in keys]
     rows = []
     for run, prediction in zip(runs, predictions):
         for measured in run["kernels"]:
