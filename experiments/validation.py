@@ -737,7 +737,7 @@ def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = Non
                             "time_ape_worst_pct_roofline", "kernels_profiled",
                             "bytes_ape_median_pct_l2", "bytes_ape_worst_pct_l2"]),
         "",
-        "The decode kernels at the issue's shape (B=16, H=32, H_kv=8, N_kv=32768, d=128):",
+        "The decode kernels at the target shape (B=16, H=32, H_kv=8, N_kv=32768, d=128):",
         "",
         _markdown([r for r in split if r["sweep"] == "decode_target"],
                   ["num_splits", "block_cols", "stages", "measured_time_s",
