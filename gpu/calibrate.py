@@ -726,6 +726,23 @@ extern "C" __global__ void wgmma_mufu(int mode, int iters, int ex2_iters, long l
         float acc = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7;
         if (acc == 123.0f) sink[0] = acc;
     }
+    if (wg == 1 && (mode & 4)) {
+        float x0 = threadIdx.x * 1e-3f, x1 = x0 + 0.1f, x2 = x0 + 0.2f, x3 = x0 + 0.3f, x4 = x0 + 0.4f,
+              x5 = x0 + 0.5f, x6 = x0 + 0.6f, x7 = x0 + 0.7f;
+        const float a = 0.999f, b = 1e-4f;
+        for (int it = 0; it < ex2_iters; ++it) {
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x0) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x1) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x2) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x3) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x4) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x5) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x6) : "f"(a), "f"(b));
+            asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(x7) : "f"(a), "f"(b));
+        }
+        float acc = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7;
+        if (acc == 123.0f) sink[0] = acc;
+    }
     long long t1 = clock64();
     if (threadIdx.x % 128 == 0) cycles[2 * blockIdx.x + wg] = t1 - t0;
 }
@@ -759,11 +776,12 @@ def _wgmma_module():
     return cp.RawModule(path=path), "nvrtc cubin"
 
 
-def _wgmma_mufu_overlap(mod, sm, cycles, sink, log) -> dict:
-    """Do the tensor cores (wgmma, one warpgroup) and the special-function units (ex2, another warpgroup, the
-    same sub-partitions) work at the same time? Each alone, then both (one CTA per SM, CUDA events); the ex2
-    count is set so that each alone takes about as long as the other. ``overlap``: (alone sum - both) /
-    (alone sum - alone max): 1 when both take as long as the longer alone, 0 when they add up."""
+def _wgmma_mufu_overlap(mod, sm, cycles, sink, log, other: int = 2) -> dict:
+    """Do the tensor cores (wgmma, one warpgroup) and another pipe (``other``: 2 the special-function units'
+    ex2, 4 the FP32 pipe's FMA; another warpgroup, the same sub-partitions) work at the same time? Each alone,
+    then both (one CTA per SM, CUDA events); the other op's count is set so that each alone takes about as long
+    as the other. ``overlap``: (alone sum - both) / (alone sum - alone max): 1 when both take as long as the
+    longer alone, 0 when they add up."""
     import numpy as np
     import cupy as cp
 
@@ -777,13 +795,14 @@ def _wgmma_mufu_overlap(mod, sm, cycles, sink, log) -> dict:
 
     wg_alone = run(1, 0)
     probe = 4000
-    per_ex2_iter = run(2, probe) / probe
+    per_ex2_iter = run(other, probe) / probe
     ex2_iters = max(1, int(round(wg_alone / per_ex2_iter)))
-    ex2_alone = run(2, ex2_iters)
-    both = run(3, ex2_iters)
+    ex2_alone = run(other, ex2_iters)
+    both = run(1 | other, ex2_iters)
     longer, total = max(wg_alone, ex2_alone), wg_alone + ex2_alone
     overlap = (total - both) / (total - longer) if total > longer else 1.0
-    log(f"  wgmma alone {wg_alone * 1e6:.1f} us, ex2 alone {ex2_alone * 1e6:.1f} us, both {both * 1e6:.1f} us: "
+    name = "ex2" if other == 2 else "fma"
+    log(f"  wgmma alone {wg_alone * 1e6:.1f} us, {name} alone {ex2_alone * 1e6:.1f} us, both {both * 1e6:.1f} us: "
         f"overlap {overlap:.2f}")
     return {"wgmma_alone_s": wg_alone, "ex2_alone_s": ex2_alone, "both_s": both, "overlap": overlap,
             "wgmma_iters": iters, "wgmmas_per_iter": WGMMA_RATE_CHAIN, "ex2_iters": ex2_iters,
@@ -822,17 +841,26 @@ def wgmma_benchmarks(dev: dict, log=print) -> dict:
         flops = sm * groups * iters * WGMMA_RATE_CHAIN * flops_one
         by_wg[str(groups)] = flops / t["median"]
         cyc_by_wg[str(groups)] = float(cp.median(cycles.astype(cp.float64)).get())
-    try:  # added after the committed wgmma run: not yet run on the device
+    try:  # must not lose the wgmma figures
         overlap = _wgmma_mufu_overlap(mod, sm, cycles, sink, log)
-    except Exception as e:  # noqa: BLE001 -- must not lose the wgmma figures
+    except Exception as e:  # noqa: BLE001
         overlap = {"error": repr(e)[:1000]}
+    try:
+        fma_overlap = _wgmma_mufu_overlap(mod, sm, cycles, sink, log, other=4)
+        fma_overlap["method"] = fma_overlap["method"].replace(
+            "8 independent ex2.approx.ftz chains", "8 independent fma.rn.f32 chains")
+        fma_overlap["fma_iters"] = fma_overlap.pop("ex2_iters")
+        fma_overlap["fma_alone_s"] = fma_overlap.pop("ex2_alone_s")
+        fma_overlap["fma_per_iter_per_thread"] = fma_overlap.pop("ex2_per_iter_per_thread")
+    except Exception as e:  # noqa: BLE001
+        fma_overlap = {"error": repr(e)[:1000]}
     rate = by_wg["2"]
     flop_per_sm_cycle = 2 * iters * WGMMA_RATE_CHAIN * flops_one / cyc_by_wg["2"]
     st = _stats(per)
     pipe = flops_one / flop_per_sm_cycle
     log(f"  wgmma m64n{WGMMA_N}k16: dependent {st['median']:.1f} cycles, pipe {pipe:.1f}; "
         f"{', '.join(f'{g} WG {r / 1e12:.0f} TFLOP/s' for g, r in by_wg.items())}")
-    return {"wgmma_mufu_overlap": overlap, "wgmma_fp16_f32": {
+    return {"wgmma_mufu_overlap": overlap, "wgmma_fma_overlap": fma_overlap, "wgmma_fp16_f32": {
         "flops_per_s": rate, "flops_per_s_by_warpgroups": by_wg,
         "flop_per_sm_cycle": flop_per_sm_cycle, "sm_cycles_by_warpgroups": cyc_by_wg,
         "latency_cycles": st["median"] - pipe, "dependent_cycles": st["median"], "dependent_cycles_repeats": st,

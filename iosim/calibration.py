@@ -55,9 +55,12 @@ def _wgmma(results: dict, latency: dict) -> tuple[str, float, str]:
     if "wgmma_fp16_f32" in results:
         rate = _rate(results, "wgmma_fp16_f32", "flops_per_s")
         cycles = _rate(results, "wgmma_fp16_f32", "latency_cycles")
-        overlap = results.get("wgmma_mufu_overlap", {}).get("overlap")
-        overlap_line = ("" if overlap is None else
-                        f"wgmma_sfu_overlap = {min(1.0, max(0.0, float(overlap))):.3f}\n")
+        overlap_line = ""
+        for key, name in (("wgmma_mufu_overlap", "wgmma_sfu_overlap"),
+                          ("wgmma_fma_overlap", "wgmma_fp32_overlap")):
+            overlap = results.get(key, {}).get("overlap")
+            if overlap is not None:
+                overlap_line += f"{name} = {min(1.0, max(0.0, float(overlap))):.3f}\n"
         by_groups = results["wgmma_fp16_f32"].get("flops_per_s_by_warpgroups") or {}
         if by_groups:
             relative = [float(by_groups[str(g)]) / rate for g in sorted(map(int, by_groups))]

@@ -91,6 +91,8 @@ class Hardware:
     # at the same time as the other on one SM (optional [compute] wgmma_sfu_overlap; absent:
     # 1, they overlap fully): the timed model charges the rest to the tensor pipe
     wgmma_sfu_overlap: float = 1.0
+    # the same for wgmma beside FP32 work (optional [compute] wgmma_fp32_overlap; absent: 1)
+    wgmma_fp32_overlap: float = 1.0
     # the wgmma rate with 1, 2, 3, ... consumer warpgroups resident per SM, relative to
     # wgmma_flops_per_s (optional [compute] wgmma_rate_by_warpgroups; absent: the same for all)
     wgmma_rate_by_warpgroups: tuple = ()
@@ -207,7 +209,9 @@ _RATE_TABLES = ("tensor_flops_per_s", "mma_sync_flops_per_s", "wgmma_flops_per_s
 _OPTIONAL = {"wgmma_latency_cycles": (_Key("latency", "wgmma_cycles", float, *_LATENCY),
                                       "mma_latency_cycles"),
              "wgmma_sfu_overlap": (_Key("compute", "wgmma_sfu_overlap", float, 0.0, 1.0,
-                                        "fraction"), 1.0)}
+                                        "fraction"), 1.0),
+             "wgmma_fp32_overlap": (_Key("compute", "wgmma_fp32_overlap", float, 0.0, 1.0,
+                                         "fraction"), 1.0)}
 _TOP_LEVEL = ("name", "description") + _SECTIONS
 #: The keys each section allows, in the order the documentation lists them.
 ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)

@@ -143,9 +143,10 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     def per_cta(values):
         return np.tile(_per_cta(values, starts), heads)
 
-    # wgmma and exp on one SM overlap only partly (the spec's measured wgmma_sfu_overlap): the
-    # tensor pipe is held for the rest of the exp work
-    coupled = (1.0 - hw.wgmma_sfu_overlap) * sfu_w if kt.tensor_path == "wgmma" else 0.0
+    # wgmma and exp, wgmma and FP32 work on one SM overlap only partly (the spec's measured
+    # wgmma_sfu_overlap, wgmma_fp32_overlap): the tensor pipe is held for the rest of that work
+    coupled = ((1.0 - hw.wgmma_sfu_overlap) * sfu_w + (1.0 - hw.wgmma_fp32_overlap) * fp32_w
+               if kt.tensor_path == "wgmma" else 0.0)
     demand = {
         "latency_cycles": per_cta(latency),
         "tensor_cycles": per_cta(np.where(is_compute, tensor_w + coupled, 0.0)),

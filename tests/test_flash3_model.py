@@ -207,12 +207,15 @@ def _flash3_demands(schedule, hardware):
 
 def test_wgmma_and_exp_overlap_as_the_spec_measured():
     schedule = build_schedule("flash3", AttentionShape(1, 1, 1024, 64), 128, 128)
-    full = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=1.0))
-    half = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=0.5))
-    # the tensor pipe is held for the half of the exp work that does not overlap
-    np.testing.assert_allclose(half["tensor_cycles"],
-                               full["tensor_cycles"] + 0.5 * full["sfu_cycles"])
+    full = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=1.0,
+                                                         wgmma_fp32_overlap=1.0))
+    half = _flash3_demands(schedule, dataclasses.replace(H100, wgmma_sfu_overlap=0.5,
+                                                         wgmma_fp32_overlap=0.75))
+    # the tensor pipe is held for the exp and FP32 work that does not overlap
+    np.testing.assert_allclose(half["tensor_cycles"], full["tensor_cycles"]
+                               + 0.5 * full["sfu_cycles"] + 0.25 * full["fp32_cycles"])
     np.testing.assert_array_equal(half["sfu_cycles"], full["sfu_cycles"])
+    np.testing.assert_array_equal(half["fp32_cycles"], full["fp32_cycles"])
 
 
 def test_the_overlapped_softmax_shortens_the_lone_chain_but_not_the_pipes():
@@ -221,7 +224,8 @@ def test_the_overlapped_softmax_shortens_the_lone_chain_but_not_the_pipes():
     serial = dataclasses.replace(schedule, kernels=(dataclasses.replace(
         schedule.kernels[0], overlap_softmax=False),))
     demands = {}
-    overlapping = dataclasses.replace(H100, wgmma_sfu_overlap=1.0)  # the pipes apart
+    overlapping = dataclasses.replace(H100, wgmma_sfu_overlap=1.0,
+                                      wgmma_fp32_overlap=1.0)  # the pipes apart
     for name, s in (("overlap", schedule), ("serial", serial)):
         demands[name] = _flash3_demands(s, overlapping)
     for pipe in ("tensor_cycles", "fp32_cycles", "sfu_cycles", "smem_bytes"):
@@ -399,7 +403,8 @@ def test_wgmma_rate_follows_the_resident_warpgroups():
     slower = dataclasses.replace(H100, wgmma_rate_by_warpgroups=(1.0, 1.0, 0.5))
     base, halved = (_flash3_demands(schedule, hw) for hw in (flat, slower))
     # 3 warpgroups resident per SM at half the rate: every MMA takes twice the pipe time
-    exp_part = (1.0 - H100.wgmma_sfu_overlap) * base["sfu_cycles"]
+    exp_part = ((1.0 - H100.wgmma_sfu_overlap) * base["sfu_cycles"]
+                + (1.0 - H100.wgmma_fp32_overlap) * base["fp32_cycles"])
     np.testing.assert_allclose(halved["tensor_cycles"] - exp_part,
                                2 * (base["tensor_cycles"] - exp_part))
     assert H100.wgmma_rate_factor(99) == H100.wgmma_rate_by_warpgroups[-1]
