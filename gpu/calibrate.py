@@ -12,7 +12,7 @@ issue interval (1, 2, 4, 8 independent chains in one warp), fp32 FMA and ex2.app
 __syncthreads() cost against warps per CTA, and DRAM bandwidth against bytes in flight per SM (Little's law).
 
 ``python -m gpu.calibrate --merge-from NEW.json --out OLD.json`` adds the result keys of NEW that OLD lacks to
-OLD (existing results are kept; NEW's values of them are stored under ``rerun_of_existing_results``).
+OLD (existing results are kept; NEW's values of them are appended to ``reruns_of_existing_results``).
 """
 from __future__ import annotations
 
@@ -874,8 +874,8 @@ def wgmma_benchmarks(dev: dict, log=print) -> dict:
 
 def merge_calibration(old: dict, new: dict) -> dict:
     """``old`` with the result keys of ``new`` that it lacks added. Existing results keep their values (the
-    h100-measured preset is generated from them); ``new``'s values of those are kept beside them under
-    ``rerun_of_existing_results``, with ``new``'s date and device."""
+    h100-measured preset is generated from them); ``new``'s values of those are appended to the list
+    ``reruns_of_existing_results``, with ``new``'s date and device (earlier reruns stay in it)."""
     for d, w in ((old, "old"), (new, "new")):
         if d.get("schema") != "iosim-gpu-calibration/1":
             raise ValueError(f"{w} document is not iosim-gpu-calibration/1")
@@ -886,10 +886,12 @@ def merge_calibration(old: dict, new: dict) -> dict:
     prev = doc["settings"].get("added_results", [])
     doc["settings"]["added_results"] = [a for a in prev if not set(a.get("keys", ())) & set(added)] + [
         {"keys": added, "date": new["date"], "device": new["device"], "settings": new.get("settings", {})}]
-    doc["rerun_of_existing_results"] = {
-        "date": new["date"], "device_name": new["device"].get("name"),
-        "note": "the same run's values of the results kept above (not used by the preset)",
-        "results": {k: copy.deepcopy(v) for k, v in new["results"].items() if k in old["results"]}}
+    reruns = doc.setdefault("reruns_of_existing_results", [])
+    rerun = {k: copy.deepcopy(v) for k, v in new["results"].items() if k in old["results"]}
+    if rerun:
+        reruns.append({"date": new["date"], "device_name": new["device"].get("name"),
+                       "note": "a later run's values of results kept above (not used by the preset)",
+                       "results": rerun})
     return doc
 
 

@@ -483,7 +483,9 @@ def test_calibration_to_seconds_and_merge():
            "results": {"d2d_copy": {"bytes_per_s": 2.0}, **res}}
     m = CAL.merge_calibration(old, new)
     assert m["results"]["d2d_copy"] == {"bytes_per_s": 1.0}                  # kept: the preset comes from it
-    assert m["rerun_of_existing_results"]["results"]["d2d_copy"] == {"bytes_per_s": 2.0}
+    assert m["reruns_of_existing_results"][-1]["results"]["d2d_copy"] == {"bytes_per_s": 2.0}
+    again = CAL.merge_calibration(m, dict(new, date="newer"))  # an earlier rerun is kept
+    assert [r["date"] for r in again["reruns_of_existing_results"]] == ["new", "newer"]
     assert set(m["settings"]["added_results"][-1]["keys"]) == set(res)
     assert m["settings"]["added_results"][-1]["device"] == {"name": "B"} and old["results"].keys() == {"d2d_copy"}
     with pytest.raises(ValueError):
@@ -515,7 +517,7 @@ def test_committed_calibration_has_the_latency_results():
     assert keys == [512 << i for i in range(len(keys))] and keys[-1] >= 128 << 10
     assert all(0 < v < 5e12 for v in bw.values())
     # the results the h100-measured preset is generated from are untouched by the merge
-    assert "d2d_copy" in r and "rerun_of_existing_results" in doc
+    assert "d2d_copy" in r and doc["reruns_of_existing_results"][0]["results"]["d2d_copy"]
 
 
 def test_committed_occupancy_is_valid():
