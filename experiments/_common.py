@@ -184,17 +184,19 @@ def scatter_style(algorithm: str, size: float = 30, **overrides) -> dict:
     return style
 
 
-def pow2_log_axes(ax, ticks) -> None:
-    """Log-log axes over powers of two (sequence lengths, block sizes): a base-2 x axis
-    labelled at each of ``ticks`` (no minor labels), plain 1/2/5 labels on the y axis."""
+def pow2_log_axes(ax, ticks, log_y: bool = True) -> None:
+    """Axes over powers of two (sequence lengths, block sizes, batches): a base-2 x axis
+    labelled at each of ``ticks`` (no minor labels); with ``log_y`` a log y axis with plain
+    1/2/5 labels."""
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(n) for n in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    plain_log_axis(ax.yaxis)
+    if log_y:
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
 
 
 def plain_log_axis(axis, subs=(1.0, 2.0, 5.0)) -> None:

@@ -19,7 +19,7 @@ from iosim.results import markdown_table, save_figure, write_csv
 from iosim.schedules import build_schedule
 
 from ._common import Section, SimJob, cli, close, is_quick, line_style, new_figure, \
-    simulate_many
+    pow2_log_axes, simulate_many
 
 HARDWARE = "h100-measured"
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -76,22 +76,21 @@ def gqa_rows(batch, seq_len, kv_len, groups) -> list[dict]:
     return rows
 
 
-def _figure(decode, gqa, batches, kv_lens, path: Path) -> None:
+def _figure(decode, gqa, batches, kv_lens, groups, path: Path) -> None:
     fig, axes = new_figure(ncols=2, width=5.8, height=4.4)
     left, right = axes[0]
     for m, dash in zip(kv_lens, ("-", "--", ":", "-.")):
-        for split, style in (("one", 1), ("heuristic", None)):
-            sel = [r for r in decode if r["kv_seq_len"] == m
-                   and ((r["num_splits"] == 1) == (split == "one"))]
-            if split == "heuristic":  # the heuristic's choice; where it is 1 the same point
-                sel = [max((r for r in decode if r["kv_seq_len"] == m and r["batch"] == b),
-                           key=lambda r: r["num_splits"]) for b in batches]
+        at_m = [r for r in decode if r["kv_seq_len"] == m]
+        # per batch: one split, and the heuristic's choice (the same point where it is 1)
+        one = [r for r in at_m if r["num_splits"] == 1]
+        chosen = [max((r for r in at_m if r["batch"] == b), key=lambda r: r["num_splits"])
+                  for b in batches]
+        for sel, what, alpha in ((one, "one split", 0.4), (chosen, "heuristic's splits", 1.0)):
             left.plot([r["batch"] for r in sel],
                       [100 * r["fraction_of_hbm_bandwidth"] for r in sel],
-                      **line_style("flash2" if split == "one" else "flash_decoding",
-                                   markersize=4, linestyle=dash,
-                                   label=f"N_kv={m}, {split} split{'s' * (split != 'one')}"))
-    left.set_xscale("log", base=2)
+                      **line_style("flash_decoding", markersize=5, linestyle=dash, alpha=alpha,
+                                   label=f"N_kv={m}, {what}"))
+    pow2_log_axes(left, batches, log_y=False)
     left.set_xlabel("batch (sequences decoded at once)")
     left.set_ylabel("predicted HBM bandwidth used (% of the spec's)")
     left.set_title(f"decode, H={HEADS}, H_kv={KV_HEADS}, d={HEAD_DIM}")
@@ -105,7 +104,7 @@ def _figure(decode, gqa, batches, kv_lens, path: Path) -> None:
         right.plot([r["group_size"] for r in sel],
                    [r["hbm_bytes"] / base["hbm_bytes"] for r in sel],
                    **line_style(alg, markersize=5, linestyle=":", label=f"{alg}: HBM bytes"))
-    right.set_xscale("log", base=2)
+    pow2_log_axes(right, groups, log_y=False)
     right.set_xlabel("group size H / H_kv (1: multi-head, 32: multi-query)")
     right.set_ylabel("relative to multi-head")
     right.set_title("GQA prefill")
@@ -123,7 +122,8 @@ def main(results_dir: Path, quick: bool | None = None) -> list[Section]:
     gqa = gqa_rows(*s["gqa"], s["groups"])
     write_csv(results_dir / "inference_decode.csv", decode, DECODE_COLUMNS)
     write_csv(results_dir / "inference_gqa.csv", gqa, GQA_COLUMNS)
-    _figure(decode, gqa, s["batches"], s["kv_lens"], results_dir / "inference.png")
+    _figure(decode, gqa, s["batches"], s["kv_lens"], s["groups"],
+            results_dir / "inference.png")
     decode_table = [{"B": r["batch"], "N_kv": r["kv_seq_len"], "splits": r["num_splits"],
                      "CTAs": r["ctas"], "HBM GB": f"{r['hbm_bytes'] / 1e9:.3f}",
                      "FLOP/B": f"{r['arithmetic_intensity']:.2f}", "bound": r["bound"],
@@ -156,8 +156,8 @@ Measured on the GPU (`python -m gpu.inference`, `experiments/data/h100/bench_inf
 and compared with these predictions in the validation section."""
     return [Section("Inference shapes: decode and grouped-query attention", body,
                     figures=[("inference.png", "Left: predicted HBM bandwidth of decode "
-                              "(flash_decoding) against the batch, one split vs the "
-                              "heuristic's. Right: GQA prefill, time and HBM bytes against the "
+                              "(flash_decoding) against the batch, one split (faint) vs the "
+                              "heuristic's (solid colour). Right: GQA prefill, time and HBM bytes against the "
                               "group size, relative to multi-head.")],
                     data=["inference_decode.csv", "inference_gqa.csv"])]
 
