@@ -171,43 +171,36 @@ def _fitting_schedules(algorithm, shape, hardware, row_sizes, col_sizes, rows_pe
     return sorted(found.items(), key=lambda item: item[0])
 
 
-def _simulate_pair(job) -> BlockChoice:
-    from .simulate import simulate
+def _simulate_choice(job) -> BlockChoice:
+    """One fitting choice (its schedule, already built: tiles, splits or ring depth baked in),
+    simulated and summed over its kernels."""
+    from .simulate import simulate_schedule
 
-    (algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need, splits,
-     exact) = job
-    result = simulate(algorithm, shape, block_rows=br, block_cols=bc, hardware=hw,
-                      model=model, time_model=time_model, rows_per_warp=rows_per_warp,
-                      pass_=pass_, max_memory_bytes=None, max_seconds=None,
-                      num_splits=splits if algorithm_splits(algorithm) else None, exact=exact)
+    schedule, hw, model, time_model, need, exact, splits, stages = job
+    result = simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
+                               max_memory_bytes=None, max_seconds=None, exact=exact)
     total = result.totals
-    slowest = max(result.kernels, key=lambda k: k.times_s["timed"])
-    occ = slowest.occupancy
+    occ = max(result.kernels, key=lambda k: k.times_s["timed"]).occupancy
     return BlockChoice(
-        block_rows=br, block_cols=bc, predicted_time_s=total.predicted_time_s,
-        hbm_read_bytes=total.hbm_read_bytes, hbm_write_bytes=total.hbm_write_bytes,
-        l2_read_bytes=total.l2_read_bytes, l2_write_bytes=total.l2_write_bytes,
-        flops_tensor=total.flops_tensor, flops_scalar=total.flops_scalar, flops=total.flops,
+        block_rows=schedule.block_rows, block_cols=schedule.block_cols,
+        predicted_time_s=total.predicted_time_s, hbm_read_bytes=total.hbm_read_bytes,
+        hbm_write_bytes=total.hbm_write_bytes, l2_read_bytes=total.l2_read_bytes,
+        l2_write_bytes=total.l2_write_bytes, flops_tensor=total.flops_tensor,
+        flops_scalar=total.flops_scalar, flops=total.flops,
         arithmetic_intensity=total.arithmetic_intensity, bound=total.bound,
         limiter=total.limiter, sram_bytes_per_cta=need, time_model=time_model,
         predicted_time_roofline_s=total.times_s["roofline"],
         predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
         warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
         occupancy_limiter=occ["limiter"],
-        spills=any(k.occupancy.get("spills") for k in result.kernels), num_splits=splits)
-
-
-def algorithm_splits(algorithm: str) -> bool:
-    """Whether ``algorithm`` splits the K/V sequence (takes num_splits)."""
-    from .schedules import SPLIT_KV
-
-    return algorithm in SPLIT_KV
+        spills=any(k.occupancy.get("spills") for k in result.kernels), num_splits=splits,
+        stages=stages)
 
 
 def rank_key(row: BlockChoice):
-    """Sort key: predicted time, then HBM bytes, then (Br, Bc, splits)."""
+    """Sort key: predicted time, then HBM bytes, then (Br, Bc, splits, ring depth)."""
     return (row.predicted_time_s, row.hbm_bytes, row.block_rows, row.block_cols,
-            row.num_splits)
+            row.num_splits, row.stages)
 
 
 def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
@@ -260,19 +253,25 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     sizes = sorted(set(row_sizes) | set(col_sizes))
     fitting = _fitting_schedules(algorithm, shape, hw, row_sizes, col_sizes, rows_per_warp,
                                  pass_, _split_options(algorithm, shape, hw, num_splits))
-    pairs = [(br, bc, need, splits) for (br, bc, splits), (need, _) in fitting]
-    if not pairs:
+    if not fitting:
         raise IosimError(
             f"no (block_rows, block_cols) pair from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    exact_of = {(br, bc, splits): pair_exact(schedule, exact)
-                for (br, bc, splits), (_, schedule) in fitting}
-    jobs = [(algorithm, shape, hw, model, time_model, rows_per_warp, pass_, br, bc, need,
-             splits, exact_of[br, bc, splits]) for br, bc, need, splits in pairs]
-    _check_budget(algorithm, shape, [schedule for _, (_, schedule) in fitting],
-                  min(workers, len(jobs)), max_memory_bytes, max_seconds)
-    rows = map_jobs(_simulate_pair, jobs, workers=min(workers, len(jobs)), scheduler=scheduler,
+    jobs = [(schedule, hw, model, time_model, need, pair_exact(schedule, exact), splits, 0)
+            for (_, _, splits), (need, schedule) in fitting]
+    return _rank(algorithm, shape, jobs, workers, scheduler, progress, max_memory_bytes,
+                 max_seconds)
+
+
+def _rank(algorithm, shape, jobs, workers, scheduler, progress, max_memory_bytes,
+          max_seconds) -> list[BlockChoice]:
+    """The jobs (of :func:`_simulate_choice`) checked against the budget, simulated and
+    ranked."""
+    parallel = min(workers, len(jobs))
+    _check_budget(algorithm, shape, [job[0] for job in jobs], parallel, max_memory_bytes,
+                  max_seconds)
+    rows = map_jobs(_simulate_choice, jobs, workers=parallel, scheduler=scheduler,
                     progress=progress, desc=f"{algorithm} {shape.describe()}")
     return sorted(rows, key=rank_key)
 
@@ -312,30 +311,6 @@ def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
     return [(br, bc, s) for br in sorted(rows) for bc in sorted(cols) for s in depths]
 
 
-def _simulate_staged(job) -> BlockChoice:
-    """One (Br, Bc, stages) of a staged algorithm, simulated (as :func:`_simulate_pair`)."""
-    from .simulate import simulate_schedule
-
-    schedule, hw, model, time_model, stages, need, exact = job
-    result = simulate_schedule(schedule, hardware=hw, model=model, time_model=time_model,
-                               max_memory_bytes=None, max_seconds=None, exact=exact)
-    total = result.totals
-    occ = max(result.kernels, key=lambda k: k.times_s["timed"]).occupancy
-    return BlockChoice(
-        block_rows=schedule.block_rows, block_cols=schedule.block_cols,
-        predicted_time_s=total.predicted_time_s, hbm_read_bytes=total.hbm_read_bytes,
-        hbm_write_bytes=total.hbm_write_bytes, l2_read_bytes=total.l2_read_bytes,
-        l2_write_bytes=total.l2_write_bytes, flops_tensor=total.flops_tensor,
-        flops_scalar=total.flops_scalar, flops=total.flops,
-        arithmetic_intensity=total.arithmetic_intensity, bound=total.bound,
-        limiter=total.limiter, sram_bytes_per_cta=need, time_model=time_model,
-        predicted_time_roofline_s=total.times_s["roofline"],
-        predicted_time_timed_s=total.times_s["timed"], timed_limiter=total.timed_limiter,
-        warps_per_sm=occ["warps_per_sm"], ctas_per_sm=occ["ctas_per_sm"],
-        occupancy_limiter=occ["limiter"],
-        spills=any(k.occupancy.get("spills") for k in result.kernels), stages=stages)
-
-
 def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, candidates,
                     scheduler, stages, max_memory_bytes, max_seconds,
                     exact=None) -> list[BlockChoice]:
@@ -361,14 +336,10 @@ def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, 
             f"no (block_rows, block_cols, stages) from sizes {sizes} fits {algorithm} at "
             f"{shape.describe()} in {hw.sram_bytes_per_block} bytes of SRAM per thread block; "
             "raise --sram-bytes or try smaller candidate sizes")
-    jobs = [(schedule, hw, model, time_model, depth, need, pair_exact(schedule, exact))
+    jobs = [(schedule, hw, model, time_model, need, pair_exact(schedule, exact), 1, depth)
             for (_, _, depth), (need, schedule) in sorted(fitting.items())]
-    parallel = min(workers, len(jobs))
-    _check_budget(algorithm, shape, [job[0] for job in jobs], parallel, max_memory_bytes,
-                  max_seconds)
-    rows = map_jobs(_simulate_staged, jobs, workers=parallel, scheduler=scheduler,
-                    progress=progress, desc=f"{algorithm} {shape.describe()}")
-    return sorted(rows, key=lambda r: (rank_key(r), r.stages))
+    return _rank(algorithm, shape, jobs, workers, scheduler, progress, max_memory_bytes,
+                 max_seconds)
 
 
 def _check_budget(algorithm, shape, schedules, parallel, max_memory_bytes,
