@@ -121,6 +121,17 @@ def tensor_layout(schedule) -> tuple[dict, dict]:
     return base, head_stride
 
 
+def tensor_addressing(schedule) -> tuple[tuple, dict, dict, np.ndarray]:
+    """What addresses a schedule's events: the tensor names in declaration order, their ids,
+    their base addresses, and each id's per-head byte stride (plus a trailing 0 for compute
+    events, tensor id -1)."""
+    base, head_stride = tensor_layout(schedule)
+    names = tuple(t.name for t in schedule.tensors)
+    tensor_ids = {name: i for i, name in enumerate(names)}
+    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    return names, tensor_ids, base, stride_by_id
+
+
 def tensor_heads(schedule, kernel, heads: np.ndarray) -> np.ndarray:
     """Per kernel head (rows) and tensor (columns, plus a trailing 0 column for compute
     events): the head-stride multiple of the tensor slice that head addresses. A query head
@@ -223,10 +234,7 @@ def build_trace(schedule, reference: bool = False) -> Trace:
     key-padding mask each batch element's heads get the template of its valid keys."""
     template_of = _head_template_reference if reference else trace_fast.head_template
     shape = schedule.shape
-    base, head_stride = tensor_layout(schedule)
-    names = tuple(t.name for t in schedule.tensors)
-    tensor_ids = {name: i for i, name in enumerate(names)}
-    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    names, tensor_ids, base, stride_by_id = tensor_addressing(schedule)
     kernels = []
     for kernel in schedule.kernels:
         per_batch = shape.kv_heads if kernel.heads == "kv" else shape.heads
