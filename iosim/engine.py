@@ -311,6 +311,21 @@ def _run_move_to_front(n, chunk_line, chunk_bits, chunk_set, chunk_event, state,
 
 
 @njit_cached
+def _chunk_scratch(kind, rows, row_bytes, line_bytes):
+    """Scratch for one chunk of line accesses (a chunk ends after the event that fills it):
+    _CHUNK_ACCESSES plus the most lines one event can touch. Returns (line, sector bits to set
+    in the line's state, set (unsigned: no negative-index wraparound), event) arrays."""
+    line_shift = _log2(line_bytes)
+    most = 0
+    for e in range(kind.shape[0]):
+        if kind[e] != COMPUTE:
+            most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
+    capacity = _CHUNK_ACCESSES + most
+    return (np.empty(capacity, dtype=np.int64), np.empty(capacity, dtype=np.int64),
+            np.empty(capacity, dtype=np.uint64), np.empty(capacity, dtype=np.int64))
+
+
+@njit_cached
 def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets, assoc,
               line_bytes, sector_bytes, counts, event_counts):
     """Replay one kernel through a cold L2; add its traffic to ``counts``.
@@ -326,16 +341,8 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
     sector_shift = _log2(sector_bytes)
     inv_sets = 1.0 / n_sets
 
-    # scratch for one chunk of line accesses: a chunk ends after the event that fills it
-    most = 0
-    for e in range(kind.shape[0]):
-        if kind[e] != COMPUTE:
-            most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
-    capacity = _CHUNK_ACCESSES + most
-    chunk_line = np.empty(capacity, dtype=np.int64)
-    chunk_bits = np.empty(capacity, dtype=np.int64)  # sector bits to set in the line's state
-    chunk_set = np.empty(capacity, dtype=np.uint64)  # unsigned: no negative-index wraparound
-    chunk_event = np.empty(capacity, dtype=np.int64)
+    chunk_line, chunk_bits, chunk_set, chunk_event = _chunk_scratch(kind, rows, row_bytes,
+                                                                    line_bytes)
     full_mask = (1 << (line_bytes >> sector_shift)) - 1
     line_offset_mask = line_bytes - 1
 

@@ -45,7 +45,8 @@ import numpy as np
 from . import engine
 from ._numba import njit_cached
 from .engine import (_CHUNK_ACCESSES, _DIRTY_SHIFT, _MAX_PACKED_WAYS, _POPCOUNT, _SECTOR_MASK,
-                     _initial_order, _log2, _run_move_to_front, _run_packed, _set_of)
+                     _chunk_scratch, _initial_order, _log2, _run_move_to_front, _run_packed,
+                     _set_of)
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 
@@ -89,15 +90,9 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
     line_shift = _log2(line_bytes)
     sector_shift = _log2(sector_bytes)
     inv_sets = 1.0 / n_sets
-    most = 0
-    for e in range(kind.shape[0]):
-        if kind[e] != COMPUTE:
-            most = max(most, rows[e] * (((row_bytes[e] + line_bytes - 1) >> line_shift) + 1))
-    capacity = _CHUNK_ACCESSES + most
-    chunk_line = np.empty(capacity, dtype=np.int64)
-    chunk_bits = np.empty(capacity, dtype=np.int64)
-    chunk_set = np.empty(capacity, dtype=np.uint64)
-    chunk_event = np.empty(capacity, dtype=np.int64)
+    chunk_line, chunk_bits, chunk_set, chunk_event = _chunk_scratch(kind, rows, row_bytes,
+                                                                    line_bytes)
+    capacity = chunk_line.shape[0]
     # the chunk's events: their HBM bytes, template event and whether measured
     event_counts = np.zeros((capacity, 2), dtype=np.int64)
     ev_te = np.empty(capacity, dtype=np.int64)
@@ -251,15 +246,12 @@ def head_templates(schedule) -> list[HeadTemplates] | None:
     """Per kernel, its one-head template and per-head address offsets; None with a key-padding
     mask (its batch elements run different templates: the caller replays exactly)."""
     from . import trace_fast
-    from .trace import tensor_heads, tensor_layout
+    from .trace import tensor_addressing, tensor_heads
 
     shape = schedule.shape
     if shape.kv_lens is not None:
         return None
-    base, head_stride = tensor_layout(schedule)
-    names = tuple(t.name for t in schedule.tensors)
-    tensor_ids = {name: i for i, name in enumerate(names)}
-    stride_by_id = np.array([head_stride[name] for name in names] + [0], dtype=np.int64)
+    _, tensor_ids, base, stride_by_id = tensor_addressing(schedule)
     out = []
     for kernel in schedule.kernels:
         heads = shape.batch_kv_heads if kernel.heads == "kv" else shape.batch_heads
