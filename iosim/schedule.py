@@ -178,11 +178,8 @@ def _size(buf: BufferSpec, dims) -> int:
     return dims[buf.rows] * dims[buf.cols]
 
 
-@dataclass(frozen=True)
-class Scale:
-    """buffer *= softmax scale (elementwise)."""
-
-    buffer: str
+class _Elementwise:
+    """An op that updates ``buffer`` in place, one scalar operation per element."""
 
     @property
     def reads(self):
@@ -197,7 +194,14 @@ class Scale:
 
 
 @dataclass(frozen=True)
-class CausalMask:
+class Scale(_Elementwise):
+    """buffer *= softmax scale (elementwise)."""
+
+    buffer: str
+
+
+@dataclass(frozen=True)
+class CausalMask(_Elementwise):
     """Set buffer[r, c] = ``value`` (-inf) where the column's sequence index exceeds the row's.
 
     ``row_offset``/``col_offset`` name the block variables (or "N" for a whole-row tile) that
@@ -207,17 +211,6 @@ class CausalMask:
     row_var: Dim
     col_var: Dim
     value: float = float("-inf")  # 0.0: the mask's backward (zero the masked gradients)
-
-    @property
-    def reads(self):
-        return (self.buffer,)
-
-    @property
-    def writes(self):
-        return (self.buffer,)
-
-    def flops(self, dims, buffers):
-        return 0, _size(buffers[self.buffer], dims)
 
 
 #: Philox4x32-10, the counter-based generator cuRAND and PyTorch draw dropout masks from: 10
@@ -260,23 +253,12 @@ class Dropout:
 
 
 @dataclass(frozen=True)
-class KeyPaddingMask:
+class KeyPaddingMask(_Elementwise):
     """Set buffer[r, c] = -inf where key c is padding (c >= the batch element's valid keys,
     token "L"): the unfused pipelines' key-padding mask."""
 
     buffer: str
     col_var: Dim
-
-    @property
-    def reads(self):
-        return (self.buffer,)
-
-    @property
-    def writes(self):
-        return (self.buffer,)
-
-    def flops(self, dims, buffers):
-        return 0, _size(buffers[self.buffer], dims)
 
 
 @dataclass(frozen=True)
