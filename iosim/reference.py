@@ -76,10 +76,7 @@ def reference_attention_backward(q, k, v, d_out, *, causal: bool = False,
     dV = Pᵀ dO; dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)); dQ = scale·dS K; dK = scale·dSᵀ Q."""
     q, k, v, d_out = (np.asarray(x, dtype=np.float64) for x in (q, k, v, d_out))
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
-    if causal:
-        n = s.shape[-1]
-        s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
+    s = _masked_scores(q, k, scale, causal, kv_lens=None, group=1)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     out = np.matmul(p, v)
