@@ -92,6 +92,28 @@ def dropout_ops(shape, buffer: str, row_var: str, col_var: str, fused: bool) -> 
     return (Dropout(buffer, row_var, col_var, bits_per_element=32, mask_out="keep"),)
 
 
+def online_softmax_program(shape, q_operand: str = "Qi", keep_q: tuple = (),
+                           within: str | None = None, out: str = "O", lse: str = "L") -> tuple:
+    """FlashAttention-2's forward CTA program (flash2, flash3, flash_decoding): Q_i loaded once
+    (then ``keep_q``, e.g. a copy into registers that ``q_operand`` names); O, m, l on chip;
+    a loop over the K/V blocks (those inside the current ``within`` block only, for a split)
+    of S = scale·Q Kᵀ [masked], the online softmax [dropout], O rescaled and O += P V; then
+    O normalised and the log-sum-exp, stored to ``out`` and ``lse``."""
+    from ..schedule import CausalMask, LogSumExp, OnlineSoftmax, RowDivide, RowScale
+
+    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
+    step = ((Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
+             MatMul("S", q_operand, "Kj", transpose_b=True, scaled=True)) + mask
+            + (OnlineSoftmax("S", "P", "m", "l", "alpha"),)
+            + dropout_ops(shape, "P", "i", "j", fused=True)
+            + (RowScale("O", "alpha"), MatMul("O", "P", "Vj", accumulate=True)))
+    return ((Load("Qi", "Q", "i", "d"),) + tuple(keep_q)
+            + (Fill("O", 0.0), Fill("m", float("-inf")), Fill("l", 0.0),
+               Loop("j", step, causal_skip=True, within=within),
+               RowDivide("O", "l"), LogSumExp("L", "m", "l"),
+               Store("O", out, "i", "d"), Store("L", lse, "i", "1")))
+
+
 def padding_ops(shape, buffer: str, col_var: str) -> tuple:
     """The key-padding mask of an unfused pipeline's scores, if the shape has one."""
     from ..schedule import KeyPaddingMask

@@ -13,9 +13,9 @@ Backward (:func:`build_backward`): FlashAttention-2's three kernels (D = rowsum(
 per K/V block recomputing S and P from L, dQ added into float32 HBM with atomics; dQ converted)."""
 from __future__ import annotations
 
-from ..schedule import (BufferSpec, CausalMask, Copy, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
-                        OnlineSoftmax, RecomputeProbs, RowDivide, RowDot, RowScale, Scale,
-                        Schedule, SoftmaxBackward, Store, TensorSpec)
+from ..schedule import (BufferSpec, CausalMask, Copy, Fill, Kernel, Load, Loop, MatMul,
+                        RecomputeProbs, RowDot, Scale, Schedule, SoftmaxBackward, Store,
+                        TensorSpec)
 from . import common
 
 F32 = common.F32
@@ -46,22 +46,12 @@ def default_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
 def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
           q_in_registers=False) -> Schedule:
     e = shape.elem_bytes
-    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
     # with q_in_registers each warp copies its rows of Q into registers once, and the QKᵀ
     # MMAs of every K/V block take them from there instead of re-reading shared memory
-    q_operand = "Qr" if q_in_registers else "Qi"
-    step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
-            MatMul("S", q_operand, "Kj", transpose_b=True, scaled=True)) + mask + (
-            OnlineSoftmax("S", "P", "m", "l", "alpha"),) + common.dropout_ops(
-            shape, "P", "i", "j", fused=True) + (
-            RowScale("O", "alpha"),
-            MatMul("O", "P", "Vj", accumulate=True))
-    keep_q = (Copy("Qr", "Qi"),) if q_in_registers else ()
-    body = (Load("Qi", "Q", "i", "d"),) + keep_q + (
-            Fill("O", 0.0), Fill("m", float("-inf")),
-            Fill("l", 0.0), Loop("j", step, causal_skip=True),
-            RowDivide("O", "l"), LogSumExp("L", "m", "l"),
-            Store("O", "O", "i", "d"), Store("L", "L", "i", "1"))
+    if q_in_registers:
+        body = common.online_softmax_program(shape, "Qr", keep_q=(Copy("Qr", "Qi"),))
+    else:
+        body = common.online_softmax_program(shape)
     fwd = Kernel(
         "flash2_fwd", grid=("i",), body=body,
         # K and V double-buffered: the next block's copy lands while this one is used

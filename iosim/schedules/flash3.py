@@ -20,8 +20,7 @@ fit. Causal: the row blocks with the most work are launched first. Forward only.
 from __future__ import annotations
 
 from ..errors import IosimError
-from ..schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
-                        OnlineSoftmax, RowDivide, RowScale, Schedule, Store, TensorSpec)
+from ..schedule import BufferSpec, Kernel, Schedule, TensorSpec
 from . import common
 
 F32 = common.F32
@@ -103,17 +102,7 @@ def consumer_warpgroups(block_rows: int) -> int:
 def build(shape, block_rows, block_cols, sram_bytes, stages=DEFAULT_STAGES) -> Schedule:
     stages = check_stages(stages)
     e = shape.elem_bytes
-    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
-    step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
-            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
-            OnlineSoftmax("S", "P", "m", "l", "alpha"),) + common.dropout_ops(
-            shape, "P", "i", "j", fused=True) + (
-            RowScale("O", "alpha"),
-            MatMul("O", "P", "Vj", accumulate=True))
-    body = (Load("Qi", "Q", "i", "d"), Fill("O", 0.0), Fill("m", float("-inf")),
-            Fill("l", 0.0), Loop("j", step, causal_skip=True),
-            RowDivide("O", "l"), LogSumExp("L", "m", "l"),
-            Store("O", "O", "i", "d"), Store("L", "L", "i", "1"))
+    body = common.online_softmax_program(shape)
     groups = consumer_warpgroups(block_rows)
     producer_registers, consumer_registers = SETMAXNREG.get(groups, (24, None))
     fwd = Kernel(

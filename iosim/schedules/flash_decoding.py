@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 
 from ..errors import IosimError
-from ..schedule import (BufferSpec, CausalMask, Fill, Flash1Merge, Kernel, Load, LogSumExp, Loop,
-                        MatMul, OnlineSoftmax, RowDivide, RowScale, Schedule, Store, TensorSpec)
+from ..schedule import (BufferSpec, Fill, Flash1Merge, Kernel, Load, LogSumExp, Loop, Schedule,
+                        Store, TensorSpec)
 from ..shape import check_positive_int
 from . import common
 
@@ -119,18 +119,10 @@ def build(shape, block_rows, block_cols, sram_bytes, num_splits=None, sm_count=N
     num_splits = check_num_splits(num_splits)
     per_split, splits = split_size(shape, block_cols, num_splits)
     e = shape.elem_bytes
-    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
-    step = (Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"),
-            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
-            OnlineSoftmax("S", "P", "m", "l", "alpha"), RowScale("O", "alpha"),
-            MatMul("O", "P", "Vj", accumulate=True))
     split = splits > 1
     out, lse = ("Opart", "Lpart") if split else ("O", "L")
-    body = (Load("Qi", "Q", "i", "d"), Fill("O", 0.0), Fill("m", float("-inf")),
-            Fill("l", 0.0),
-            Loop("j", step, causal_skip=True, within="s" if split else None),
-            RowDivide("O", "l"), LogSumExp("L", "m", "l"),
-            Store("O", out, "i", "d"), Store("L", lse, "i", "1"))
+    body = common.online_softmax_program(shape, within="s" if split else None, out=out,
+                                         lse=lse)
     spans = (("i", "G"), ("j", "L"), ("s", "L"))
     extents = (("S", splits),)
     split_kernel = Kernel(
