@@ -155,17 +155,19 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
     from iosim.trace import build_trace
 
     hw = iosim.load_hardware(hardware)
-    rows_per_warp = run.get("warp_rows") if run["algorithm"] in ("flash1", "flash2") else None
-    schedule = iosim.build_schedule(run["algorithm"], _shape(run), run["block_rows"],
-                                    run["block_cols"], hw.sram_bytes_per_block,
-                                    rows_per_warp=rows_per_warp,
-                                    q_in_registers=(run["algorithm"] == "flash2"
-                                                    and bool(run.get("q_in_registers"))))
-    schedule = _declare_registers(schedule, run, registers or {})
     if run["algorithm"] == "flash3":  # the Hopper kernel: its ring depth, warps and registers
         schedule = flash3_schedule(run, hw)
-    if run.get("kv_heads") is not None:  # an inference-shape kernel: as built
+    elif run.get("kv_heads") is not None:  # an inference-shape kernel: as built
         schedule = inference_schedule(run, hw)
+    else:
+        rows_per_warp = run.get("warp_rows") if run["algorithm"] in ("flash1", "flash2") \
+            else None
+        schedule = iosim.build_schedule(run["algorithm"], _shape(run), run["block_rows"],
+                                        run["block_cols"], hw.sram_bytes_per_block,
+                                        rows_per_warp=rows_per_warp,
+                                        q_in_registers=(run["algorithm"] == "flash2"
+                                                        and bool(run.get("q_in_registers"))))
+        schedule = _declare_registers(schedule, run, registers or {})
     trace = build_trace(schedule)  # one trace, replayed under both models
     sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
     l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
@@ -519,9 +521,8 @@ def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> lis
                                         pass_="backward")
         if run.get("threads"):  # the fused kernel as built: its warps and registers
             schedule = dataclasses.replace(schedule, kernels=tuple(
-                dataclasses.replace(k, warps=run["threads"] // 32,
-                                    registers_per_thread=run.get("registers"))
-                if k.name == f"{run['algorithm']}_bwd" else k for k in schedule.kernels))
+                _as_built(k, run) if k.name == f"{run['algorithm']}_bwd" else k
+                for k in schedule.kernels))
         predicted = {k.name: k for k in simulate_schedule(schedule, hardware=hw).kernels}
         for measured in run["kernels"]:
             kernel = predicted.get(measured["name"])
@@ -679,21 +680,27 @@ def inference_schedule(run: dict, hw):
                                     hw.sram_bytes_per_block, **options)
     kernels = []
     for kernel in schedule.kernels:
-        changes = {}
-        if kernel.name == "flash_decoding_combine":
-            if run.get("combine_registers"):
-                changes["registers_per_thread"] = int(run["combine_registers"])
-        else:
-            if run.get("registers"):
-                changes["registers_per_thread"] = int(run["registers"])
-            if run.get("threads"):
-                changes["warps"] = int(run["threads"]) // 32
-            if run.get("stages"):
-                changes["buffers"] = tuple(
-                    dataclasses.replace(b, stages=int(run["stages"])) if b.stages > 1 else b
-                    for b in kernel.buffers)
-        kernels.append(dataclasses.replace(kernel, **changes))
+        if kernel.name != "flash_decoding_combine":
+            kernel = _as_built(kernel, run)
+        elif run.get("combine_registers"):  # the combine kernel: its own registers only
+            kernel = dataclasses.replace(kernel,
+                                         registers_per_thread=int(run["combine_registers"]))
+        kernels.append(kernel)
     return dataclasses.replace(schedule, kernels=tuple(kernels))
+
+
+def _as_built(kernel, run: dict):
+    """``kernel`` with the resources the measured kernel's record gives: its warps
+    (``threads``), registers per thread and K/V ring depth (``stages``)."""
+    changes = {}
+    if run.get("registers"):
+        changes["registers_per_thread"] = int(run["registers"])
+    if run.get("threads"):
+        changes["warps"] = int(run["threads"]) // 32
+    if run.get("stages"):
+        changes["buffers"] = tuple(dataclasses.replace(b, stages=int(run["stages"]))
+                                   if b.stages > 1 else b for b in kernel.buffers)
+    return dataclasses.replace(kernel, **changes)
 
 
 def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
