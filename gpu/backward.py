@@ -25,7 +25,10 @@ from . import reference as R
 
 SCHEMA = "iosim-gpu-bench-backward/1"
 KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"],
-                "flash2": ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"]}
+                "flash2": ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"],
+                # gpu/flash3_bwd.cu (Hopper: wgmma, TMA, warp specialisation) between flash2_bwd.cu's dot and convert
+                "flash3": ["flash2_bwd_dot", "flash3_bwd", "flash2_bwd_convert"]}
+FUSED = ("flash2", "flash3")     # the fused backwards: O and L from the flash2 forward, dQ added with atomics
 FLASH2_FWD_BLOCKS = (128, 64)   # (BR, BC) of the flash2 forward that produces O and L
 FLASH2_BWD_BLOCKS = (None, None)  # (BR, BC) of flash2_bwd: None = kernels.FLASH2_BWD_DEFAULT_BLOCKS[d]
 GRADS = ("dq", "dk", "dv")
@@ -106,10 +109,42 @@ class Flash2BackwardRun:
         self.impl.free()
 
 
-def flash2_config(head_dim):
-    """(BR, BC, defines) for ``head_dim`` from the JSON file named by IOSIM_FLASH2_BWD_CONFIG ({"64": [BR, BC,
-    {defines}], ...}, written by ``--variants``), else None (kernels.Flash2Backward's defaults)."""
-    path = os.environ.get("IOSIM_FLASH2_BWD_CONFIG")
+class Flash3BackwardRun:
+    """``flash3_bwd.Flash3Backward`` behind the same ``run(q, k, v, do, saved, dq, dk, dv, events)``, ``saved`` =
+    (O, L) from the flash2 forward. dQ: unordered fp32 atomics (``ordered`` is not built for flash3)."""
+
+    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
+        from . import flash3_bwd as F3B
+
+        if ordered:
+            raise ValueError("flash3 backward: no ordered (deterministic) dQ mode")
+        cfg = flash2_config(shape[3], "flash3") if (block_rows, defines) == (None, None) else None
+        if cfg:   # IOSIM_FLASH3_BWD_CONFIG: the variant picked by --variants (run_backward.sh flash3)
+            block_rows, block_cols, defines = cfg
+        if block_cols not in (None, F3B.BLOCK_COLS):
+            raise ValueError(f"flash3 backward is built for block_cols {F3B.BLOCK_COLS}, got {block_cols}")
+        self.impl = F3B.Flash3Backward(shape, causal, block_rows, defines=defines)
+        self.ordered = False
+        self.B, self.H, self.N, self.d = shape
+        self.block_rows, self.block_cols = self.impl.br, self.impl.bc
+        self.kernel_names = list(self.impl.kernel_names)
+
+    def run(self, q, k, v, do, saved, dq, dk, dv, events=None):
+        o, L = saved
+        self.impl.run(q, k, v, o, L, do, dq, dk, dv, events=events)
+
+    def free(self):
+        self.impl.free()
+
+
+CONFIG_ENV = {"flash2": "IOSIM_FLASH2_BWD_CONFIG", "flash3": "IOSIM_FLASH3_BWD_CONFIG"}
+
+
+def flash2_config(head_dim, algorithm="flash2"):
+    """(BR, BC, defines) for ``head_dim`` from the JSON file named by IOSIM_FLASH2_BWD_CONFIG (flash3:
+    IOSIM_FLASH3_BWD_CONFIG) ({"64": [BR, BC, {defines}], ...}, written by ``--variants``), else None (the kernel
+    object's defaults)."""
+    path = os.environ.get(CONFIG_ENV[algorithm])
     if not path:
         return None
     import json
@@ -119,15 +154,17 @@ def flash2_config(head_dim):
     return (int(cfg[0]), int(cfg[1]), dict(cfg[2])) if cfg else None
 
 
-def make_backward(algorithm, shape, causal, ordered=False):
+def make_backward(algorithm, shape, causal, ordered=False, block_rows=None, block_cols=None, defines=None):
     if algorithm == "flash2":
-        return Flash2BackwardRun(shape, causal, ordered=ordered)
+        return Flash2BackwardRun(shape, causal, block_rows, block_cols, ordered=ordered, defines=defines)
+    if algorithm == "flash3":
+        return Flash3BackwardRun(shape, causal, block_rows, block_cols, ordered=ordered, defines=defines)
     return StandardBackward(shape, causal)
 
 
 def forward_saved(algorithm, q, k, v, causal):
     """What the backward of ``algorithm`` reads from its forward: P (standard) or (O, L) (flash2)."""
-    if algorithm == "flash2":
+    if algorithm in FUSED:
         return forward_flash2(q, k, v, causal)
     return forward_P(q, k, v, causal)[1]
 
@@ -360,7 +397,7 @@ def run_shape(shape, causal, args, log):
     blocks = ({**bw.impl.resources(),
                "dq_accumulation": ("fp32 atomicAdd, K/V blocks in blockIdx.x order per Q block (deterministic)"
                                    if args.ordered else "fp32 atomicAdd, unordered (as FA2)")}
-              if args.algorithm == "flash2" else {})
+              if args.algorithm in FUSED else {})
     bw.free()
     cp.get_default_memory_pool().free_all_blocks()
     base = {}
@@ -379,7 +416,7 @@ def run_shape(shape, causal, args, log):
            "rel_error_fp16_reference_source": "torch_plain (fp16 autograd of matmul-softmax-matmul)",
            "time_s": total, "tflops": flops / total["median"] / 1e12, "kernels": kern, "baselines": base,
            "elapsed_s": time.perf_counter() - t0}
-    if args.algorithm == "flash2":
+    if args.algorithm in FUSED:
         run["saved_from_forward"] = (f"O and L from the flash2 forward (BR, BC = {FLASH2_FWD_BLOCKS}); "
                                      "D = rowsum(dO o O) by flash2_bwd_dot")
         run["tflops_5gemm"] = flops * 1.25 / total["median"] / 1e12  # + the recomputed S = Q Kᵀ
@@ -557,6 +594,14 @@ FLASH2_VARIANTS = {64: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (128, 128, {"
                    128: [(64, 128, {}), (64, 128, {"FUSE_SDP": 0}), (32, 128, {})]}
 
 
+def fused_variants(algorithm):
+    """The (BR, BC, defines) table --variants tries for ``algorithm`` (flash3: gpu.flash3_bwd.VARIANTS)."""
+    if algorithm == "flash3":
+        from . import flash3_bwd as F3B
+        return F3B.VARIANTS
+    return FLASH2_VARIANTS
+
+
 def _rand_inputs(shape, seed):
     import cupy as cp
 
@@ -564,15 +609,16 @@ def _rand_inputs(shape, seed):
     return [rs.standard_normal(shape, dtype=cp.float32).astype(cp.float16) for _ in range(4)]
 
 
-def flash2_variant_check(br, bc, defines, shape, causal, seed, ordered=False):
-    """Float64-reference check of one (BR, BC, defines) variant on a small shape: the error rule per gradient."""
+def flash2_variant_check(br, bc, defines, shape, causal, seed, ordered=False, algorithm="flash2"):
+    """Float64-reference check of one (BR, BC, defines) variant of the ``algorithm`` (flash2 or flash3) backward on
+    a small shape: the error rule per gradient."""
     import cupy as cp
 
     q, k, v, do = _rand_inputs(shape, seed)
     saved = forward_flash2(q, k, v, causal)
     refs = attention_backward_reference(q, k, v, do, causal, xp=cp)
     e16 = [R.rel_error(g, r, xp=cp) for g, r in zip(backward_fp16_plain(q, k, v, do, causal, xp=cp), refs)]
-    bw = Flash2BackwardRun(shape, causal, br, bc, ordered=ordered, defines=defines)
+    bw = make_backward(algorithm, shape, causal, ordered, br, bc, defines)
     grads = [cp.full(shape, float("nan"), dtype=cp.float16) for _ in range(3)]
     bw.run(q, k, v, do, saved, *grads)
     cp.cuda.runtime.deviceSynchronize()
@@ -582,11 +628,12 @@ def flash2_variant_check(br, bc, defines, shape, causal, seed, ordered=False):
             "grads": res}
 
 
-def pick_best_variants(results):
-    """{str(d): [BR, BC, defines]}: per head dim the fastest flash2 variant whose small-shape checks all passed."""
+def pick_best_variants(results, algorithm="flash2"):
+    """{str(d): [BR, BC, defines]}: per head dim the fastest ``algorithm`` variant whose small-shape checks all
+    passed."""
     best = {}
-    for d in sorted({r["head_dim"] for r in results if r.get("variant") == "flash2"}):
-        ok = [r for r in results if r.get("variant") == "flash2" and r["head_dim"] == d and r.get("checks_passed")
+    for d in sorted({r["head_dim"] for r in results if r.get("variant") == algorithm}):
+        ok = [r for r in results if r.get("variant") == algorithm and r["head_dim"] == d and r.get("checks_passed")
               and "time_s" in r]
         if ok:
             r = min(ok, key=lambda x: x["time_s"]["median"])
@@ -595,8 +642,10 @@ def pick_best_variants(results):
 
 
 def cmd_variants(args):
-    """Each FLASH2_VARIANTS entry: small-shape checks (N = 200, 256; causal and not), then the backward timed at
-    (batch, heads, seq_lens[0], d) non-causal, SDPA's backward timed in the same process. JSON to --out."""
+    """Each FLASH2_VARIANTS entry (flash3: flash3_bwd.VARIANTS): small-shape checks (N = 200, 256; causal and
+    not), then the backward timed at (batch, heads, seq_lens[0], d) non-causal, SDPA's backward timed in the same
+    process. JSON to --out."""
+    alg = args.algorithm
     import json
 
     import cupy as cp
@@ -605,7 +654,7 @@ def cmd_variants(args):
     from .schema import write_json_atomic
 
     N = args.seq_lens[0]
-    doc = {"date": now_iso(), "device": device_info(), "what": "flash2_bwd variants (gpu.backward --variants)",
+    doc = {"date": now_iso(), "device": device_info(), "what": f"{alg} backward variants (gpu.backward --algorithm {alg} --variants)",
            "warmup": args.warmup, "repeats": args.repeats, "results": []}
     for d in args.head_dims:
         shape = (args.batch, args.heads, N, d)
@@ -615,13 +664,18 @@ def cmd_variants(args):
         sd = time_torch("sdpa", sets, False, args.warmup, args.repeats)
         doc["results"].append({"variant": "sdpa", "head_dim": d, "time_s": sd})
         print(f"d={d} sdpa bwd {sd['median'] * 1e3:.3f} ms", flush=True)
-        for br, bc, defs in FLASH2_VARIANTS[d]:
-            rec = {"variant": "flash2", "head_dim": d, "block_rows": br, "block_cols": bc, "defines": defs}
+        for br, bc, defs in fused_variants(alg)[d]:
+            rec = {"variant": alg, "head_dim": d, "block_rows": br, "block_cols": bc, "defines": defs}
             try:
-                rec["checks"] = [flash2_variant_check(br, bc, defs, (1, 2, n, d), c, 11 + n + d)
+                rec["checks"] = [flash2_variant_check(br, bc, defs, (1, 2, n, d), c, 11 + n + d, algorithm=alg)
                                  for n in (200, 256) for c in (False, True)]
                 rec["checks_passed"] = all(x["passed"] for x in rec["checks"])
-                bw = Flash2BackwardRun(shape, False, br, bc, defines=defs)
+                if not rec["checks_passed"]:
+                    print(f"d={d} BR={br} BC={bc} {defs} checks FAILED: " + "; ".join(
+                        f"N={x['shape'][2]} causal={x['causal']} " + " ".join(
+                            f"{n}={x['grads'][n]['rel_error']:.2e}/{x['grads'][n]['error_bound']:.2e}" for n in GRADS)
+                        for x in rec["checks"]), flush=True)
+                bw = make_backward(alg, shape, False, False, br, bc, defs)
                 rec.update(bw.impl.resources())
                 tot, kern = time_backward(bw, sets, args.warmup, args.repeats)
                 bw.free()
@@ -637,7 +691,7 @@ def cmd_variants(args):
             write_json_atomic(args.out, doc)
         sets.clear()
         cp.get_default_memory_pool().free_all_blocks()
-    best = pick_best_variants(doc["results"])
+    best = pick_best_variants(doc["results"], alg)
     doc["best"] = best
     write_json_atomic(args.out, doc)
     write_json_atomic(args.out + ".best.json", best)
@@ -645,8 +699,9 @@ def cmd_variants(args):
     return 0
 
 
-def ncu_child_flash2(manifest_path, seed, ordered=False):
-    """Under ncu: per FLASH2_NCU_SHAPES entry one warm-up backward, then one inside NVTX range iosim_prof."""
+def ncu_child_flash2(manifest_path, seed, ordered=False, algorithm="flash2"):
+    """Under ncu: per FLASH2_NCU_SHAPES entry one warm-up ``algorithm`` backward, then one inside NVTX range
+    iosim_prof."""
     import json
 
     import cupy as cp
@@ -656,7 +711,7 @@ def ncu_child_flash2(manifest_path, seed, ordered=False):
     for r, (shape, causal) in enumerate(FLASH2_NCU_SHAPES):
         q, k, v, do = _rand_inputs(shape, seed + r)
         saved = forward_flash2(q, k, v, causal)
-        bw = Flash2BackwardRun(shape, causal, ordered=ordered)
+        bw = make_backward(algorithm, shape, causal, ordered)
         grads = [cp.empty(shape, dtype=cp.float16) for _ in range(3)]
         bw.run(q, k, v, do, saved, *grads)
         cp.cuda.runtime.deviceSynchronize()
@@ -673,9 +728,11 @@ def ncu_child_flash2(manifest_path, seed, ordered=False):
 
 
 def cmd_ncu_flash2(args):
-    """ncu over ncu_child_flash2: DRAM bytes of the three flash2 backward kernels merged into the latest matching
-    flash2 runs of --out (unordered); with --ncu-sections also the SpeedOfLight / memory / warp-state sections of
-    flash2_bwd (one launch per shape) into doc['ncu_sections']."""
+    """ncu over ncu_child_flash2: DRAM bytes of the three flash2 (--algorithm flash3: flash3) backward kernels merged
+    into the latest matching runs of that algorithm in --out (unordered); with --ncu-sections also the SpeedOfLight /
+    memory / warp-state sections of the main kernel (one launch per shape) into doc['ncu_sections']."""
+    alg = args.algorithm
+    main_kernel = KERNEL_NAMES[alg][1]
     import json
     import shutil
     import subprocess
@@ -689,10 +746,11 @@ def cmd_ncu_flash2(args):
     what = ([["--section", x] for x in FLASH2_SECTIONS] + [["--metrics", ",".join(FLASH2_EXTRA_METRICS)]]
             if args.ncu_sections else [["--metrics", ",".join(NCU.METRICS)]])
     what = [w for pair in what for w in pair]
-    kname = "regex:^flash2_bwd$" if args.ncu_sections else "regex:^flash2_bwd"
+    kname = (f"regex:^{main_kernel}$" if args.ncu_sections
+             else "regex:^(" + "|".join(KERNEL_NAMES[alg]) + ")$")
     cmd = [ncu, "--clock-control", "none", "--cache-control", "all", *what, "--kernel-name", kname,
            "--csv", "--print-units", "base", "--nvtx", "--nvtx-include", "iosim_prof/", "--log-file", csv_path,
-           sys.executable, "-m", "gpu.backward", "--algorithm", "flash2", "--ncu-child", "--manifest", man_path,
+           sys.executable, "-m", "gpu.backward", "--algorithm", alg, "--ncu-child", "--manifest", man_path,
            "--out", args.out]
     print("running: " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
@@ -706,18 +764,18 @@ def cmd_ncu_flash2(args):
             out.append({**m, "kernel": kr["name"][:80], "metrics": kr["metrics"]})
             print(f"ncu sections {m['shape']} causal={m['causal']}: " + "; ".join(
                 f"{k2}={v2}" for k2, v2 in kr["metrics"].items()), flush=True)
-        doc["ncu_sections"] = {"command": " ".join(cmd[:20]), "rc": rc, "launches": out}
+        doc["ncu_sections" if alg == "flash2" else f"ncu_sections_{alg}"] = {"command": " ".join(cmd[:20]), "rc": rc, "launches": out}
     else:
         ks = NCU.parse_csv(text)
         n = 0
         for i, m in enumerate(man):
             recs = ks[3 * i:3 * i + 3]
-            if [x["base"] for x in recs] != KERNEL_NAMES["flash2"]:
+            if [x["base"] for x in recs] != KERNEL_NAMES[alg]:
                 print(f"ncu: shape {m['shape']}: unexpected kernels {[x['base'] for x in recs]}", flush=True)
                 continue
             B, H, N, d = m["shape"]
             for r in reversed(doc["runs"]):
-                if (r["algorithm"] == "flash2" and not r.get("dq_accumulation", "").startswith("fp32 atomicAdd, K/V")
+                if (r["algorithm"] == alg and not r.get("dq_accumulation", "").startswith("fp32 atomicAdd, K/V")
                         and (r["batch"], r["heads"], r["seq_len"], r["head_dim"], r["causal"]) == (B, H, N, d,
                                                                                                  m["causal"])
                         and r.get("block_cols") == m["block_cols"] and r.get("block_rows") == m["block_rows"]):
@@ -730,17 +788,17 @@ def cmd_ncu_flash2(args):
                         f"{x['base']} read {x['dram_read_bytes'] / 1e9:.3f} GB write {x['dram_write_bytes'] / 1e9:.3f}"
                         f" GB {x['duration_s'] * 1e3:.3f} ms" for x in recs), flush=True)
                     break
-        doc["settings"]["ncu_flash2"] = {"command": " ".join(cmd[:14]), "rc": rc, "runs_merged": n,
+        doc["settings"][f"ncu_{alg}"] = {"command": " ".join(cmd[:14]), "rc": rc, "runs_merged": n,
                                          "cache_control": "all (flush before each kernel)", "clock_control": "none"}
     doc["schema_problems"] = validate(doc)
     write_json_atomic(args.out, doc)
     return 0
 
 
-def sanitize_child_flash2():
-    """Under compute-sanitizer: the flash2 backward on a small shape (B = 1, H = 2, N = 200: no whole block;
-    d = 64, 128; causal and not; both dQ modes), CuPy's pool off so each array is its own allocation; prints one
-    line per check."""
+def sanitize_child_flash2(algorithm="flash2"):
+    """Under compute-sanitizer: the flash2 (or flash3) backward on a small shape (B = 1, H = 2, N = 200: no whole
+    block; d = 64, 128; causal and not; flash2: both dQ modes), CuPy's pool off so each array is its own
+    allocation; prints one line per check."""
     import cupy as cp
 
     cp.cuda.set_allocator(None)
@@ -748,16 +806,18 @@ def sanitize_child_flash2():
     for n in (200,):
         for d in (64, 128):
             for c in (False, True):
-                for ordered in (False, True):
-                    chk = flash2_variant_check(None, None, None, (1, 2, n, d), c, 5 + n + d, ordered=ordered)
+                for ordered in ((False, True) if algorithm == "flash2" else (False,)):
+                    chk = flash2_variant_check(None, None, None, (1, 2, n, d), c, 5 + n + d, ordered=ordered,
+                                               algorithm=algorithm)
                     ok &= chk["passed"]
-                    print(f"SANITIZE_CHECK flash2_bwd N={n} d={d} causal={c} ordered={ordered} "
+                    print(f"SANITIZE_CHECK {KERNEL_NAMES[algorithm][1]} N={n} d={d} causal={c} ordered={ordered} "
                           f"passed={chk['passed']}", flush=True)
     return 0 if ok else 1
 
 
 def cmd_sanitize_flash2(args):
-    """compute-sanitizer memcheck and racecheck over sanitize_child_flash2; summary into --out's settings."""
+    """compute-sanitizer memcheck and racecheck over sanitize_child_flash2 (--algorithm flash2 or flash3); summary
+    into --out's settings."""
     import json
     import re
     import shutil
@@ -769,7 +829,8 @@ def cmd_sanitize_flash2(args):
     res = []
     for tool in ("memcheck", "racecheck"):
         cmd = [cs, "--tool", tool, "--print-limit", "50", "--error-exitcode", "3",
-               sys.executable, "-m", "gpu.backward", "--algorithm", "flash2", "--sanitize-child", "--out", args.out]
+               sys.executable, "-m", "gpu.backward", "--algorithm", args.algorithm, "--sanitize-child", "--out",
+               args.out]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         txt = p.stdout + p.stderr
@@ -784,10 +845,11 @@ def cmd_sanitize_flash2(args):
             print(txt[-3000:], flush=True)
         res.append(rec)
     doc = json.load(open(args.out))
-    doc["settings"]["sanitizers_flash2"] = {"shapes": "B=1, H=2, N=200, d in (64, 128), causal and not, ordered and "
-                                            "unordered dQ; tiles as the flash2 runs (flash2_config)",
-                                            "config": {str(d): flash2_config(d) for d in (64, 128)},
-                                            "results": res}
+    doc["settings"][f"sanitizers_{args.algorithm}"] = {
+        "shapes": "B=1, H=2, N=200, d in (64, 128), causal and not, " + (
+            "ordered and unordered dQ" if args.algorithm == "flash2" else "unordered dQ") +
+        f"; tiles as the {args.algorithm} runs (flash2_config)",
+        "config": {str(d): flash2_config(d, args.algorithm) for d in (64, 128)}, "results": res}
     write_json_atomic(args.out, doc)
     return 0
 
@@ -813,22 +875,23 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu", action="store_true", help="profile with ncu and merge DRAM bytes into --out")
     ap.add_argument("--ncu-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--variants", action="store_true", help="flash2: check and time FLASH2_VARIANTS; JSON to --out")
+    ap.add_argument("--variants", action="store_true",
+                    help="flash2/flash3: check and time FLASH2_VARIANTS / flash3_bwd.VARIANTS; JSON to --out")
     ap.add_argument("--ncu-sections", action="store_true",
                     help="flash2 with --ncu: SpeedOfLight/memory/warp-state sections of flash2_bwd instead of bytes")
     ap.add_argument("--sanitize", action="store_true",
                     help="flash2: compute-sanitizer memcheck + racecheck on small shapes; summary into --out")
     ap.add_argument("--sanitize-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.algorithm == "flash2":
+    if args.algorithm in FUSED:
         if args.variants:
             return cmd_variants(args)
         if args.sanitize_child:
-            return sanitize_child_flash2()
+            return sanitize_child_flash2(args.algorithm)
         if args.sanitize:
             return cmd_sanitize_flash2(args)
         if args.ncu_child:
-            ncu_child_flash2(args.manifest, args.seed)
+            ncu_child_flash2(args.manifest, args.seed, algorithm=args.algorithm)
             return 0
         if args.ncu:
             return cmd_ncu_flash2(args)

@@ -177,7 +177,7 @@ _direct_cache: dict = {}
 COMPILE_LOG: dict = {}
 
 
-def compile_kernel(defs: dict):
+def compile_kernel(defs: dict, source: str = SOURCE, kernel_name: str = KERNEL_NAME):
     """The flash3 kernel for ``defs``, compiled by NVRTC for sm_90a: through ``cupy.RawKernel`` with
     ``--gpu-architecture=sm_90a`` (the harness's path), or, if CuPy's own arch flag overrides ours and the
     sm_90a-only instructions fail to compile, by NVRTC directly (cubin loaded with ``cupy.RawModule``).
@@ -185,27 +185,28 @@ def compile_kernel(defs: dict):
     from . import kernels as K
 
     key = tuple(sorted(defs.items()))
+    log_key = str(dict(key)) if (source, kernel_name) == (SOURCE, KERNEL_NAME) else f"{kernel_name} {dict(key)}"
     try:
-        k = K._raw_kernel(SOURCE, KERNEL_NAME, defs, options=NVRTC_OPTIONS)
-        COMPILE_LOG[str(dict(key))] = {"path": "cupy.RawKernel", "options": list(NVRTC_OPTIONS)}
+        k = K._raw_kernel(source, kernel_name, defs, options=NVRTC_OPTIONS)
+        COMPILE_LOG[log_key] = {"path": "cupy.RawKernel", "options": list(NVRTC_OPTIONS)}
         return k
     except Exception as e:  # noqa: BLE001
         first = str(e)[:3000]
-    if key in _direct_cache:
-        return _direct_cache[key]
+    if (source, kernel_name, key) in _direct_cache:
+        return _direct_cache[(source, kernel_name, key)]
     import os
     import tempfile
 
     import cupy as cp
     from cupy.cuda import nvrtc
 
-    src = K._source(SOURCE, defs)
-    prog = nvrtc.createProgram(src, "flash3.cu", [], [])
+    src = K._source(source, defs)
+    prog = nvrtc.createProgram(src, source, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, list(NVRTC_OPTIONS))
         except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"NVRTC failed for flash3 {defs}: {nvrtc.getProgramLog(prog)[:3000]}; "
+            raise RuntimeError(f"NVRTC failed for {kernel_name} {defs}: {nvrtc.getProgramLog(prog)[:3000]}; "
                                f"through cupy.RawKernel: {first}") from e
         cubin = nvrtc.getCUBIN(prog)
     finally:
@@ -214,10 +215,10 @@ def compile_kernel(defs: dict):
     with os.fdopen(fd, "wb") as f:
         f.write(cubin)
     mod = cp.RawModule(path=path)
-    k = mod.get_function(KERNEL_NAME)
+    k = mod.get_function(kernel_name)
     k._iosim_module = mod
-    _direct_cache[key] = k
-    COMPILE_LOG[str(dict(key))] = {"path": "nvrtc direct + cupy.RawModule", "options": list(NVRTC_OPTIONS),
+    _direct_cache[(source, kernel_name, key)] = k
+    COMPILE_LOG[log_key] = {"path": "nvrtc direct + cupy.RawModule", "options": list(NVRTC_OPTIONS),
                                    "raw_kernel_error": first}
     return k
 

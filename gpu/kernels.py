@@ -52,8 +52,11 @@ def flash_fits(algorithm: str, block_rows: int, block_cols: int, head_dim: int,
 
 
 def _source(fname: str, defines: dict | None = None) -> str:
-    common = (GPU_DIR / "common.cuh").read_text()
-    body = (GPU_DIR / fname).read_text().replace('#include "common.cuh"', common.replace("#pragma once", ""))
+    body = (GPU_DIR / fname).read_text()
+    for header in ("common.cuh", "hopper.cuh"):   # inlined: NVRTC gets one self-contained source
+        inc = f'#include "{header}"'
+        if inc in body:
+            body = body.replace(inc, (GPU_DIR / header).read_text().replace("#pragma once", ""))
     items = sorted((defines or {}).items())
     head = "".join(f"#define {k} {v}\n" for k, v in items)
     return f"// iosim variant: {fname} {dict(items)}\n" + head + body

@@ -5,6 +5,10 @@
 #   bash gpu/run_backward.sh flash2   # flash2 backward: variants (pick the fastest passing per d), GPU tests (small
 #                                     # shapes), flash2 runs (unordered atomics, causal and not; ordered dQ at
 #                                     # N=4096) appended to the committed file, ncu DRAM bytes, compute-sanitizer
+#   bash gpu/run_backward.sh flash3   # flash3 (Hopper) backward: variants (fastest passing per d), GPU tests (flash3
+#                                     # forward and backward, small shapes), runs (causal and not; FLASH3_SEQ_LENS)
+#                                     # appended to experiments/data/h100/bench_backward_flash3.json, ncu DRAM
+#                                     # bytes (N=4096), compute-sanitizer; FLASH3_STEPS picks steps (default: all)
 set -u
 export PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy_cache}
@@ -34,6 +38,35 @@ mkdir -p "$OUT"
     timeout 150 python3 -m gpu.backward --algorithm flash2 --ncu --out "$OUT/bench_backward.json" 2>&1 \
         | grep -v "^==PROF==" | tail -8
     timeout 150 python3 -m gpu.backward --algorithm flash2 --sanitize --out "$OUT/bench_backward.json" 2>&1 | tail -8
+  elif [ "${1:-}" = flash3 ]; then
+    F3=experiments/data/h100/bench_backward_flash3.json
+    [ -f "$F3" ] && cp "$F3" "$OUT/bench_backward_flash3.json"
+    STEPS=" ${FLASH3_STEPS:-variants tests runs ncu sanitize} "
+    if [[ "$STEPS" == *" variants "* ]]; then
+      # flash3_bwd variants (gpu.flash3_bwd.VARIANTS): checked, timed at N=4096 beside SDPA; the fastest passing
+      # one per d is used below (IOSIM_FLASH3_BWD_CONFIG; each run records its tiles, defines, registers)
+      timeout 200 python3 -m gpu.backward --algorithm flash3 --variants --seq-lens 4096 --warmup 2 --repeats 10 \
+          --out "$OUT/flash3_variants.json" 2>&1 | grep -v Warning
+    fi
+    [ -s "$OUT/flash3_variants.json.best.json" ] && export IOSIM_FLASH3_BWD_CONFIG="$OUT/flash3_variants.json.best.json"
+    if [[ "$STEPS" == *" tests "* ]]; then
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py -k "flash3" 2>&1 | tail -25
+    fi
+    if [[ "$STEPS" == *" runs "* ]]; then
+      for c in "" "--causal"; do
+        timeout ${FLASH3_RUN_TIMEOUT:-150} python3 -m gpu.backward --algorithm flash3 \
+            --seq-lens ${FLASH3_SEQ_LENS:-4096 1024 2048 8192} --out "$OUT/bench_backward_flash3.json" --append $c \
+            --deadline-s ${FLASH3_DEADLINE:-120} 2>&1
+      done
+    fi
+    if [[ "$STEPS" == *" ncu "* ]]; then
+      timeout 150 python3 -m gpu.backward --algorithm flash3 --ncu --out "$OUT/bench_backward_flash3.json" 2>&1 \
+          | grep -v "^==PROF==" | tail -8
+    fi
+    if [[ "$STEPS" == *" sanitize "* ]]; then
+      timeout 150 python3 -m gpu.backward --algorithm flash3 --sanitize --out "$OUT/bench_backward_flash3.json" 2>&1 \
+          | tail -8
+    fi
   elif [ "${1:-}" = more ]; then
     cp experiments/data/h100/bench_backward.json "$OUT/bench_backward.json"
     timeout 200 python3 -m gpu.backward --out "$OUT/bench_backward.json" --append --causal --deadline-s 150 2>&1

@@ -1,0 +1,372 @@
+// iosim gpu/flash3_bwd.cu -- FlashAttention backward for Hopper (sm_90a): wgmma, TMA, warp specialisation.
+//
+// The algorithm of flash2_bwd.cu (FA2's backward): one CTA per K/V block of BC = 128 keys (grid (ceil(N/BC), B*H)),
+// a loop over the Q blocks of BR rows (causal: from the block holding key kv0), dK and dV accumulated in registers
+// over the whole loop, dQ partials added into the fp32 dQaccum with red.global.add. flash2_bwd_dot (D = rowsum(dO o
+// O), dQaccum = 0) and flash2_bwd_convert (dQ = fp16(scale dQaccum)) of flash2_bwd.cu run before and after.
+//
+// One CTA = 1 producer warpgroup + 2 consumer warpgroups (384 threads). The producer drops to PRODUCER_REGS
+// (setmaxnreg.dec); its warp 0 loads K and V once (TMA, 3-D tensor maps over (d, N, B*H), 128-byte swizzled 64-column
+// panels; rows >= N arrive as zeros), then per Q block the Q and dO tiles (TMA) and L*log2e, D (ordinary loads by the
+// 32 lanes; rows >= N: +inf and 0, so P = 0 there) into a STAGES-deep ring (one "full" mbarrier per slot: 32
+// arrivals + the TMA bytes; one "empty" mbarrier: one arrival per consumer warp). Consumer warpgroup w
+// (setmaxnreg.inc to CONSUMER_REGS) owns keys [64w, 64w+64) of the block (one wgmma m64 row block) and per Q block:
+//     S^T  = K_w Q^T         wgmma m64nBRk16 SS (A = K, B = Q, both K-major)         } issued together,
+//     dP^T = V_w dO^T        wgmma m64nBRk16 SS (A = V, B = dO)                       } two commit groups
+//     P^T  = exp2(S^T scale log2e - L log2e) (masked: causal kv > q), while dP^T is in flight
+//     dS^T = P^T o (dP^T - D)
+//     dS^T (fp16) -> shared memory (128-byte swizzled, the layout TMA gives a tile; double-buffered)
+//     dV  += P^T dO           wgmma m64nDk16 RS (A = P^T fp16 from the accumulators, B = dO MN-major: tnspB)
+//     dK  += dS^T Q           wgmma m64nDk16 RS (A = dS^T, B = Q MN-major)
+//     named barrier over both consumer warpgroups (the whole dS^T tile is in shared memory), then
+//     dQ_w = (dS K)_w         wgmma SS with A = dS (MN-major view of dS^T: tnspA) and B = K (MN-major: tnspB);
+//                             DQ_SPLIT 0 (BR = 128): warpgroup w takes Q rows [64w, 64w+64), all d columns;
+//                             DQ_SPLIT 1 (BR = 64): all 64 rows, d columns [w d/2, (w+1) d/2)
+//     wait dV/dK -> the ring slot is released; wait dQ -> red.global.add.v4.f32 into dQaccum (DQ_V4, a lane-pair
+//     exchange makes 4 consecutive floats; else .v2 straight from the accumulator pairs)
+// Epilogue: dK (times scale) and dV to fp16, staged through the K and V tiles (swizzled), 16-byte global stores.
+// Compile-time parameters: HEAD_DIM (64/128), BR (64/128), STAGES (>= 2), DQ_SPLIT, DQ_V4, PRODUCER_REGS,
+// CONSUMER_REGS. Needs sm_90a. Host side and measurements: gpu/flash3_bwd.py, gpu/NOTES.md (flash3 backward).
+#include "common.cuh"
+#include "hopper.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BR
+#define BR (HEAD_DIM == 64 ? 128 : 64)
+#endif
+#ifndef STAGES
+#define STAGES 2
+#endif
+#ifndef DQ_SPLIT               // 0: the two warpgroups split dQ's 128 rows; 1: they split d (needs BR == 64)
+#define DQ_SPLIT (BR == 128 ? 0 : 1)
+#endif
+#ifndef DQ_V4                  // 1: red.global.add.v4.f32 (lane pairs exchange halves); 0: .v2
+#define DQ_V4 1
+#endif
+#ifndef PRODUCER_REGS
+#define PRODUCER_REGS 24
+#endif
+#ifndef CONSUMER_REGS
+#define CONSUMER_REGS 240
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int BC = 128;                    // keys per CTA: 64 per consumer warpgroup
+constexpr int NCWG = 2;
+constexpr int THREADS = 128 * (NCWG + 1);
+constexpr int NPANEL = D / 64;             // 64-column (128-byte) panels per tile row
+constexpr int PANEL_Q = BR * 128;          // bytes of one panel of a Q / dO tile
+constexpr int PANEL_KV = BC * 128;
+constexpr int TILE_Q = BR * D * 2;
+constexpr int TILE_KV = BC * D * 2;
+constexpr int PANEL_DS = BC * 128;         // dS^T tile: BC rows (keys) x BR columns (queries), BR/64 panels
+constexpr int TILE_DS = BC * BR * 2;
+constexpr int SREG = BR / 2;               // S^T, dP^T accumulator floats per thread (64 x BR per warpgroup)
+constexpr int KREG = D / 2;                // dK, dV accumulator floats per thread (64 x D)
+constexpr int KTQ = BR / 16;               // k-steps of dV / dK (over the Q block's rows)
+constexpr int DQN = DQ_SPLIT ? D / 2 : D;  // dQ columns per warpgroup
+constexpr int DQREG = DQN / 2;
+constexpr int NBARS = 1 + 2 * STAGES;
+static_assert(D == 64 || D == 128, "HEAD_DIM 64 or 128");
+static_assert(BR == 64 || BR == 128, "BR 64 or 128");
+static_assert(DQ_SPLIT ? BR == 64 : BR == 128, "DQ_SPLIT 1 with BR 64, 0 with BR 128");
+// setmaxnreg moves registers within what the CTA got at launch: 168 a thread (65536 / 384, in units of 8) x 384
+static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NCWG <= 168 * THREADS, "register budget of the CTA");
+static_assert(STAGES >= 2, "at least two stages");
+// shared memory (after 1024-byte alignment): K, V, STAGES x (Q, dO), 2 x dS^T, STAGES x (L, D) fp32 rows
+constexpr int OFF_V = TILE_KV;
+constexpr int OFF_Q = 2 * TILE_KV;
+constexpr int OFF_DO = OFF_Q + STAGES * TILE_Q;
+constexpr int OFF_DS = OFF_DO + STAGES * TILE_Q;
+constexpr int OFF_LD = OFF_DS + 2 * TILE_DS;
+// dynamic shared memory: OFF_LD + STAGES * 2 * BR * 4 + 1024 (alignment slack) = gpu/flash3_bwd.py smem_bytes
+
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+}
+__device__ __forceinline__ float2 ld_shared_f2(u32 addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_shared_f32(u32 addr, float v) {
+    asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(addr), "f"(v) : "memory");
+}
+
+// acc (64 x BR) {=} A (64 rows of a K or V tile, K-major) * B^T (BR rows of a Q or dO tile, K-major)
+__device__ __forceinline__ void issue_sdp(float* acc, u32 a, u32 b) {
+#pragma unroll
+    for (int p = 0; p < NPANEL; ++p)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 da = make_desc(a + p * PANEL_KV + kk * 32, 16, 1024);
+            const u64 db = make_desc(b + p * PANEL_Q + kk * 32, 16, 1024);
+            if constexpr (BR == 128) wgmma_ss_n128(acc, da, db, (p | kk) != 0);
+            else wgmma_ss_n64(acc, da, db, (p | kk) != 0);
+        }
+}
+// acc (64 x D) += A (64 x BR, fp16 registers) * B (BR x D: a Q or dO tile, MN-major): KTQ k-steps of 16 rows
+__device__ __forceinline__ void issue_kv(float* acc, const u32 (*af)[4], u32 b) {
+#pragma unroll
+    for (int t = 0; t < KTQ; ++t) {
+        const u64 db = make_desc(b + t * 2048, PANEL_Q, 1024);
+        if constexpr (D == 128) wgmma_rs_n128_tb(acc, af[t], db);
+        else wgmma_rs_n64_tb(acc, af[t], db);
+    }
+}
+// dQ (64 x DQN) = dS (64 rows x BC keys: MN-major view of the dS^T tile) * K (BC x DQN columns, MN-major)
+__device__ __forceinline__ void issue_dq(float* acc, u32 ds, u32 kb) {
+#pragma unroll
+    for (int t = 0; t < BC / 16; ++t) {
+        const u64 da = make_desc(ds + t * 2048, PANEL_DS, 1024);
+        const u64 db = make_desc(kb + t * 2048, PANEL_KV, 1024);
+        if constexpr (DQN == 128) wgmma_ss_tt_n128(acc, da, db, t != 0);
+        else if constexpr (DQN == 64) wgmma_ss_tt_n64(acc, da, db, t != 0);
+        else wgmma_ss_tt_n32(acc, da, db, t != 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tmK, const __grid_constant__ TmaMap tmV,
+           const __grid_constant__ TmaMap tmdO, const float* __restrict__ L, const float* __restrict__ Dv,
+           float* __restrict__ dQacc, h16* __restrict__ dK, h16* __restrict__ dV, int N, float scale, int causal)
+{
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ __align__(8) u64 bars[NBARS];
+    const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;   // 128-byte swizzle atoms: 1024-byte alignment
+    const u32 sK = base, sV = base + OFF_V, sQ = base + OFF_Q, sdO = base + OFF_DO, sdS = base + OFF_DS;
+    const u32 sLD = base + OFF_LD;             // slot s: L*log2e at sLD + s*2*BR*4, D at + BR*4
+    const u32 barKV = smem_addr(&bars[0]);
+#define FULL(s) (barKV + 8u * (1 + (s)))
+#define EMPTY(s) (barKV + 8u * (1 + STAGES + (s)))
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh = blockIdx.y;
+    const int kv0 = blockIdx.x * BC;
+    const int nqb = (N + BR - 1) / BR;
+    const int qb0 = causal ? kv0 / BR : 0;
+    const int niter = nqb - qb0;
+    const float log2e = 1.4426950408889634f;
+
+    if (tid == 0) {
+        mbar_init(barKV, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(FULL(s), 32);
+            mbar_init(EMPTY(s), NCWG * 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // ================= producer warpgroup =================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(PRODUCER_REGS));
+        if (warp == 0) {
+            if (lane == 0) {
+                mbar_expect_tx(barKV, 2 * TILE_KV);
+#pragma unroll
+                for (int p = 0; p < NPANEL; ++p) {
+                    tma_load_3d(sK + p * PANEL_KV, &tmK, 64 * p, kv0, bh, barKV);
+                    tma_load_3d(sV + p * PANEL_KV, &tmV, 64 * p, kv0, bh, barKV);
+                }
+            }
+            const float* Lb = L + (size_t)bh * N;
+            const float* Db = Dv + (size_t)bh * N;
+            for (int it = 0; it < niter; ++it) {
+                const int s = it % STAGES;
+                const int q0 = (qb0 + it) * BR;
+                mbar_wait(EMPTY(s), (u32)(((it / STAGES) & 1) ^ 1));
+                const u32 sl = sLD + s * 2 * BR * 4;
+#pragma unroll
+                for (int i = lane; i < BR; i += 32) {
+                    const int r = q0 + i;
+                    st_shared_f32(sl + 4 * i, r < N ? Lb[r] * log2e : __int_as_float(0x7f800000));
+                    st_shared_f32(sl + 4 * (BR + i), r < N ? Db[r] : 0.f);
+                }
+                if (lane == 0) {
+                    mbar_expect_tx(FULL(s), 2 * TILE_Q);     // lane 0's arrival, after its own stores
+#pragma unroll
+                    for (int p = 0; p < NPANEL; ++p) {
+                        tma_load_3d(sQ + s * TILE_Q + p * PANEL_Q, &tmQ, 64 * p, q0, bh, FULL(s));
+                        tma_load_3d(sdO + s * TILE_Q + p * PANEL_Q, &tmdO, 64 * p, q0, bh, FULL(s));
+                    }
+                } else {
+                    mbar_arrive(FULL(s));
+                }
+            }
+        }
+        return;
+    }
+
+    // ================= consumer warpgroups =================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(CONSUMER_REGS));
+    const int wg = warp / 4 - 1;               // 0, 1: keys [64 wg, 64 wg + 64) of the block
+    const int wl = warp & 3;
+    const int g = lane >> 2, c4 = lane & 3;
+    const float sl2 = scale * log2e;
+    const u32 kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;   // this warpgroup's 64 rows of each panel
+    const int kv_lo = kv0 + 64 * wg + 16 * wl + g;                 // key of accumulator entries with (i>>1)&1 == 0
+    float* dQb = dQacc + (size_t)bh * N * D;
+
+    float dk[KREG], dv[KREG];
+#pragma unroll
+    for (int i = 0; i < KREG; ++i) { dk[i] = 0.f; dv[i] = 0.f; }
+
+    mbar_wait(barKV, 0);
+    for (int it = 0; it < niter; ++it) {
+        const int s = it % STAGES;
+        const int q0 = (qb0 + it) * BR;
+        const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
+        const u32 dsb = sdS + (it & 1) * TILE_DS;
+        const u32 sl = sLD + s * 2 * BR * 4;
+        mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
+
+        float st[SREG], dpt[SREG];
+        wgmma_fence();
+        issue_sdp(st, kA, qS);
+        wgmma_commit();
+        issue_sdp(dpt, vA, doS);
+        wgmma_commit();
+        wgmma_wait<1>();                       // S^T done
+        fence_f<SREG>(st);
+
+        // ---- P^T = exp2(S^T scale log2e - L log2e); causal: 0 where key > query ----
+        // accumulator entry i: key kv_lo + 8 ((i >> 1) & 1), query q0 + 8 (i >> 2) + 2 c4 + (i & 1)
+        const bool need_mask = causal && (kv0 + BC - 1 > q0);
+#pragma unroll
+        for (int j = 0; j < SREG / 4; ++j) {
+            const int col = 8 * j + 2 * c4;
+            const float2 l = ld_shared_f2(sl + 4 * col);
+            float* x = st + 4 * j;
+            x[0] = fast_exp2(fmaf(x[0], sl2, -l.x));
+            x[1] = fast_exp2(fmaf(x[1], sl2, -l.y));
+            x[2] = fast_exp2(fmaf(x[2], sl2, -l.x));
+            x[3] = fast_exp2(fmaf(x[3], sl2, -l.y));
+            if (need_mask) {
+                const int q = q0 + col;
+                if (kv_lo > q) x[0] = 0.f;
+                if (kv_lo > q + 1) x[1] = 0.f;
+                if (kv_lo + 8 > q) x[2] = 0.f;
+                if (kv_lo + 8 > q + 1) x[3] = 0.f;
+            }
+        }
+        fence_f<SREG>(st);
+        wgmma_wait<0>();                       // dP^T done
+        fence_f<SREG>(dpt);
+
+        // ---- dS^T = P^T o (dP^T - D) (in place of dP^T); P^T, dS^T to fp16 A fragments; dS^T to shared memory ----
+#pragma unroll
+        for (int j = 0; j < SREG / 4; ++j) {
+            const float2 dd = ld_shared_f2(sl + 4 * (BR + 8 * j + 2 * c4));
+            float* x = dpt + 4 * j;
+            const float* p = st + 4 * j;
+            x[0] = p[0] * (x[0] - dd.x);
+            x[1] = p[1] * (x[1] - dd.y);
+            x[2] = p[2] * (x[2] - dd.x);
+            x[3] = p[3] * (x[3] - dd.y);
+        }
+        u32 pf[KTQ][4], dsf[KTQ][4];
+#pragma unroll
+        for (int t = 0; t < KTQ; ++t)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                pf[t][k] = pack_h2(st[8 * t + 2 * k], st[8 * t + 2 * k + 1]);
+                dsf[t][k] = pack_h2(dpt[8 * t + 2 * k], dpt[8 * t + 2 * k + 1]);
+            }
+#pragma unroll
+        for (int t = 0; t < KTQ; ++t)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                // accumulator pair i = 8t + 2k: key row 16 wl + g + 8 (k & 1), query column 16 t + 8 (k >> 1) + 2 c4
+                const int rr = 64 * wg + 16 * wl + g + 8 * (k & 1);
+                const int c = 2 * t + (k >> 1);                  // 16-byte chunk (8 queries) of the row
+                const u32 addr = dsb + (c >> 3) * PANEL_DS + rr * 128 + ((((c & 7) ^ (rr & 7))) << 4) + c4 * 4;
+                st_shared_u32(addr, dsf[t][k]);
+            }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+
+        wgmma_fence();
+        issue_kv(dv, pf, doS);
+        issue_kv(dk, dsf, qS);
+        wgmma_commit();
+        named_bar_sync(1, 256);                // the whole dS^T tile is in shared memory
+
+        float dq[DQREG];
+        wgmma_fence();
+        if constexpr (DQ_SPLIT) issue_dq(dq, dsb, sK + wg * (D / 2) * 2 / 128 * PANEL_KV + (wg * (D / 2) * 2) % 128);
+        else issue_dq(dq, dsb + wg * PANEL_DS, sK);
+        wgmma_commit();
+        wgmma_wait<1>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
+        fence_f<KREG>(dv);
+        fence_f<KREG>(dk);
+        fence_u<KTQ * 4>(&pf[0][0]);
+        fence_u<KTQ * 4>(&dsf[0][0]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(EMPTY(s));
+        wgmma_wait<0>();                       // dQ done
+        fence_f<DQREG>(dq);
+
+        // ---- dQaccum += dQ_w ----
+        const int qrow0 = q0 + (DQ_SPLIT ? 0 : 64 * wg) + 16 * wl + g;   // entries with (i>>1)&1 == 0
+        const int col0 = DQ_SPLIT ? wg * (D / 2) : 0;
+#pragma unroll
+        for (int j = 0; j < DQREG / 4; ++j) {
+            const float* a = dq + 4 * j;
+#if DQ_V4
+            const bool odd = c4 & 1;
+            const float s0 = odd ? a[0] : a[2], s1 = odd ? a[1] : a[3];
+            const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+            const int row = qrow0 + (odd ? 8 : 0);
+            const int col = col0 + 8 * j + 2 * (c4 & 2);
+            if (row < N) {
+                if (odd) red_add_v4(dQb + (size_t)row * D + col, r0, r1, a[2], a[3]);
+                else red_add_v4(dQb + (size_t)row * D + col, a[0], a[1], r0, r1);
+            }
+#else
+            const int col = col0 + 8 * j + 2 * c4;
+            if (qrow0 < N) red_add_v2(dQb + (size_t)qrow0 * D + col, a[0], a[1]);
+            if (qrow0 + 8 < N) red_add_v2(dQb + (size_t)(qrow0 + 8) * D + col, a[2], a[3]);
+#endif
+        }
+    }
+
+    // ---- epilogue: dK (scaled) into the K tile, dV into the V tile (swizzled, this warpgroup's rows), then
+    //      16-byte global stores ----
+    named_bar_sync(1, 256);                    // both warpgroups are past their last wgmma (which read K)
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int rr = 64 * wg + 16 * wl + g + 8 * h;
+            const u32 off = (c >> 3) * PANEL_KV + rr * 128 + ((((c & 7) ^ (rr & 7))) << 4) + c4 * 4;
+            st_shared_u32(sK + off, pack_h2(dk[4 * c + 2 * h] * scale, dk[4 * c + 2 * h + 1] * scale));
+            st_shared_u32(sV + off, pack_h2(dv[4 * c + 2 * h], dv[4 * c + 2 * h + 1]));
+        }
+    }
+    named_bar_sync(2 + wg, 128);
+    const int ctid = tid - 128 * (wg + 1);
+    h16* dKb = dK + (size_t)bh * N * D;
+    h16* dVb = dV + (size_t)bh * N * D;
+    constexpr int CPR = D / 8;                 // 16-byte chunks per row
+#pragma unroll
+    for (int k = 0; k < 64 * CPR / 128; ++k) {
+        const int idx = ctid + k * 128;
+        const int r = idx / CPR, c = idx % CPR;
+        const int rr = 64 * wg + r;
+        const int grow = kv0 + rr;
+        if (grow < N) {
+            const u32 off = (c >> 3) * PANEL_KV + rr * 128 + (((c & 7) ^ (rr & 7)) << 4);
+            *reinterpret_cast<uint4*>(dKb + (size_t)grow * D + c * 8) = ld_shared_v4(sK + off);
+            *reinterpret_cast<uint4*>(dVb + (size_t)grow * D + c * 8) = ld_shared_v4(sV + off);
+        }
+    }
+#undef FULL
+#undef EMPTY
+}
