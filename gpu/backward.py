@@ -598,7 +598,7 @@ def fused_variants(algorithm):
     """The (BR, BC, defines) table --variants tries for ``algorithm`` (flash3: gpu.flash3_bwd.VARIANTS)."""
     if algorithm == "flash3":
         from . import flash3_bwd as F3B
-        return F3B.VARIANTS
+        return F3B.variants_with_extra()
     return FLASH2_VARIANTS
 
 

@@ -45,6 +45,18 @@
 #ifndef DQ_V4                  // 1: red.global.add.v4.f32 (lane pairs exchange halves); 0: .v2
 #define DQ_V4 1
 #endif
+#ifndef PIPE                   // 1: dQ of Q block i issued after S^T, dP^T of block i+1 and reduced under dV, dK of
+#define PIPE 2                 //    block i+1; dV issued before dS^T is computed. 2: the same with S^T and dP^T
+#endif                         //    apart (fewer live registers; see the loop). 0: one block after the other
+#ifndef DK_WAIT_END            // PIPE 2: wait for dK(it) at the end of block it (else under S(it+1))
+#define DK_WAIT_END 0
+#endif
+#ifndef DIAG                   // diagnostics only (wrong dQ; PIPE 2): 1 no dQ reductions, 2 no dQ wgmma either
+#define DIAG 0
+#endif
+#ifndef P_F32                  // PIPE 1: keep P^T in fp32 for dS^T (else its fp16 copy, fewer registers)
+#define P_F32 0
+#endif
 #ifndef PRODUCER_REGS
 #define PRODUCER_REGS 24
 #endif
@@ -89,6 +101,12 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d)
                  : "memory");
+}
+template <bool B> struct BoolC { static constexpr bool value = B; };
+__device__ __forceinline__ float2 unpack_h2(u32 v) {
+    h16 lo, hi;
+    asm("mov.b32 {%0, %1}, %2;\n" : "=h"(lo), "=h"(hi) : "r"(v));
+    return mk_f2(h2f(lo), h2f(hi));
 }
 __device__ __forceinline__ float2 ld_shared_f2(u32 addr) {
     float2 v;
@@ -219,26 +237,9 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
 #pragma unroll
     for (int i = 0; i < KREG; ++i) { dk[i] = 0.f; dv[i] = 0.f; }
 
-    mbar_wait(barKV, 0);
-    for (int it = 0; it < niter; ++it) {
-        const int s = it % STAGES;
-        const int q0 = (qb0 + it) * BR;
-        const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
-        const u32 dsb = sdS + (it & 1) * TILE_DS;
-        const u32 sl = sLD + s * 2 * BR * 4;
-        mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
-
-        float st[SREG], dpt[SREG];
-        wgmma_fence();
-        issue_sdp(st, kA, qS);
-        wgmma_commit();
-        issue_sdp(dpt, vA, doS);
-        wgmma_commit();
-        wgmma_wait<1>();                       // S^T done
-        fence_f<SREG>(st);
-
-        // ---- P^T = exp2(S^T scale log2e - L log2e); causal: 0 where key > query ----
-        // accumulator entry i: key kv_lo + 8 ((i >> 1) & 1), query q0 + 8 (i >> 2) + 2 c4 + (i & 1)
+    // P^T = exp2(S^T scale log2e - L log2e) in place (causal: 0 where key > query). Accumulator entry i: key
+    // kv_lo + 8 ((i >> 1) & 1), query q0 + 8 (i >> 2) + 2 c4 + (i & 1)
+    auto compute_p = [&](float* st, u32 sl, int q0) {
         const bool need_mask = causal && (kv0 + BC - 1 > q0);
 #pragma unroll
         for (int j = 0; j < SREG / 4; ++j) {
@@ -257,63 +258,34 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
                 if (kv_lo + 8 > q + 1) x[3] = 0.f;
             }
         }
-        fence_f<SREG>(st);
-        wgmma_wait<0>();                       // dP^T done
-        fence_f<SREG>(dpt);
-
-        // ---- dS^T = P^T o (dP^T - D) (in place of dP^T); P^T, dS^T to fp16 A fragments; dS^T to shared memory ----
+    };
+    // the accumulator of k-columns [16t, 16t+16) is the fp16 A fragment of k-step t
+    auto pack = [&](u32 (*f)[4], const float* x) {
 #pragma unroll
-        for (int j = 0; j < SREG / 4; ++j) {
-            const float2 dd = ld_shared_f2(sl + 4 * (BR + 8 * j + 2 * c4));
-            float* x = dpt + 4 * j;
-            const float* p = st + 4 * j;
-            x[0] = p[0] * (x[0] - dd.x);
-            x[1] = p[1] * (x[1] - dd.y);
-            x[2] = p[2] * (x[2] - dd.x);
-            x[3] = p[3] * (x[3] - dd.y);
-        }
-        u32 pf[KTQ][4], dsf[KTQ][4];
+        for (int t = 0; t < KTQ; ++t)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) f[t][k] = pack_h2(x[8 * t + 2 * k], x[8 * t + 2 * k + 1]);
+    };
+    // dS^T fragments to shared memory: 128-byte swizzled rows of BR queries (64 per panel), the layout of a TMA tile
+    auto store_ds = [&](const u32 (*f)[4], u32 dsb) {
 #pragma unroll
         for (int t = 0; t < KTQ; ++t)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                pf[t][k] = pack_h2(st[8 * t + 2 * k], st[8 * t + 2 * k + 1]);
-                dsf[t][k] = pack_h2(dpt[8 * t + 2 * k], dpt[8 * t + 2 * k + 1]);
-            }
-#pragma unroll
-        for (int t = 0; t < KTQ; ++t)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                // accumulator pair i = 8t + 2k: key row 16 wl + g + 8 (k & 1), query column 16 t + 8 (k >> 1) + 2 c4
+                // fragment pair (t, k): key row 16 wl + g + 8 (k & 1), query column 16 t + 8 (k >> 1) + 2 c4
                 const int rr = 64 * wg + 16 * wl + g + 8 * (k & 1);
                 const int c = 2 * t + (k >> 1);                  // 16-byte chunk (8 queries) of the row
                 const u32 addr = dsb + (c >> 3) * PANEL_DS + rr * 128 + ((((c & 7) ^ (rr & 7))) << 4) + c4 * 4;
-                st_shared_u32(addr, dsf[t][k]);
+                st_shared_u32(addr, f[t][k]);
             }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-
-        wgmma_fence();
-        issue_kv(dv, pf, doS);
-        issue_kv(dk, dsf, qS);
-        wgmma_commit();
-        named_bar_sync(1, 256);                // the whole dS^T tile is in shared memory
-
-        float dq[DQREG];
-        wgmma_fence();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // visible to the dQ wgmma
+    };
+    auto issue_dq_w = [&](float* dq, u32 dsb) {
         if constexpr (DQ_SPLIT) issue_dq(dq, dsb, sK + wg * (D / 2) * 2 / 128 * PANEL_KV + (wg * (D / 2) * 2) % 128);
         else issue_dq(dq, dsb + wg * PANEL_DS, sK);
-        wgmma_commit();
-        wgmma_wait<1>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
-        fence_f<KREG>(dv);
-        fence_f<KREG>(dk);
-        fence_u<KTQ * 4>(&pf[0][0]);
-        fence_u<KTQ * 4>(&dsf[0][0]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(EMPTY(s));
-        wgmma_wait<0>();                       // dQ done
-        fence_f<DQREG>(dq);
-
-        // ---- dQaccum += dQ_w ----
+    };
+    // dQaccum[q0 + rows of this warpgroup, columns of this warpgroup] += dq
+    auto red_dq = [&](const float* dq, int q0) {
         const int qrow0 = q0 + (DQ_SPLIT ? 0 : 64 * wg) + 16 * wl + g;   // entries with (i>>1)&1 == 0
         const int col0 = DQ_SPLIT ? wg * (D / 2) : 0;
 #pragma unroll
@@ -335,7 +307,243 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             if (qrow0 + 8 < N) red_add_v2(dQb + (size_t)(qrow0 + 8) * D + col, a[2], a[3]);
 #endif
         }
+    };
+
+    mbar_wait(barKV, 0);
+#if PIPE == 2
+    // Software-pipelined with fewer live accumulators than PIPE 1. Commit groups per block it, in order:
+    // S(it), dQ(it-1), dV(it), dP(it), dK(it); dK(it-1) (and the ring slot of it-1) completes under S(it), the
+    // exponentials run under dQ(it-1), the dQ(it-1) reductions under dV(it) and dP(it).
+    float dq[DQREG];
+    u32 dsf[KTQ][4];
+    // one Q block; FIRST (compile time): block 0, no dQ(it-1) yet. Peeled so that every wgmma of the loop body is
+    // issued unconditionally (ptxas serialises wgmmas whose issue or wait depends on a run-time branch)
+    auto block = [&](int it, auto first_c) {
+        constexpr bool FIRST = decltype(first_c)::value;
+        const int s = it % STAGES;
+        const int q0 = (qb0 + it) * BR;
+        const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
+        const u32 sl = sLD + s * 2 * BR * 4;
+        mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
+
+        float st[SREG];
+        wgmma_fence();
+        issue_sdp(st, kA, qS);
+        wgmma_commit();
+        if constexpr (!FIRST) {
+            named_bar_sync(1, 256);            // dS^T of block it-1 complete (both warpgroups)
+            wgmma_fence();
+#if DIAG != 2
+            issue_dq_w(dq, sdS + ((it - 1) & 1) * TILE_DS);
+#endif
+            wgmma_commit();
+            wgmma_wait<2>();                   // dK(it-1) done: its ring slot is free
+            fence_f<KREG>(dk);
+            fence_u<KTQ * 4>(&dsf[0][0]);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(EMPTY((it - 1) % STAGES));
+            wgmma_wait<1>();                   // S^T done
+        } else {
+            wgmma_wait<0>();
+        }
+        fence_f<SREG>(st);
+        compute_p(st, sl, q0);
+        u32 pf[KTQ][4];
+        pack(pf, st);
+        float dpt[SREG];
+        wgmma_fence();
+        issue_kv(dv, pf, doS);
+        wgmma_commit();
+        issue_sdp(dpt, vA, doS);
+        wgmma_commit();
+        if constexpr (!FIRST) {
+            wgmma_wait<2>();                   // dQ(it-1) done
+            fence_f<DQREG>(dq);
+#if DIAG == 0
+            red_dq(dq, q0 - BR);
+#endif
+        }
+        wgmma_wait<0>();                       // dV(it), dP^T(it) done
+        fence_f<SREG>(dpt);
+        fence_f<KREG>(dv);
+        fence_u<KTQ * 4>(&pf[0][0]);
+#pragma unroll
+        for (int j = 0; j < SREG / 4; ++j) {
+            const float2 dd = ld_shared_f2(sl + 4 * (BR + 8 * j + 2 * c4));
+            const float2 pa = unpack_h2(pf[j >> 1][2 * (j & 1)]), pb = unpack_h2(pf[j >> 1][2 * (j & 1) + 1]);
+            float* x = dpt + 4 * j;
+            x[0] = pa.x * (x[0] - dd.x);
+            x[1] = pa.y * (x[1] - dd.y);
+            x[2] = pb.x * (x[2] - dd.x);
+            x[3] = pb.y * (x[3] - dd.y);
+        }
+        pack(dsf, dpt);
+        store_ds(dsf, sdS + (it & 1) * TILE_DS);
+        wgmma_fence();
+        issue_kv(dk, dsf, qS);
+        wgmma_commit();
+#if DK_WAIT_END
+        wgmma_wait<0>();
+        fence_f<KREG>(dk);
+        fence_u<KTQ * 4>(&dsf[0][0]);
+#endif
+    };
+    block(0, BoolC<true>());
+    for (int it = 1; it < niter; ++it) block(it, BoolC<false>());
+    wgmma_wait<0>();                           // dK of the last block
+    fence_f<KREG>(dk);
+    fence_u<KTQ * 4>(&dsf[0][0]);
+    named_bar_sync(1, 256);                    // dS^T of the last block complete
+#if DIAG != 2
+    wgmma_fence();
+    issue_dq_w(dq, sdS + ((niter - 1) & 1) * TILE_DS);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_f<DQREG>(dq);
+#if DIAG == 0
+    red_dq(dq, (qb0 + niter - 1) * BR);
+#endif
+#endif
+#elif PIPE
+    // Software-pipelined: the dQ of Q block it-1 is issued after S^T, dP^T of block it (one barrier per block, where
+    // the other warpgroup has long stored its dS^T) and its reductions run under dV, dK of block it; dV is issued
+    // as soon as P^T is known, under the dS^T arithmetic. Commit groups, in order: S, dP, [dQ(it-1)], dV, dK.
+    float dq[DQREG];
+    for (int it = 0; it < niter; ++it) {
+        const int s = it % STAGES;
+        const int q0 = (qb0 + it) * BR;
+        const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
+        const u32 sl = sLD + s * 2 * BR * 4;
+        mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
+
+        float st[SREG], dpt[SREG];
+        wgmma_fence();
+        issue_sdp(st, kA, qS);
+        wgmma_commit();
+        issue_sdp(dpt, vA, doS);
+        wgmma_commit();
+        if (it > 0) {
+            named_bar_sync(1, 256);            // dS^T of block it-1 complete (both warpgroups)
+            issue_dq_w(dq, sdS + ((it - 1) & 1) * TILE_DS);
+            wgmma_commit();
+            wgmma_wait<2>();                   // S^T done
+        } else {
+            wgmma_wait<1>();
+        }
+        fence_f<SREG>(st);
+        compute_p(st, sl, q0);
+        u32 pf[KTQ][4];
+        pack(pf, st);
+#if P_F32
+        fence_f<SREG>(st);
+#endif
+        wgmma_fence();
+        issue_kv(dv, pf, doS);
+        wgmma_commit();
+        if (it > 0) wgmma_wait<2>(); else wgmma_wait<1>();   // dP^T done
+        fence_f<SREG>(dpt);
+#pragma unroll
+        for (int j = 0; j < SREG / 4; ++j) {
+            const float2 dd = ld_shared_f2(sl + 4 * (BR + 8 * j + 2 * c4));
+            float* x = dpt + 4 * j;
+#if P_F32
+            const float* p = st + 4 * j;
+            const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+#else
+            const float2 pa = unpack_h2(pf[j >> 1][2 * (j & 1)]), pb = unpack_h2(pf[j >> 1][2 * (j & 1) + 1]);
+            const float p0 = pa.x, p1 = pa.y, p2 = pb.x, p3 = pb.y;
+#endif
+            x[0] = p0 * (x[0] - dd.x);
+            x[1] = p1 * (x[1] - dd.y);
+            x[2] = p2 * (x[2] - dd.x);
+            x[3] = p3 * (x[3] - dd.y);
+        }
+        u32 dsf[KTQ][4];
+        pack(dsf, dpt);
+        store_ds(dsf, sdS + (it & 1) * TILE_DS);
+        wgmma_fence();
+        issue_kv(dk, dsf, qS);
+        wgmma_commit();
+        if (it > 0) {
+            wgmma_wait<2>();                   // dQ of block it-1 done
+            fence_f<DQREG>(dq);
+            red_dq(dq, q0 - BR);
+        }
+        wgmma_wait<0>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
+        fence_f<KREG>(dv);
+        fence_f<KREG>(dk);
+        fence_u<KTQ * 4>(&pf[0][0]);
+        fence_u<KTQ * 4>(&dsf[0][0]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(EMPTY(s));
     }
+    named_bar_sync(1, 256);                    // dS^T of the last block complete
+    wgmma_fence();
+    issue_dq_w(dq, sdS + ((niter - 1) & 1) * TILE_DS);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_f<DQREG>(dq);
+    red_dq(dq, (qb0 + niter - 1) * BR);
+#else
+    for (int it = 0; it < niter; ++it) {
+        const int s = it % STAGES;
+        const int q0 = (qb0 + it) * BR;
+        const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
+        const u32 dsb = sdS + (it & 1) * TILE_DS;
+        const u32 sl = sLD + s * 2 * BR * 4;
+        mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
+
+        float st[SREG], dpt[SREG];
+        wgmma_fence();
+        issue_sdp(st, kA, qS);
+        wgmma_commit();
+        issue_sdp(dpt, vA, doS);
+        wgmma_commit();
+        wgmma_wait<1>();                       // S^T done
+        fence_f<SREG>(st);
+        compute_p(st, sl, q0);
+        fence_f<SREG>(st);
+        wgmma_wait<0>();                       // dP^T done
+        fence_f<SREG>(dpt);
+
+        // ---- dS^T = P^T o (dP^T - D) (in place of dP^T); P^T, dS^T to fp16 A fragments; dS^T to shared memory ----
+#pragma unroll
+        for (int j = 0; j < SREG / 4; ++j) {
+            const float2 dd = ld_shared_f2(sl + 4 * (BR + 8 * j + 2 * c4));
+            float* x = dpt + 4 * j;
+            const float* p = st + 4 * j;
+            x[0] = p[0] * (x[0] - dd.x);
+            x[1] = p[1] * (x[1] - dd.y);
+            x[2] = p[2] * (x[2] - dd.x);
+            x[3] = p[3] * (x[3] - dd.y);
+        }
+        u32 pf[KTQ][4], dsf[KTQ][4];
+        pack(pf, st);
+        pack(dsf, dpt);
+        store_ds(dsf, dsb);
+
+        wgmma_fence();
+        issue_kv(dv, pf, doS);
+        issue_kv(dk, dsf, qS);
+        wgmma_commit();
+        named_bar_sync(1, 256);                // the whole dS^T tile is in shared memory
+
+        float dq[DQREG];
+        wgmma_fence();
+        issue_dq_w(dq, dsb);
+        wgmma_commit();
+        wgmma_wait<1>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
+        fence_f<KREG>(dv);
+        fence_f<KREG>(dk);
+        fence_u<KTQ * 4>(&pf[0][0]);
+        fence_u<KTQ * 4>(&dsf[0][0]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(EMPTY(s));
+        wgmma_wait<0>();                       // dQ done
+        fence_f<DQREG>(dq);
+        red_dq(dq, q0);
+    }
+#endif
 
     // ---- epilogue: dK (scaled) into the K tile, dV into the V tile (swizzled, this warpgroup's rows), then
     //      16-byte global stores ----
