@@ -70,9 +70,10 @@ class SampleStats:
 
 # ---- the walker --------------------------------------------------------------------------------
 @njit_cached
-def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets, n_heads,
+def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, reps, addr_step,
+          body_offset, body_len, cls, offsets, n_heads,
           stop, replay, measure_from, n_sets, assoc, line_bytes, sector_bytes, state,
-          order_of_set, slot_cta, slot_te, slot_end, slot_head, cursor, cls_counts,
+          order_of_set, slot_cta, slot_te, slot_rep, slot_end, slot_head, cursor, cls_counts,
           tmpl_hbm, tmpl_read, tmpl_n, head_read):
     """Advance the interleaved event order of ``n_heads`` heads running the template (CTAs at
     ``t_start``; head h's addresses are the template's plus ``offsets[h, tensor]``) up to
@@ -82,7 +83,10 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
     bytes read, written back and their L2 request bytes to ``cls_counts[cls[e]]`` (columns 0,
     1, 2), their HBM bytes to ``tmpl_hbm[e]`` (those read also to ``tmpl_read[e]``;
     ``tmpl_n[e]`` counting them) and their HBM bytes read to ``head_read[head]``. Without
-    ``replay`` the order only advances (a skip)."""
+    ``replay`` the order only advances (a skip). The template is compressed
+    (:mod:`iosim.trace_fast`): a slot runs template event ``slot_te`` for the ``slot_rep``-th
+    time, at ``addr + slot_rep * addr_step``, and goes back to its iteration's first event
+    until it ran ``reps`` times."""
     cph = t_start.shape[0] - 1
     n_ctas = cph * n_heads
     n_slots = slot_cta.shape[0]
@@ -116,6 +120,7 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
                     next_cta += 1
                     local = c % cph
                     te = t_start[local]
+                    slot_rep[s] = 0
                     slot_end[s] = t_start[local + 1]
                     slot_head[s] = c // cph
                 else:
@@ -125,7 +130,14 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
             if c < 0:
                 active -= 1
             else:
-                slot_te[s] = te + 1
+                rep = slot_rep[s]
+                if reps[te] > 1 and body_offset[te] == body_len[te] - 1 and rep + 1 < reps[te]:
+                    slot_te[s] = te - body_offset[te]  # the next repetition of the iteration
+                    slot_rep[s] = rep + 1
+                else:
+                    slot_te[s] = te + 1
+                    if reps[te] > 1 and body_offset[te] == body_len[te] - 1:
+                        slot_rep[s] = 0
                 p = pos
                 pos += 1
                 k = kind[te]
@@ -133,7 +145,7 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, cls, offsets
                     is_write = k == STORE
                     full_bits = ((full_mask | (full_mask << _DIRTY_SHIFT)) if is_write
                                  else full_mask)
-                    a0 = addr[te] + offsets[slot_head[s], tensor[te]]
+                    a0 = addr[te] + rep * addr_step[te] + offsets[slot_head[s], tensor[te]]
                     request = 0
                     for r in range(rows[te]):
                         start = a0 + r * row_stride[te]
@@ -213,9 +225,12 @@ def _dirty_bytes(state, sector_bytes):
 
 
 @njit_cached
-def _event_lines(kind, addr, rows, row_bytes, row_stride, line_bytes, sector_bytes, lines,
-                 sectors):
-    """Per event: the L2 lines it touches and its L2 request bytes (touched sectors)."""
+def _event_lines(kind, addr, rows, row_bytes, row_stride, reps, addr_step, line_bytes,
+                 sector_bytes, lines, sectors):
+    """Per template event, over its ``reps`` repetitions: the L2 lines it touches and its L2
+    request bytes (touched sectors). A repetition's addresses move by ``addr_step``, so its
+    lines depend on where the step leaves it within a line: one of at most line_bytes /
+    gcd(step, line_bytes) cases, each counted once and weighted by its repetitions."""
     line_shift = _log2(line_bytes)
     sector_shift = _log2(sector_bytes)
     for e in range(kind.shape[0]):
@@ -223,12 +238,20 @@ def _event_lines(kind, addr, rows, row_bytes, row_stride, line_bytes, sector_byt
         sectors[e] = 0
         if kind[e] == COMPUTE or row_bytes[e] <= 0:
             continue
-        for r in range(rows[e]):
-            start = addr[e] + r * row_stride[e]
-            end = start + row_bytes[e]
-            lines[e] += ((end - 1) >> line_shift) - (start >> line_shift) + 1
-            sectors[e] += (((end - 1) >> sector_shift) - (start >> sector_shift) + 1) \
-                * sector_bytes
+        step = addr_step[e] % line_bytes
+        period = 1
+        while (period * step) % line_bytes != 0:
+            period += 1
+        cases = min(period, reps[e])
+        for k in range(cases):
+            weight = (reps[e] - k + period - 1) // period  # repetitions k, k + period, ...
+            a0 = addr[e] + k * addr_step[e]
+            for r in range(rows[e]):
+                start = a0 + r * row_stride[e]
+                end = start + row_bytes[e]
+                lines[e] += weight * (((end - 1) >> line_shift) - (start >> line_shift) + 1)
+                sectors[e] += weight * ((((end - 1) >> sector_shift) - (start >> sector_shift)
+                                         + 1) * sector_bytes)
 
 
 # ---- templates without the all-heads trace ----------------------------------------------------
@@ -237,7 +260,8 @@ class HeadTemplates:
     """One kernel's one-head template and what places it for every head."""
 
     kernel: object
-    template: dict  # every column (iosim.trace) of one batch·head's events, and "cta_start"
+    template: dict  # every column (iosim.trace) of one batch·head's compressed events
+    # (iosim.trace_fast: "reps", "addr_step", ...), and "cta_start"
     heads: int
     offsets: np.ndarray  # (heads, tensors + 1): byte offset of each tensor per head (0: compute)
 
@@ -255,7 +279,8 @@ def head_templates(schedule) -> list[HeadTemplates] | None:
     out = []
     for kernel in schedule.kernels:
         heads = shape.batch_kv_heads if kernel.heads == "kv" else shape.batch_heads
-        columns, starts = trace_fast.head_template(kernel, schedule, base, tensor_ids)
+        columns, starts = trace_fast.head_template(kernel, schedule, base, tensor_ids,
+                                                   compress=True)
         columns = dict(columns)
         columns["cta_start"] = starts
         head_index = np.arange(heads, dtype=np.int64)
@@ -320,6 +345,7 @@ class _Walker:
         first = np.arange(n_slots, dtype=np.int64)
         self.slot_cta = first.copy()
         self.slot_te = self.starts[first % cph].copy()
+        self.slot_rep = np.zeros(n_slots, dtype=np.int64)
         self.slot_end = self.starts[first % cph + 1].copy()
         self.slot_head = first // cph
         self.cursor = np.array([0, n_slots, n_slots, 0], dtype=np.int64)
@@ -345,10 +371,12 @@ class _Walker:
         counts = np.zeros((self.n_cls, 3), dtype=np.int64)
         if stop > self.pos:
             _walk(self.starts, t["kind"], self.tensor, t["addr"], t["rows"], t["row_bytes"],
-                  t["row_stride"], self.cls, self.ht.offsets, self.ht.heads, stop, replay,
+                  t["row_stride"], t["reps"], t["addr_step"], t["body_offset"], t["body_len"],
+                  self.cls, self.ht.offsets, self.ht.heads, stop, replay,
                   measure_from, hw.l2_sets, hw.l2_associativity, hw.l2_line_bytes,
                   hw.l2_sector_bytes, self.state, self.order, self.slot_cta, self.slot_te,
-                  self.slot_end, self.slot_head, self.cursor, counts, self.tmpl_hbm,
+                  self.slot_rep, self.slot_end, self.slot_head, self.cursor, counts,
+                  self.tmpl_hbm,
                   self.tmpl_read, self.tmpl_n, self.head_read)
         return counts
 
@@ -372,17 +400,25 @@ STEADY_TOLERANCE = 0.003
 MIN_SEGMENTS = 2 * STEADY_SEGMENTS + 1
 #: The prefix is steady only after it moved this many times the L2's capacity through HBM.
 STEADY_TURNOVERS = 1.0
+#: A segment is one wave's events, but at most this many: the CTAs of a long sequence run so
+#: many K/V blocks each that the steady state is reached inside the first wave (each segment
+#: then covers some of the resident CTAs' loop iterations), and a wave would cost seconds.
+SEGMENT_MAX_EVENTS = 1 << 22
 #: Warm-up before the replayed tail, from the steady state's L2: at least this many segments
 #: (waves) and this many times the L2's capacity moved through HBM.
 TAIL_WARMUP_SEGMENTS = 2
 TAIL_WARMUP_TURNOVERS = 1.0
 
 
-def _ratio(segments) -> float:
-    """HBM bytes (read and written back) per L2 request byte over ``segments``."""
+def _ratio(segments, weights) -> float:
+    """HBM bytes read per L2 request byte over ``segments``, class by class, weighted by
+    ``weights`` (each class's share of the kernel's requests; 0 for a class left out): a
+    segment's mix of classes may change (one that starts CTAs loads their Q tiles) while each
+    class's ratio holds."""
     total = np.sum(segments, axis=0)
-    request = total[:, 2].sum()
-    return float(total[:, :2].sum()) / request if request else 0.0
+    ratio = np.divide(total[:, 0], total[:, 2], out=np.zeros(len(weights)),
+                      where=total[:, 2] > 0)
+    return float(ratio @ weights)
 
 
 #: With at least HEAD_SAMPLING_MIN_HEADS heads the sampling unit is a head: the state is
@@ -410,16 +446,26 @@ def _steady_heads(walker, first: int, capacity_bytes: float):
     return x if mean > 0 and half <= HEAD_TOLERANCE * mean else None
 
 
-def _steady(segments) -> bool:
+def _steady(segments, request_by_cls) -> bool:
+    """Whether the last 2 x STEADY_SEGMENTS segments are steady: the classes every one of them
+    requested (weighted by their share of the kernel's requests) have the same HBM read bytes
+    per request byte in the last STEADY_SEGMENTS and in those before, within
+    STEADY_TOLERANCE, and the segments' own ratios are tight enough for their mean's 95 %
+    interval to be as close."""
     if len(segments) < MIN_SEGMENTS:
         return False
-    last = _ratio(segments[-STEADY_SEGMENTS:])
-    before = _ratio(segments[-2 * STEADY_SEGMENTS:-STEADY_SEGMENTS])
+    window = segments[-2 * STEADY_SEGMENTS:]
+    common = np.all([c[:, 2] > 0 for c in window], axis=0)
+    weights = np.where(common, request_by_cls, 0.0)
+    if weights.sum() <= 0:
+        return False
+    weights = weights / weights.sum()
+    last = _ratio(window[STEADY_SEGMENTS:], weights)
+    before = _ratio(window[:STEADY_SEGMENTS], weights)
     mean = (last + before) / 2
     if not (mean > 0 and abs(last - before) <= STEADY_TOLERANCE * mean):
         return False
-    # and the segments' own ratios are close enough for their mean's interval to be as tight
-    ratios = [_ratio([c]) for c in segments[-2 * STEADY_SEGMENTS:]]
+    ratios = [_ratio([c], weights) for c in window]
     half = _t_quantile(len(ratios) - 1) * float(np.std(ratios, ddof=1)) / math.sqrt(len(ratios))
     return half <= STEADY_TOLERANCE * mean
 
@@ -451,10 +497,13 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
     n_cls = 2 * max(n_tensors, 1)
     lines = np.zeros(len(kind), dtype=np.int64)
     request = np.zeros(len(kind), dtype=np.int64)
-    _event_lines(kind, t["addr"], t["rows"], t["row_bytes"], t["row_stride"],
-                 hardware.l2_line_bytes, hardware.l2_sector_bytes, lines, request)
+    reps = t["reps"]
+    _event_lines(kind, t["addr"], t["rows"], t["row_bytes"], t["row_stride"], reps,
+                 t["addr_step"], hardware.l2_line_bytes, hardware.l2_sector_bytes, lines,
+                 request)  # over every repetition
     heads = ht.heads
-    n_positions = len(kind) * heads
+    per_head = int(reps.sum())  # the events one head runs
+    n_positions = per_head * heads
     exact_counts = {
         "l2_read_bytes": int(request[kind == LOAD].sum()) * heads,
         "l2_write_bytes": int(request[kind == STORE].sum()) * heads,
@@ -467,12 +516,14 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
     walker = _Walker(ht, hardware, slots, cls, n_cls)
     cph = len(t["cta_start"]) - 1
     n_slots = len(walker.slot_cta)
-    # a segment: one wave's events (the resident CTAs' mean events each)
-    segment = max(1, int(round(n_slots * len(kind) / max(cph, 1))))
+    # a segment: one wave's events (the resident CTAs' mean events each), or at most
+    # SEGMENT_MAX_EVENTS of them
+    wave = max(1, int(round(n_slots * per_head / max(cph, 1))))
+    segment = min(wave, SEGMENT_MAX_EVENTS)
     is_store_cls = np.arange(n_cls) % 2 == 1
     # many heads: a head is the sampling unit (the heads the first wave ran are left out of
     # the steady ones); few: a wave, by HBM bytes per L2 request byte
-    head_mode = heads >= HEAD_SAMPLING_MIN_HEADS
+    head_mode = heads >= HEAD_SAMPLING_MIN_HEADS and segment == wave
     first_steady_head = -(-n_slots // cph) + 1
     steady_heads = None
     # per segment: class counts; dirty sectors made (episodes); dirty bytes held at its end
@@ -503,7 +554,7 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         steady_heads = (_steady_heads(walker, first_steady_head, capacity_bytes)
                         if head_mode else None)
         if (steady_heads is not None and len(segments) > TAIL_WARMUP_SEGMENTS) or (
-                not head_mode and _steady(segments)):
+                not head_mode and _steady(segments, request_by_cls)):
             moved = (replayed[:, 0].sum() + sum(episodes)) / walker.pos
             plan = _tail_plan(segment, walker.pos, n_positions, moved, capacity_bytes)
             if plan is not None:
@@ -540,6 +591,12 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         read_ratio = np.divide(steady[:, :, 0], l2_k, out=np.zeros_like(l2_k), where=l2_k > 0)
         pooled_read = np.divide(steady[:, :, 0].sum(axis=0), pooled_l2, out=np.zeros(n_cls),
                                 where=pooled_l2 > 0)
+        # a class the steady segments never requested (the Q tiles a CTA loads once, at its
+        # start, when the segments are parts of long waves): its ratio over every segment
+        # replayed, the first wave's and the tail's
+        over_all = np.divide(edges[:, 0], edges[:, 2], out=np.zeros(n_cls),
+                             where=edges[:, 2] > 0)
+        pooled_read = np.where(pooled_l2 > 0, pooled_read, over_all)
         read_ratio = np.where(l2_k > 0, read_ratio, pooled_read[None, :])
         def t_interval(per_k):  # the mean of per-segment estimates, and its 95 % half-width
             return float(per_k.mean()), (_t_quantile(len(per_k) - 1) * float(per_k.std(ddof=1))
@@ -551,12 +608,12 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
             # template event's mean HBM read bytes over the replayed heads, times the heads it
             # was not replayed for; the interval from the spread of the steady heads' bytes
             seen = walker.tmpl_n > 0
-            missing = np.where(seen, heads - walker.tmpl_n, 0)
+            missing = np.where(seen, heads * reps - walker.tmpl_n, 0)
             middle = float(np.sum(walker.tmpl_read[seen] / walker.tmpl_n[seen] * missing[seen]))
             unseen = float(np.sum(np.where(seen, 0.0, request * pooled_read[cls]))) * heads
             mean, half = t_interval(steady_heads)
             reads = (float(edges[:, 0].sum()) + middle + unseen,
-                     half * float(missing.sum()) / max(len(kind), 1))
+                     half * float(missing.sum()) / max(per_head, 1))
         store_k = l2_k[:, is_store_cls].sum(axis=1)
         store_rest = rest[is_store_cls].sum()
         # dirty bytes made per byte stored: pooled over the steady segments (a segment may
@@ -564,6 +621,10 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         stores = store_k > 0
         pooled_episodes = (float(steady_episodes[stores].sum() / store_k[stores].sum())
                            if stores.any() else 0.0)
+        if not stores.any():  # the steady segments stored nothing (the O tiles a CTA writes
+            # at its end): the dirty bytes made per byte stored over every segment replayed
+            stored = float(edges[is_store_cls, 2].sum())
+            pooled_episodes = ((sum(episodes) + tail_episodes) / stored) if stored else 0.0
         # the dirty bytes made: the prefix's, the middle's (estimated) and the tail's; all but
         # those left at the end were written back during the kernel
         writes = (float(sum(episodes) + pooled_episodes * store_rest + tail_episodes
@@ -588,8 +649,8 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         covered = (middle_begin + n_positions - warm_begin) / n_positions
         stats = SampleStats(segments=len(segments), covered_share=min(1.0, covered),
                             intervals=intervals)
-    # each template event's HBM bytes read and written back: the mean over the heads where it
-    # was replayed, else its request bytes times its class's ratio; when sampled, each part
+    # each template event's HBM bytes read and written back (per repetition): the mean over
+    # the heads and repetitions where it was replayed, else its request bytes times its class's ratio; when sampled, each part
     # scaled to the estimated total (the replayed heads include the cold start's, which evict
     # nothing and so write nothing back)
     seen = walker.tmpl_n > 0
@@ -599,11 +660,11 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
                          (write_by_cls, (walker.tmpl_hbm - walker.tmpl_read) / n_seen)):
         ratio = np.divide(by_cls, request_by_cls, out=np.zeros(n_cls),
                           where=request_by_cls > 0)
-        part = np.where(seen, mean, np.where(kind == COMPUTE, 0.0, request * ratio[cls]))
+        part = np.where(seen, mean, np.where(kind == COMPUTE, 0.0, request / reps * ratio[cls]))
         parts.append(part)
     if stats is not None:
         for part, name in zip(parts, ("hbm_read_bytes", "hbm_write_bytes")):
-            total = float(part.sum()) * heads
+            total = float(np.dot(part, reps)) * heads
             if total > 0:
                 part *= counts[name] / total
     hbm = parts[0] + parts[1]
@@ -673,10 +734,17 @@ def simulate_streamed(schedule, hardware, model: str, time_model: str, sample: b
         occ = occupancy(ht.kernel, shape.head_dim, shape.seq_len, hardware)
         n_ctas = (len(t["cta_start"]) - 1) * heads
         slots = concurrent_ctas(occ, hardware, n_ctas)
-        counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
-        engine.sum_events(t["kind"], t["rows"], t["row_bytes"], t["flops_tensor"],
-                          t["flops_scalar"], t["sram_read"], t["sram_write"], counts)
-        row = {name: int(counts[i]) * heads for i, name in enumerate(engine.COUNTERS)}
+        reps = t["reps"]
+        tile_bytes = t["rows"] * t["row_bytes"]
+        row = {name: 0 for name in engine.COUNTERS}
+        # the two-level model's bytes and the FLOP/SRAM counts, over every repetition
+        row.update(hbm_read_bytes=int(np.dot(tile_bytes[t["kind"] == LOAD],
+                                             reps[t["kind"] == LOAD])) * heads,
+                   hbm_write_bytes=int(np.dot(tile_bytes[t["kind"] == STORE],
+                                              reps[t["kind"] == STORE])) * heads,
+                   **{name: int(np.dot(t[column], reps)) * heads for name, column in
+                      (("flops_tensor", "flops_tensor"), ("flops_scalar", "flops_scalar"),
+                       ("sram_read_bytes", "sram_read"), ("sram_write_bytes", "sram_write"))})
         stats = None
         if model == "l2":
             replayed = replay_kernel(ht, hardware, slots, sample)
@@ -688,9 +756,9 @@ def simulate_streamed(schedule, hardware, model: str, time_model: str, sample: b
                            (t["rows"] * t["row_bytes"]).astype(np.float64))
         one = _one_head_trace(ht, schedule, all_heads=False)
         tensors = {name: {key: value * heads for key, value in moved.items()}
-                   for name, moved in tile_traffic_by_tensor(one, names).items()}
+                   for name, moved in tile_traffic_by_tensor(one, names, reps).items()}
         row.update(name=ht.kernel.name, ctas=n_ctas, concurrent_ctas=slots,
-                   phase=ht.kernel.phase, special_ops=int(t["special_ops"].sum()) * heads,
+                   phase=ht.kernel.phase, special_ops=int(np.dot(t["special_ops"], reps)) * heads,
                    tensor_path=ht.kernel.tensor_path, tensors=tensors,
                    sampled=stats is not None,
                    intervals={k: [float(lo), float(hi)] for k, (lo, hi)

@@ -142,11 +142,12 @@ def check_model(model: str) -> str:
     return model
 
 
-def tile_traffic_by_tensor(kt, tensor_names) -> dict:
-    """Bytes of tiles each tensor moves between SRAM and the memory system (loads, stores).
+def tile_traffic_by_tensor(kt, tensor_names, reps=None) -> dict:
+    """Bytes of tiles each tensor moves between SRAM and the memory system (loads, stores);
+    ``reps``: how many times each event runs (a compressed template), else once.
 
     Under the two-level model these are the HBM bytes; under the l2 model, the L2 requests."""
-    nbytes = kt.rows * kt.row_bytes
+    nbytes = kt.rows * kt.row_bytes * (1 if reps is None else reps)
     traffic = {}
     for kind, key in ((engine.LOAD, "read_bytes"), (engine.STORE, "write_bytes")):
         chosen = kt.kind == kind

@@ -100,6 +100,8 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     is_compute = h["kind"] == COMPUTE
     is_load = h["kind"] == LOAD
     tile_bytes = (h["rows"] * h["row_bytes"]).astype(np.float64)
+    # how many times each event runs: a compressed template's (iosim.trace_fast) repetitions
+    reps = h["reps"].astype(np.float64) if "reps" in h else np.ones(len(is_load))
 
     # ---- one warp alone, cycles (one batch·head's events) ----
     mma_w = h["mma"] / warps
@@ -141,7 +143,7 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     heads = kt.heads
 
     def per_cta(values):
-        return np.tile(_per_cta(values, starts), heads)
+        return np.tile(_per_cta(values * reps, starts), heads)
 
     # wgmma and exp, wgmma and FP32 work on one SM overlap only partly (the spec's measured
     # wgmma_sfu_overlap, wgmma_fp32_overlap): the tensor pipe is held for the rest of that work
@@ -158,7 +160,7 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     }
     # ---- what the L2 replay decides, event by event ----
     n_ctas = kt.n_ctas
-    demand["hbm_bytes"] = _per_cta(hbm_by_event, kt.cta_start)
+    demand["hbm_bytes"] = _per_cta(hbm_by_event * np.tile(reps, heads), kt.cta_start)
     per_head_events = len(h["kind"])
     head_events = np.flatnonzero(exposed)
     events = (head_events[None, :]
@@ -168,8 +170,9 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     ctas = ctas.ravel()
     hbm = hbm_by_event[events]
     loaded = np.tile(tile_bytes[head_events], heads)
+    runs = np.tile(reps[head_events], heads)
     miss = np.minimum(np.divide(hbm, loaded, out=np.zeros_like(hbm), where=loaded > 0), 1.0)
-    demand["exposed_hbm_bytes"] = np.bincount(ctas, weights=hbm, minlength=n_ctas)
+    demand["exposed_hbm_bytes"] = np.bincount(ctas, weights=hbm * runs, minlength=n_ctas)
     # a group waits for DRAM as long as its worst-missing load does
     n_groups = int(group.max()) + 1 if len(group) else 0
     groups = (group[head_events][None, :]
@@ -178,7 +181,10 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     np.maximum.at(worst, groups, miss * (hw.dram_latency_cycles - hw.l2_latency_cycles))
     group_cta = np.zeros(n_groups * heads, dtype=np.int64)
     group_cta[groups] = ctas
-    demand["latency_cycles"] += np.bincount(group_cta, weights=worst, minlength=n_ctas)
+    group_runs = np.zeros(n_groups * heads)
+    group_runs[groups] = runs  # a group's loads run as many times each
+    demand["latency_cycles"] += np.bincount(group_cta, weights=worst * group_runs,
+                                            minlength=n_ctas)
     return demand
 
 
@@ -219,6 +225,7 @@ def _async_adjustments(kt, hbm_by_event, hw, occ, mma_alone, scalar_alone, laten
     kernel = kt.kernel
     h = kt.head
     is_load, is_compute = h["kind"] == LOAD, h["kind"] == COMPUTE
+    reps = h["reps"].astype(np.float64) if "reps" in h else np.ones(len(is_load))
     starts = h["cta_start"]
     tile = _tiles(is_load, starts)
     n_tiles = int(tile.max()) + 1 if len(tile) else 0
@@ -241,8 +248,10 @@ def _async_adjustments(kt, hbm_by_event, hw, occ, mma_alone, scalar_alone, laten
         per_head = len(h["kind"])
         ring_events = (np.flatnonzero(ring)[None, :]
                        + per_head * np.arange(kt.heads, dtype=np.int64)[:, None]).ravel()
-        loaded = float(np.tile(tile_bytes[ring], kt.heads).sum())
-        miss = min(1.0, float(hbm_by_event[ring_events].sum()) / loaded) if loaded else 0.0
+        runs = np.tile(reps[ring], kt.heads)
+        loaded = float(np.dot(np.tile(tile_bytes[ring], kt.heads), runs))
+        miss = (min(1.0, float(np.dot(hbm_by_event[ring_events], runs)) / loaded) if loaded
+                else 0.0)
         ctas_per_sm = occ.ctas_per_sm if occ is not None else 1
         active = max(1, min(hw.sm_count, kt.n_ctas))
         cap = hw.sram_bandwidth_bytes_per_s / hw.sm_count

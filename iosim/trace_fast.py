@@ -20,6 +20,18 @@ through :func:`iosim.schedule.walk`), built by walking each kernel's program *on
 
 The tile extents of a variable whose loop has ended stay those of its last executed iteration,
 as in :func:`~iosim.schedule.walk`.
+
+**Compressed templates** (``compress=True``, for long sequences: a CTA of flash2 at
+N = 10^6 runs 16 k K/V blocks). An innermost loop (no loop in its body) with more than three
+executed iterations keeps three of them: the first, the second standing for every middle one
+(``reps`` = iterations - 2, its addresses advancing by ``addr_step`` bytes per repetition) and
+the last. The middle iterations are the same events but for their addresses: none is ragged
+(only a variable's last block is), and each event's predecessor is the same op as in the full
+order (so ``sync`` and every neighbourhood the timed model looks at agree).
+Extra columns: ``reps`` (how many times the event runs; 1 outside a middle iteration),
+``addr_step``, ``body_offset`` (its place in its iteration's events) and ``body_len`` (the
+events of one iteration). Expanding the repetitions gives the full template exactly
+(:func:`expand_template`).
 """
 from __future__ import annotations
 
@@ -29,6 +41,8 @@ from . import schedule as sch
 from . import work
 
 LOAD, STORE, COMPUTE = 0, 1, 2
+#: The columns a compressed template adds (see the module docstring).
+REPEAT_COLUMNS = ("reps", "addr_step", "body_offset", "body_len")
 
 
 def _names():
@@ -37,8 +51,9 @@ def _names():
 
 
 class _Builder:
-    def __init__(self, kernel, schedule, base, tensor_ids, extents=None):
+    def __init__(self, kernel, schedule, base, tensor_ids, extents=None, compress=False):
         shape = schedule.shape
+        self.compress = compress
         self.kernel = kernel
         self.n, self.d, self.causal = shape.seq_len, shape.head_dim, shape.causal
         self.extents = kernel.base_dims(self.d, self.n)
@@ -77,33 +92,71 @@ class _Builder:
         rag = {v: self.ragged(v, idx[v]) for v in kernel.grid}
         return idx, rag, m
 
-    def expand(self, loop, idx, m):
-        """(parent context, indices) of the executed iterations of ``loop`` in each context."""
-        k = self.nb[loop.var]
-        first = np.zeros(m, dtype=np.int64)
+    def iterations(self, loop, idx, m):
+        """Per context, the iterations of ``loop`` as a range ``[lo, hi)`` of block indices, and
+        whether the causal mask may still drop some inside it (it skips a range's ends but may
+        not keep one range where a "G" row tile spans several heads)."""
+        lo = np.zeros(m, dtype=np.int64)
+        hi = np.full(m, self.nb[loop.var], dtype=np.int64)
         if loop.within is not None:  # the blocks inside the current block of ``within``
             per = self.blocks[loop.within] // self.blocks[loop.var]
-            first = idx[loop.within] * per
-            k = min(k, per)
-        parent = np.repeat(np.arange(m, dtype=np.int64), k)
+            lo = np.broadcast_to(idx[loop.within] * per, (m,)).astype(np.int64)
+            hi = np.minimum(lo + per, self.nb[loop.var])
+        r, c = self.kernel.row_var, self.kernel.col_var
+        if self.causal and loop.causal_skip and (r in idx or r == loop.var):
+            if loop.var == c:  # kept while the key block starts at or before the last
+                # visible key: a prefix
+                last = sch.last_visible_key(self.kernel, idx[r], self.extents)
+                hi = np.minimum(hi, np.maximum(np.floor_divide(last, self.blocks[c]) + 1, 0))
+            elif loop.var == r and self.kernel.span(r) != "G":
+                # the last visible key grows with the row block: a suffix, from the first row
+                # block that sees the key block's start (a binary search per context)
+                need = idx[c] * self.blocks[c]
+                a, b = lo.copy(), np.maximum(hi, lo)
+                while np.any(a < b):
+                    mid = (a + b) // 2
+                    active = a < b
+                    sees = sch.last_visible_key(self.kernel, mid, self.extents) >= need
+                    b = np.where(active & sees, mid, b)
+                    a = np.where(active & ~sees, mid + 1, a)
+                lo = a
+            else:
+                return lo, np.maximum(hi, lo), True
+        return lo, np.maximum(hi, lo), False
+
+    def expand(self, loop, idx, m):
+        """(parent context, indices, repetitions) of the executed iterations of ``loop`` in
+        each context; repetitions None unless the loop is compressed (see the module doc)."""
+        lo, hi, masked = self.iterations(loop, idx, m)
+        count = hi - lo
+        compress = (self.compress and not masked
+                    and not any(isinstance(i, sch.Loop) for i in loop.body))
+        kept = np.minimum(count, 3) if compress else count
+        parent = np.repeat(np.arange(m, dtype=np.int64), kept)
+        first = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(kept, out=first[1:])
+        local = np.arange(len(parent), dtype=np.int64) - first[parent]
         sub = {v: a[parent] for v, a in idx.items()}
-        sub[loop.var] = first[parent] + np.tile(np.arange(k, dtype=np.int64), m)
-        keep = sub[loop.var] < self.nb[loop.var]
-        if self.causal and loop.causal_skip and self.kernel.row_var in sub:
+        reps = None
+        if compress:  # iterations lo, lo + 1 (for every middle one) and hi - 1
+            long = count[parent] > 3
+            local = np.where(long & (local == 2), count[parent] - 1, local)
+            reps = np.where(long & (local == 1), count[parent] - 2, 1)
+        sub[loop.var] = lo[parent] + local
+        if masked:
             r, c = self.kernel.row_var, self.kernel.col_var
-            keep &= ~(sub[c] * self.blocks[c]
-                      > sch.last_visible_key(self.kernel, sub[r], self.extents))
-        if not keep.all():
+            keep = ~(sub[c] * self.blocks[c]
+                     > sch.last_visible_key(self.kernel, sub[r], self.extents))
             parent = parent[keep]
             sub = {v: a[keep] for v, a in sub.items()}
-        return parent, sub
+        return parent, sub, reps
 
     def count(self, body, idx, m):
         total = np.zeros(m, dtype=np.int64)
         fixed = 0
         for item in body:
             if isinstance(item, sch.Loop):
-                parent, sub = self.expand(item, idx, m)
+                parent, sub, _ = self.expand(item, idx, m)
                 c = self.count(item.body, sub, len(parent))
                 total += _group_sums(parent, c, m)
             else:
@@ -186,16 +239,33 @@ class _Builder:
                                                 * spec.elem_bytes)
         return np.broadcast_to(np.asarray(addr, dtype=np.int64), (m,))
 
-    def emit(self, body, idx, rag, m, pos):
+    def step(self, op, var):
+        """How far the address of ``op``'s tile moves when block variable ``var`` advances
+        by one block (bytes)."""
+        spec = self.tensors[op.tensor]
+        row_len = self.extents[spec.cols]
+        step = 0
+        if op.rows == var:
+            step += self.blocks[var] * row_len * spec.elem_bytes
+        if op.cols == var:
+            step += self.blocks[var] * spec.elem_bytes
+        if spec.slab_var == var:
+            step += self.extents[spec.rows] * row_len * spec.elem_bytes
+        return step
+
+    def emit(self, body, idx, rag, m, pos, reps=None, var=None):
         """Write the events of ``body`` run in each of ``m`` contexts, starting at ``pos``;
-        return the extents' ragged flags after the body."""
+        return the extents' ragged flags after the body. ``reps``: per context, how many
+        iterations of the compressed loop over ``var`` it stands for."""
+        body_start = pos
+        body_len = self.count(body, idx, m) if reps is not None else None
         pos = pos.copy()
         rag = dict(rag)
         code = vars_ = None
         for item in body:
             if isinstance(item, sch.Loop):
                 var = item.var
-                parent, sub = self.expand(item, idx, m)
+                parent, sub, sub_reps = self.expand(item, idx, m)
                 m2 = len(parent)
                 c = self.count(item.body, sub, m2)
                 cs = np.zeros(m2 + 1, dtype=np.int64)
@@ -204,7 +274,7 @@ class _Builder:
                 start = pos[parent] + cs[:-1] - cs[bounds[:-1]][parent]
                 sub_rag = {v: a[parent] for v, a in rag.items()}
                 sub_rag[var] = self.ragged(var, sub[var])
-                after = self.emit(item.body, sub, sub_rag, m2, start)
+                after = self.emit(item.body, sub, sub_rag, m2, start, sub_reps, var)
                 pos += cs[bounds[1:]] - cs[bounds[:-1]]
                 # extents stay those of the last executed iteration
                 ran = bounds[1:] > bounds[:-1]
@@ -231,6 +301,12 @@ class _Builder:
                         out[pos] = col
                 if addr is not None:
                     self.out["addr"][pos] = addr
+                if reps is not None:
+                    self.out["reps"][pos] = reps
+                    self.out["body_offset"][pos] = pos - body_start
+                    self.out["body_len"][pos] = body_len
+                    if addr is not None:
+                        self.out["addr_step"][pos] = self.step(item, var)
                 if load_op:
                     self.load_op[pos] = True
                 pos += 1
@@ -243,6 +319,10 @@ class _Builder:
         np.cumsum(counts, out=cta_start[1:])
         total = int(cta_start[-1])
         self.out = {c: np.zeros(total, dtype=self.dtypes[c]) for c in self.names}
+        if self.compress:
+            for c in REPEAT_COLUMNS:
+                self.out[c] = np.zeros(total, dtype=np.int64)
+            self.out["reps"][:] = 1
         self.load_op = np.zeros(total, dtype=bool)
         self.emit(self.kernel.body, idx, rag, m, cta_start[:-1])
         # sync: a shared-memory load not preceded (in its CTA) by another Load op
@@ -262,7 +342,36 @@ def _group_sums(parent, values, m):
     return cs[bounds[1:]] - cs[bounds[:-1]]
 
 
-def head_template(kernel, schedule, base, tensor_ids, extents=None):
+def head_template(kernel, schedule, base, tensor_ids, extents=None, compress=False):
     """One batch·head's events (as columns) and CTA offsets, vectorised; see the module doc.
-    ``extents`` overrides whole-extent tokens (the valid keys "L" of a batch element)."""
-    return _Builder(kernel, schedule, base, tensor_ids, extents).build()
+    ``extents`` overrides whole-extent tokens (the valid keys "L" of a batch element);
+    ``compress``: a compressed template (the module doc)."""
+    return _Builder(kernel, schedule, base, tensor_ids, extents, compress).build()
+
+
+def expand_template(columns, cta_start):
+    """The full template a compressed one stands for (every repetition written out, addresses
+    advanced): the columns of :func:`head_template` without ``compress``, and CTA offsets."""
+    reps = columns["reps"]
+    n = len(reps)
+    # a compressed iteration's events repeat as a block: index the events of each repetition
+    first = np.flatnonzero((reps > 1) & (columns["body_offset"] == 0))
+    order, rep = [], []
+    e = 0
+    for f in first:
+        order.append(np.arange(e, f))
+        rep.append(np.zeros(f - e, dtype=np.int64))
+        length = int(columns["body_len"][f])
+        k = int(reps[f])
+        order.append(np.tile(np.arange(f, f + length), k))
+        rep.append(np.repeat(np.arange(k, dtype=np.int64), length))
+        e = f + length
+    order.append(np.arange(e, n))
+    rep.append(np.zeros(n - e, dtype=np.int64))
+    order = np.concatenate(order).astype(np.int64)
+    rep = np.concatenate(rep)
+    out = {c: v[order] for c, v in columns.items() if c not in REPEAT_COLUMNS}
+    out["addr"] = out["addr"] + rep * columns["addr_step"][order]
+    counts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(reps, out=counts[1:])
+    return out, counts[cta_start]
