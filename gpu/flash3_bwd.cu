@@ -45,6 +45,9 @@
 #ifndef DQ_V4                  // 1: red.global.add.v4.f32 (lane pairs exchange halves); 0: .v2
 #define DQ_V4 1
 #endif
+#ifndef DQ_TMA                 // 1: dQ partials staged in shared memory (fp32, 128-byte swizzled boxes) and added
+#define DQ_TMA 1               //    by TMA (cp.reduce.async.bulk.tensor .add); 0: red.global.add from registers
+#endif
 #ifndef PIPE                   // 1: dQ of Q block i issued after S^T, dP^T of block i+1 and reduced under dV, dK of
 #define PIPE 2                 //    block i+1; dV issued before dS^T is computed. 2: the same with S^T and dP^T
 #endif                         //    apart (fewer live registers; see the loop). 0: one block after the other
@@ -92,7 +95,10 @@ constexpr int OFF_V = TILE_KV;
 constexpr int OFF_Q = 2 * TILE_KV;
 constexpr int OFF_DO = OFF_Q + STAGES * TILE_Q;
 constexpr int OFF_DS = OFF_DO + STAGES * TILE_Q;
-constexpr int OFF_LD = OFF_DS + 2 * TILE_DS;
+constexpr int OFF_DQ = OFF_DS + 2 * TILE_DS;                 // DQ_TMA: per warpgroup 64 x DQN fp32, boxes of 32 columns
+constexpr int DQ_BOX = 64 * 128;                             // bytes of one 64-row x 32-float box (128-byte swizzle)
+constexpr int TILE_DQ = DQ_TMA ? 64 * DQN * 4 : 0;
+constexpr int OFF_LD = OFF_DQ + NCWG * TILE_DQ;
 // dynamic shared memory: OFF_LD + STAGES * 2 * BR * 4 + 1024 (alignment slack) = gpu/flash3_bwd.py smem_bytes
 
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
@@ -112,6 +118,15 @@ __device__ __forceinline__ float2 ld_shared_f2(u32 addr) {
     float2 v;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
     return v;
+}
+__device__ __forceinline__ void st_shared_v4f(u32 addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+// global (fp32 tensor map) += a shared-memory box, by the TMA unit (bulk async-group completion)
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaMap* map, int c0, int c1, int c2, u32 src) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+        :: "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(src) : "memory");
 }
 __device__ __forceinline__ void st_shared_f32(u32 addr, float v) {
     asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(addr), "f"(v) : "memory");
@@ -152,7 +167,7 @@ __device__ __forceinline__ void issue_dq(float* acc, u32 ds, u32 kb) {
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tmK, const __grid_constant__ TmaMap tmV,
-           const __grid_constant__ TmaMap tmdO, const float* __restrict__ L, const float* __restrict__ Dv,
+           const __grid_constant__ TmaMap tmdO, const __grid_constant__ TmaMap tmdQ, const float* __restrict__ L, const float* __restrict__ Dv,
            float* __restrict__ dQacc, h16* __restrict__ dK, h16* __restrict__ dV, int N, float scale, int causal)
 {
     extern __shared__ unsigned char smem_raw[];
@@ -288,6 +303,34 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     auto red_dq = [&](const float* dq, int q0) {
         const int qrow0 = q0 + (DQ_SPLIT ? 0 : 64 * wg) + 16 * wl + g;   // entries with (i>>1)&1 == 0
         const int col0 = DQ_SPLIT ? wg * (D / 2) : 0;
+#if DQ_TMA
+        // this warpgroup's 64 x DQN tile -> shared memory (swizzled boxes of 32 columns), then one thread adds it
+        // to dQaccum with TMA reductions (rows >= N are clipped by the tensor map)
+        const u32 sdq = base + OFF_DQ + wg * TILE_DQ;
+        const int ctid = tid - 128 * (wg + 1);
+        if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");   // last tile read out
+        named_bar_sync(2 + wg, 128);
+#pragma unroll
+        for (int j = 0; j < DQREG / 4; ++j) {
+            const float* a = dq + 4 * j;
+            const bool odd = c4 & 1;
+            const float s0 = odd ? a[0] : a[2], s1 = odd ? a[1] : a[3];
+            const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+            const int r = 16 * wl + g + (odd ? 8 : 0);             // row of the warpgroup's tile
+            const int c = 8 * j + 2 * (c4 & 2);                    // column of the tile (4 floats from here)
+            const u32 addr = sdq + (c >> 5) * DQ_BOX + r * 128 + (((((c & 31) >> 2) ^ (r & 7))) << 4);
+            if (odd) st_shared_v4f(addr, r0, r1, a[2], a[3]);
+            else st_shared_v4f(addr, a[0], a[1], r0, r1);
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_bar_sync(2 + wg, 128);
+        if (ctid == 0) {
+#pragma unroll
+            for (int b = 0; b < DQN / 32; ++b)
+                tma_reduce_add_3d(&tmdQ, col0 + 32 * b, qrow0 - 16 * wl - g, bh, sdq + b * DQ_BOX);
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+#else
 #pragma unroll
         for (int j = 0; j < DQREG / 4; ++j) {
             const float* a = dq + 4 * j;
@@ -307,6 +350,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             if (qrow0 + 8 < N) red_add_v2(dQb + (size_t)(qrow0 + 8) * D + col, a[2], a[3]);
 #endif
         }
+#endif
     };
 
     mbar_wait(barKV, 0);
@@ -547,6 +591,9 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
 
     // ---- epilogue: dK (scaled) into the K tile, dV into the V tile (swizzled, this warpgroup's rows), then
     //      16-byte global stores ----
+#if DQ_TMA
+    if (tid == 128 || tid == 256) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // dQ reductions done
+#endif
     named_bar_sync(1, 256);                    // both warpgroups are past their last wgmma (which read K)
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {

@@ -26,7 +26,7 @@ SMEM_LIMIT_BYTES = 227 * 1024
 ALIGN_SLACK_BYTES = 1024
 DOT_CONVERT_BR = 64                    # flash2_bwd.cu's BR for flash2_bwd_dot's (unused here) turn counters
 # switches of flash3_bwd.cu other than the tiles, with their allowed values
-SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1),
+SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1),
             "PRODUCER_REGS": (24, 32, 40), "CONSUMER_REGS": (216, 224, 232, 240)}
 LAUNCH_REGS = 168                      # registers a thread at launch (__launch_bounds__(384, 1): 65536 / 384, by 8)
 
@@ -36,9 +36,16 @@ def dq_split(head_dim: int, block_rows: int) -> int:
     return 0 if block_rows == 128 else 1
 
 
-def smem_bytes(head_dim: int, block_rows: int, stages: int = 2) -> int:
-    """K, V (128 x d), ``stages`` x (Q, dO) (BR x d), 2 x dSᵀ (128 x BR) fp16, ``stages`` x (L, D) fp32 rows, slack."""
+def dq_cols(head_dim: int, block_rows: int) -> int:
+    """dQ columns per consumer warpgroup (its tile is 64 rows x this)."""
+    return head_dim // 2 if dq_split(head_dim, block_rows) else head_dim
+
+
+def smem_bytes(head_dim: int, block_rows: int, stages: int = 2, dq_tma: bool = True) -> int:
+    """K, V (128 x d), ``stages`` x (Q, dO) (BR x d), 2 x dSᵀ (128 x BR) fp16, with ``dq_tma`` one fp32 dQ tile
+    (64 x dq_cols) per consumer warpgroup, ``stages`` x (L, D) fp32 rows, slack."""
     return (2 * head_dim * (2 * BLOCK_COLS + 2 * stages * block_rows) + 2 * 2 * BLOCK_COLS * block_rows
+            + (CONSUMER_WARPGROUPS * 64 * dq_cols(head_dim, block_rows) * 4 if dq_tma else 0)
             + stages * 2 * block_rows * 4 + ALIGN_SLACK_BYTES)
 
 
@@ -62,7 +69,7 @@ def check_config(head_dim: int, block_rows: int, defines: dict | None = None) ->
     if 128 * p + 128 * CONSUMER_WARPGROUPS * c > LAUNCH_REGS * THREADS:
         raise ValueError(f"flash3 backward: setmaxnreg {p} + 2 x {c} per lane exceeds the {LAUNCH_REGS} x {THREADS} "
                          "registers the CTA gets at launch")
-    need = smem_bytes(head_dim, block_rows, defines.get("STAGES", 2))
+    need = smem_bytes(head_dim, block_rows, defines.get("STAGES", 2), bool(defines.get("DQ_TMA", 1)))
     if need > SMEM_LIMIT_BYTES:
         raise ValueError(f"flash3 backward d={head_dim} BR={block_rows} {defines} needs {need} bytes of shared "
                          f"memory, more than {SMEM_LIMIT_BYTES}")
@@ -82,9 +89,10 @@ def kernel_defines(head_dim: int, block_rows: int, extra: dict | None = None) ->
 
 # (BR, BC, extra defines) tried by ``gpu.backward --algorithm flash3 --variants``, per head dim; the first is the
 # default (DEFAULT_BLOCK_ROWS)
-VARIANTS = {64: [(128, 128, {}), (128, 128, {"PIPE": 0}), (128, 128, {"DK_WAIT_END": 1}), (128, 128, {"DQ_V4": 0}),
-                 (64, 128, {})],
-            128: [(64, 128, {}), (64, 128, {"PIPE": 0}), (64, 128, {"DK_WAIT_END": 1}), (64, 128, {"DQ_V4": 0})]}
+VARIANTS = {64: [(128, 128, {}), (128, 128, {"PIPE": 0}), (128, 128, {"DK_WAIT_END": 1}),
+                 (128, 128, {"DQ_TMA": 0, "PIPE": 0}), (64, 128, {})],
+            128: [(64, 128, {}), (64, 128, {"PIPE": 0}), (64, 128, {"DK_WAIT_END": 1}),
+                  (64, 128, {"DQ_TMA": 0, "PIPE": 0})]}
 EXTRA_VARIANTS_ENV = "IOSIM_FLASH3_EXTRA_VARIANTS"   # JSON {"64": [[BR, BC, {defines}], ...]}: diagnostics
 
 
@@ -127,6 +135,23 @@ def validate_variants(table: dict = VARIANTS) -> list[str]:
     return errs
 
 
+CU_TENSOR_MAP_DATA_TYPE_FLOAT32 = 7
+DQ_BOX_COLS = 32                        # fp32: a 128-byte swizzled box row holds 32 floats
+
+
+def dq_tensor_map_fields(batch_heads: int, seq_len: int, head_dim: int, box_rows: int = 64) -> dict:
+    """``cuTensorMapEncodeTiled`` arguments for the fp32 dQaccum (B*H, N, d), written by TMA reductions in boxes of
+    ``box_rows`` rows x 32 floats (128-byte swizzle); rows >= N of a head are out of range (clipped)."""
+    from . import flash3 as F3
+
+    f = F3.tensor_map_fields(batch_heads, seq_len, head_dim, box_rows)
+    row_bytes = head_dim * 4
+    f.update({"data_type": CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+              "global_strides_bytes": (row_bytes, seq_len * row_bytes),
+              "box_dim": (DQ_BOX_COLS, box_rows, 1), "box_bytes": DQ_BOX_COLS * 4 * box_rows})
+    return f
+
+
 class Flash3Backward:
     """dQ, dK, dV from Q, K, V, O, dO and the forward's L. ``run(q, k, v, o, L, do, dq, dk, dv, events=None)``
     records ``events[0..3]`` around flash2_bwd_dot, flash3_bwd, flash2_bwd_convert."""
@@ -151,7 +176,8 @@ class Flash3Backward:
         self.k_dot = K._raw_kernel("flash2_bwd.cu", "flash2_bwd_dot", dc)
         self.k_conv = K._raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", dc)
         self.k_main = F3.compile_kernel(self.defines, SOURCE, KERNEL_NAME)
-        self.smem = smem_bytes(self.d, self.br, self.stages)
+        self.dq_tma = bool(int(self.extra_defines.get("DQ_TMA", 1)))
+        self.smem = smem_bytes(self.d, self.br, self.stages, self.dq_tma)
         self.k_main.max_dynamic_shared_size_bytes = self.smem
         self.threads = THREADS
         B, H, N, d = self.B, self.H, self.N, self.d
@@ -160,6 +186,7 @@ class Flash3Backward:
         self.sem = cp.zeros((B * H * ((N + DOT_CONVERT_BR - 1) // DOT_CONVERT_BR),), dtype=cp.int32)
         self._fq = F3.tensor_map_fields(B * H, N, d, self.br)
         self._fkv = F3.tensor_map_fields(B * H, N, d, self.bc)
+        self._fdq = dq_tensor_map_fields(B * H, N, d)
         self._maps: dict = {}
 
     def tensor_maps(self, q, k, v, do):
@@ -172,7 +199,8 @@ class Flash3Backward:
                 if x.shape != (self.B, self.H, self.N, self.d) or x.dtype.itemsize != 2 or not x.flags.c_contiguous:
                     raise ValueError(f"flash3 backward needs contiguous fp16 (B,H,N,d) inputs, got {x.shape} {x.dtype}")
             m = (F3.encode_tensor_map(q.data.ptr, self._fq), F3.encode_tensor_map(k.data.ptr, self._fkv),
-                 F3.encode_tensor_map(v.data.ptr, self._fkv), F3.encode_tensor_map(do.data.ptr, self._fq))
+                 F3.encode_tensor_map(v.data.ptr, self._fkv), F3.encode_tensor_map(do.data.ptr, self._fq),
+                 F3.encode_tensor_map(self.dQacc.data.ptr, self._fdq))
             if len(self._maps) > 16:
                 self._maps.clear()
             self._maps[key] = m
@@ -185,12 +213,12 @@ class Flash3Backward:
 
         B, H, N, d = self.B, self.H, self.N, self.d
         rows = B * H * N
-        tq, tk, tv, tdo = self.tensor_maps(q, k, v, do)
+        tq, tk, tv, tdo, tdq = self.tensor_maps(q, k, v, do)
         _rec(events, 0)
         self.k_dot(((rows + 3) // 4,), (128,), (o, do, self.Dv, self.dQacc, self.sem, np.int64(rows), np.int32(N)))
         _rec(events, 1)
         grid = ((N + self.bc - 1) // self.bc, B * H)
-        self.k_main(grid, (self.threads,), (tq, tk, tv, tdo, L, self.Dv, self.dQacc, dk, dv, np.int32(N),
+        self.k_main(grid, (self.threads,), (tq, tk, tv, tdo, tdq, L, self.Dv, self.dQacc, dk, dv, np.int32(N),
                                             np.float32(self.scale), np.int32(self.causal)), shared_mem=self.smem)
         _rec(events, 2)
         n = rows * d
@@ -207,6 +235,8 @@ class Flash3Backward:
             attrs = {}
         return {"block_rows": self.br, "block_cols": self.bc, "threads": self.threads, "smem_bytes": self.smem,
                 "defines": dict(self.extra_defines), "stages": self.stages,
+                "dq_reduction": ("TMA cp.reduce.async.bulk.tensor add (fp32 tile staged in shared memory)"
+                                 if self.dq_tma else "red.global.add from registers"),
                 "consumer_warpgroups": CONSUMER_WARPGROUPS, "dq_split": ("rows", "columns")[dq_split(self.d, self.br)],
                 "registers": attrs.get("num_regs"), "local_bytes": attrs.get("local_size_bytes"),
                 "producer_regs": int(self.extra_defines.get("PRODUCER_REGS", PRODUCER_REGS)),

@@ -18,8 +18,10 @@ DATA = ROOT / "experiments" / "data" / "h100" / "bench_backward_flash3.json"
 
 def test_smem_bytes_layout():
     # K, V (128 x d) + stages x (Q, dO) (BR x d) + 2 x dS^T (128 x BR) fp16 + stages x (L, D) (BR fp32) + 1024 slack
-    assert F3B.smem_bytes(128, 64) == 2 * 128 * (2 * 128 + 4 * 64) + 2 * 2 * 128 * 64 + 2 * 2 * 64 * 4 + 1024
-    assert F3B.smem_bytes(64, 128, 3) == 2 * 64 * (2 * 128 + 6 * 128) + 2 * 2 * 128 * 128 + 3 * 2 * 128 * 4 + 1024
+    assert F3B.smem_bytes(128, 64, dq_tma=False) == 2 * 128 * (2 * 128 + 4 * 64) + 2 * 2 * 128 * 64 + 2 * 2 * 64 * 4 + 1024
+    assert F3B.smem_bytes(128, 64) - F3B.smem_bytes(128, 64, dq_tma=False) == 2 * 64 * 64 * 4
+    assert F3B.smem_bytes(64, 128) - F3B.smem_bytes(64, 128, dq_tma=False) == 2 * 64 * 64 * 4
+    assert F3B.smem_bytes(64, 128, 3, False) == 2 * 64 * (2 * 128 + 6 * 128) + 2 * 2 * 128 * 128 + 3 * 2 * 128 * 4 + 1024
     assert F3B.smem_bytes(128, 64, 3) - F3B.smem_bytes(128, 64, 2) == 2 * 2 * 64 * 128 + 2 * 64 * 4
 
 
