@@ -49,8 +49,11 @@
 #define DQ_TMA 1               //    by TMA (cp.reduce.async.bulk.tensor .add); 0: red.global.add from registers
 #endif
 #ifndef PIPE                   // 1: dQ of Q block i issued after S^T, dP^T of block i+1 and reduced under dV, dK of
-#define PIPE 2                 //    block i+1; dV issued before dS^T is computed. 2: the same with S^T and dP^T
+#define PIPE 0                 //    block i+1; dV issued before dS^T is computed. 2: the same with S^T and dP^T
 #endif                         //    apart (fewer live registers; see the loop). 0: one block after the other
+#ifndef ROTATE                 // 1: each K/V block's Q loop starts at its own offset (see the kernel)
+#define ROTATE 1
+#endif
 #ifndef DK_WAIT_END            // PIPE 2: wait for dK(it) at the end of block it (else under S(it+1))
 #define DK_WAIT_END 0
 #endif
@@ -185,6 +188,10 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     const int nqb = (N + BR - 1) / BR;
     const int qb0 = causal ? kv0 / BR : 0;
     const int niter = nqb - qb0;
+    // ROTATE: the K/V-block CTAs of one head start their Q loop at different blocks (evenly spread, wrapping), so
+    // the CTAs running together add their dQ partials into different rows instead of all into the same Q block
+    const int rot = ROTATE ? (int)(((long long)blockIdx.x * niter) / gridDim.x) : 0;
+    auto qstart = [&](int it) { int j = it + rot; if (j >= niter) j -= niter; return (qb0 + j) * BR; };
     const float log2e = 1.4426950408889634f;
 
     if (tid == 0) {
@@ -214,7 +221,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             const float* Db = Dv + (size_t)bh * N;
             for (int it = 0; it < niter; ++it) {
                 const int s = it % STAGES;
-                const int q0 = (qb0 + it) * BR;
+                const int q0 = qstart(it);
                 mbar_wait(EMPTY(s), (u32)(((it / STAGES) & 1) ^ 1));
                 const u32 sl = sLD + s * 2 * BR * 4;
 #pragma unroll
@@ -365,7 +372,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     auto block = [&](int it, auto first_c) {
         constexpr bool FIRST = decltype(first_c)::value;
         const int s = it % STAGES;
-        const int q0 = (qb0 + it) * BR;
+        const int q0 = qstart(it);
         const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
         const u32 sl = sLD + s * 2 * BR * 4;
         mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
@@ -404,7 +411,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             wgmma_wait<2>();                   // dQ(it-1) done
             fence_f<DQREG>(dq);
 #if DIAG == 0
-            red_dq(dq, q0 - BR);
+            red_dq(dq, qstart(it - 1));
 #endif
         }
         wgmma_wait<0>();                       // dV(it), dP^T(it) done
@@ -445,7 +452,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     wgmma_wait<0>();
     fence_f<DQREG>(dq);
 #if DIAG == 0
-    red_dq(dq, (qb0 + niter - 1) * BR);
+    red_dq(dq, qstart(niter - 1));
 #endif
 #endif
 #elif PIPE
@@ -455,7 +462,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     float dq[DQREG];
     for (int it = 0; it < niter; ++it) {
         const int s = it % STAGES;
-        const int q0 = (qb0 + it) * BR;
+        const int q0 = qstart(it);
         const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
         const u32 sl = sLD + s * 2 * BR * 4;
         mbar_wait(FULL(s), (u32)((it / STAGES) & 1));
@@ -511,7 +518,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         if (it > 0) {
             wgmma_wait<2>();                   // dQ of block it-1 done
             fence_f<DQREG>(dq);
-            red_dq(dq, q0 - BR);
+            red_dq(dq, qstart(it - 1));
         }
         wgmma_wait<0>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
         fence_f<KREG>(dv);
@@ -527,11 +534,11 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     wgmma_commit();
     wgmma_wait<0>();
     fence_f<DQREG>(dq);
-    red_dq(dq, (qb0 + niter - 1) * BR);
+    red_dq(dq, qstart(niter - 1));
 #else
     for (int it = 0; it < niter; ++it) {
         const int s = it % STAGES;
-        const int q0 = (qb0 + it) * BR;
+        const int q0 = qstart(it);
         const u32 qS = sQ + s * TILE_Q, doS = sdO + s * TILE_Q;
         const u32 dsb = sdS + (it & 1) * TILE_DS;
         const u32 sl = sLD + s * 2 * BR * 4;
