@@ -28,15 +28,19 @@ BYTES_PER_TEMPLATE_EVENT = 200
 #: timed model).
 SECONDS_PER_TEMPLATE_EVENT = 1e-7
 SECONDS_PER_EVENT = 3e-7
-#: A streamed simulation (iosim.sampling) holds the one-head template (with the timed model's
-#: per-event arrays of one head) and a few arrays per CTA, never the all-heads events
-#: (benchmarks/sampling_speed.py: 0.88-0.97 GB peak at 3.1 M template events, flash2 N = 65536
-#: d = 128); each of its events costs the walker's replay, 6e-8 s (16 x 16 tiles) to 2.6e-7 s
-#: (64 x 128 tiles) an event on the same benchmark: the larger figure, an upper bound (a
-#: sampled run replays fewer).
+#: A streamed simulation (iosim.sampling) holds the one-head *compressed* template (an
+#: innermost loop's iterations kept three times at most; with the timed model's per-event
+#: arrays of one head) and a few arrays per CTA, never the all-heads events; each event it
+#: replays costs the walker 6e-8 s (16 x 16 tiles) to 2.6e-7 s (64 x 128 tiles)
+#: (benchmarks/sampling_speed.py): the larger figure, an upper bound. A sampled run replays a
+#: prefix, a warm-up and a tail of each kernel (about SAMPLED_SEGMENTS segments of at most
+#: iosim.sampling.SEGMENT_MAX_EVENTS) and walks the rest without replaying it, at
+#: SECONDS_PER_SKIPPED_EVENT (flash2 N = 1,048,576: 420 M events in 1.5 s).
 BYTES_PER_STREAMED_TEMPLATE_EVENT = 400
 BYTES_PER_CTA = 200
 SECONDS_PER_STREAMED_EVENT = 2.6e-7
+SECONDS_PER_SKIPPED_EVENT = 4e-9
+SAMPLED_SEGMENTS = 16
 
 def _half_the_memory() -> int:
     """Half of this machine's physical memory (8 GiB where the OS does not say)."""
@@ -82,7 +86,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.3g} h"
 
 
-def _events(body, kernel, dims: dict, causal: bool) -> float:
+def _events(body, kernel, dims: dict, causal: bool, compressed: bool = False) -> float:
+    """Events of one run of ``body``; ``compressed``: in a compressed template (an innermost
+    loop's iterations kept three times at most, :mod:`iosim.trace_fast`)."""
     count = 0.0
     for item in body:
         if isinstance(item, Loop):
@@ -91,17 +97,21 @@ def _events(body, kernel, dims: dict, causal: bool) -> float:
                 trips = min(trips, kernel.blocks[item.within] // kernel.blocks[item.var])
             if causal and item.causal_skip:
                 trips = (trips + 1) / 2
-            count += trips * _events(item.body, kernel, dims, causal)
+            if compressed and not any(isinstance(i, Loop) for i in item.body):
+                trips = min(trips, 3)
+            count += trips * _events(item.body, kernel, dims, causal, compressed)
         else:
             count += 1
     return count
 
 
-def estimate(schedule, streamed: bool = False) -> CostEstimate:
+def estimate(schedule, streamed: bool = False, sampled: bool = False) -> CostEstimate:
     """The cost of simulating ``schedule`` (see the module docstring); ``streamed``: by
-    :func:`iosim.sampling.simulate_streamed` (memory independent of B·H)."""
+    :func:`iosim.sampling.simulate_streamed` (memory independent of B·H), ``sampled`` too."""
+    from .sampling import SEGMENT_MAX_EVENTS
+
     shape = schedule.shape
-    template = events = ctas_all = 0.0
+    template = events = ctas_all = compressed = replayed = 0.0
     for kernel in schedule.kernels:
         dims = kernel.base_dims(shape.head_dim, shape.seq_len)
         ctas = math.prod(n_blocks(dims[kernel.span(var)], kernel.blocks[var])
@@ -112,11 +122,16 @@ def estimate(schedule, streamed: bool = False) -> CostEstimate:
         heads = shape.batch_kv_heads if kernel.heads == "kv" else shape.batch_heads
         events += one_head * heads
         ctas_all += ctas * heads
+        compressed += ctas * _events(kernel.body, kernel, dims, shape.causal, True)
+        replayed += min(one_head * heads, SAMPLED_SEGMENTS * SEGMENT_MAX_EVENTS)
     if streamed:
+        seconds = (replayed * SECONDS_PER_STREAMED_EVENT + events * SECONDS_PER_SKIPPED_EVENT
+                   if sampled else events * SECONDS_PER_STREAMED_EVENT)
         return CostEstimate(
-            events=int(events), template_events=int(template),
-            memory_bytes=template * BYTES_PER_STREAMED_TEMPLATE_EVENT + ctas_all * BYTES_PER_CTA,
-            seconds=events * SECONDS_PER_STREAMED_EVENT + template * SECONDS_PER_TEMPLATE_EVENT)
+            events=int(events), template_events=int(compressed),
+            memory_bytes=(compressed * BYTES_PER_STREAMED_TEMPLATE_EVENT
+                          + ctas_all * BYTES_PER_CTA),
+            seconds=seconds + compressed * SECONDS_PER_TEMPLATE_EVENT)
     return CostEstimate(
         events=int(events), template_events=int(template),
         memory_bytes=events * BYTES_PER_EVENT + template * BYTES_PER_TEMPLATE_EVENT,
@@ -124,10 +139,11 @@ def estimate(schedule, streamed: bool = False) -> CostEstimate:
 
 
 def check(schedule, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES,
-          max_seconds=DEFAULT_MAX_SECONDS, streamed: bool = False) -> CostEstimate:
+          max_seconds=DEFAULT_MAX_SECONDS, streamed: bool = False,
+          sampled: bool = False) -> CostEstimate:
     """The estimate, or a :class:`BudgetError` saying it and how to go on when it exceeds
     ``max_memory_bytes`` or ``max_seconds`` (None: no limit)."""
-    cost = estimate(schedule, streamed)
+    cost = estimate(schedule, streamed, sampled)
     over = []
     if max_memory_bytes is not None and cost.memory_bytes > max_memory_bytes:
         over.append(f"memory budget {max_memory_bytes / 2**30:.3g} GiB")

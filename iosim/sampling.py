@@ -1,39 +1,47 @@
 """Streamed and sampled simulation of long kernels (the SMARTS / SimPoint idea), in memory
-independent of B·H.
+independent of B·H and of the sequence length.
 
 **Streaming.** The events of all batch·heads are never held: :func:`_walk` (Numba) generates
-each event from the one-head template (:mod:`iosim.trace_fast`) and the head's address offsets
-as the interleaved order of the L2 model reaches it (``slots`` CTAs resident, one event each in
-turn, as :func:`iosim.engine.interleave`), and runs it through the same L2 as
+each event from the one-head **compressed** template (:mod:`iosim.trace_fast`: an innermost
+loop's middle iterations kept once, with a repetition count and an address step) and the head's
+address offsets as the interleaved order of the L2 model reaches it (``slots`` CTAs resident,
+one event each in turn, as :func:`iosim.engine.interleave`), and runs it through the same L2 as
 :func:`iosim.engine.replay_l2`: the counts are identical. FLOPs, SRAM bytes and L2 request
-bytes are summed from the template exactly. The timed model gets one head's CTA demands,
-computed with each template event's mean HBM bytes over the heads, repeated for every head
-(:func:`iosim.timing.time_kernel`'s ``demand``). Memory: the template, plus a few numbers per
-CTA and per head.
+bytes are summed from the template exactly (each event times its repetitions). The timed model
+gets one head's CTA demands, computed with each template event's mean HBM bytes over the heads
+and repetitions, repeated for every head (:func:`iosim.timing.time_kernel`'s ``demand``).
+Memory: the compressed template (flash2 at N = 2^20: 213 k events for 805 M), plus a few
+numbers per CTA and per head.
 
 **Sampling.** The order in which events run does not depend on the cache, and a long kernel
-settles into a steady state. :func:`replay_kernel` replays a **prefix** wave by wave (a
-segment: the resident CTAs' events) until the state is steady, skips the **middle** (the order
-still advances, the cache does not run), replays the **tail** (the last segment, after a warm-up
-from the L2 state the prefix left: its lines stand in for those of the skipped waves and are
-aged out by the warm-up), and extrapolates the middle:
+settles into a steady state. :func:`replay_kernel` replays a **prefix** segment by segment (a
+segment: the resident CTAs' events, one wave, or at most :data:`SEGMENT_MAX_EVENTS` of them
+when CTAs are long) until the state is steady, skips the **middle** (the order still advances,
+the cache does not run), replays the **tail** (the last wave's events, after a warm-up from the
+L2 state the prefix left: its lines stand in for those of the skipped waves and are aged out by
+the warm-up), and extrapolates the middle:
 
-* with many heads (:data:`HEAD_SAMPLING_MIN_HEADS`) the sampling unit is a **head**: steady once
-  the finished heads' HBM read bytes have a 95 % interval within :data:`HEAD_TOLERANCE` of their
-  mean (the heads of the first wave left out); the middle's reads are each template event's mean
-  over the replayed heads times the heads it was not replayed for;
-* with few heads, a **wave**: steady once two blocks of :data:`STEADY_SEGMENTS` segments agree
-  in HBM bytes per L2 request byte; the middle's reads are its exact L2 request bytes per
-  event class (tensor x load/store) times the steady segments' ratios;
+* with many heads (:data:`HEAD_SAMPLING_MIN_HEADS`) and whole-wave segments the sampling unit
+  is a **head**: steady once the finished heads' HBM read bytes have a 95 % interval within
+  :data:`HEAD_TOLERANCE` of their mean (the heads of the first wave left out); the middle's
+  reads are each template event's mean over the replayed heads times the heads it was not
+  replayed for;
+* otherwise a **segment**: steady once two blocks of :data:`STEADY_SEGMENTS` segments agree in
+  HBM bytes read per L2 request byte, class by class (tensor x load/store; the classes every
+  segment requested); the middle's reads are its exact L2 request bytes per class times the
+  steady segments' ratios (a class they never requested, such as the Q tiles a long CTA loads
+  once: its ratio over every segment replayed);
 * HBM writes through **dirty episodes**: every sector made dirty is written back once (evicted,
   or after the kernel), so the writes during the kernel are the episodes (prefix and tail
-  measured, the middle's from the steady segments' episodes per byte stored) less the dirty
-  bytes left at the end (the tail's final state).
+  measured, the middle's from the steady segments' episodes per byte stored, or every replayed
+  segment's when the steady ones stored nothing) less the dirty bytes left at the end (the
+  tail's final state).
 
 The prefix is steady only after it moved :data:`STEADY_TURNOVERS` times the L2's capacity
 through HBM (before that no line has been evicted). Each estimate carries a Student-t 95 %
 interval: over the steady heads (reads) or segments (writes, widened by the spread of the dirty
-bytes held). A kernel too short for the skip to pay is replayed whole (exact).
+bytes held). A kernel too short for the skip to pay, or that never settles (causal CTAs
+launched longest first shrink wave after wave), is replayed whole (exact).
 """
 from __future__ import annotations
 
@@ -51,12 +59,15 @@ from .engine import (_CHUNK_ACCESSES, _DIRTY_SHIFT, _MAX_PACKED_WAYS, _POPCOUNT,
 LOAD, STORE, COMPUTE = 0, 1, 2
 
 #: Simulations with more trace events than this (over all heads) are streamed: replayed from
-#: the one-head template (memory independent of B·H), with the same counts as the all-heads
-#: trace, and sampled unless ``exact`` (see :func:`sampling_mode`). Below it nothing changes:
-#: the all-heads trace is built and replayed, as for every shape the tests and experiments ran
-#: before sampling existed (the largest: 3.2 M events).
-STREAM_ABOVE_EVENTS = 4_000_000
-SAMPLE_ABOVE_EVENTS = STREAM_ABOVE_EVENTS
+#: the one-head compressed template (memory independent of B·H and, but for a few numbers per
+#: CTA, of the sequence length), with the same counts as the all-heads trace. Below it the
+#: all-heads trace is built and replayed (about 300 bytes an event at the peak: 1 M events stay
+#: well under 1 GB). Sampled too above SAMPLE_ABOVE_EVENTS unless ``exact``
+#: (see :func:`sampling_mode`).
+STREAM_ABOVE_EVENTS = 1_000_000
+#: The sampled replay's threshold (the largest shape the tests and experiments ran before
+#: sampling existed had 3.2 M events).
+SAMPLE_ABOVE_EVENTS = 4_000_000
 
 
 @dataclass
@@ -390,9 +401,9 @@ class _Walker:
         return int(_dirty_bytes(self.state, self.hw.l2_sector_bytes))
 
 
-#: Steady state: the segments (waves) replayed are compared in two blocks of STEADY_SEGMENTS,
-#: the last ones and those before; the state is steady when the blocks' HBM bytes per L2
-#: request byte agree within STEADY_TOLERANCE (a block spans the short patterns some streams
+#: Steady state: the segments replayed are compared in two blocks of STEADY_SEGMENTS, the last
+#: ones and those before; the state is steady when the blocks' HBM bytes read per L2 request
+#: byte (class by class, :func:`_steady`) agree within STEADY_TOLERANCE (a block spans the short patterns some streams
 #: repeat, e.g. one wave in eight starting a new head at the same place), with at least
 #: MIN_SEGMENTS replayed.
 STEADY_SEGMENTS = 4
@@ -470,16 +481,17 @@ def _steady(segments, request_by_cls) -> bool:
     return half <= STEADY_TOLERANCE * mean
 
 
-def _tail_plan(segment, pos, n_positions, moved_per_position, capacity_bytes):
+def _tail_plan(segment, wave, pos, n_positions, moved_per_position, capacity_bytes):
     """(warm-up start, tail start) positions of the tail replay after a steady prefix ending at
-    ``pos``, or None when skipping to it would save less than half of what is left. The
+    ``pos``, or None when skipping to it would save less than half of what is left. The tail
+    is a wave's events (the last wave, partial or not, whose fewer CTAs share less); the
     warm-up is at least TAIL_WARMUP_SEGMENTS and long enough to move TAIL_WARMUP_TURNOVERS
     times the L2's capacity through HBM at the steady rate (``moved_per_position``): the
     stand-in lines are then gone, as the lines of the skipped waves would be."""
     warm = TAIL_WARMUP_SEGMENTS * segment
     if moved_per_position > 0:
         warm = max(warm, int(TAIL_WARMUP_TURNOVERS * capacity_bytes / moved_per_position))
-    tail_begin = n_positions - segment
+    tail_begin = n_positions - wave
     warm_begin = tail_begin - warm
     if warm_begin - pos < (n_positions - pos) / 2:
         return None
@@ -556,7 +568,7 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         if (steady_heads is not None and len(segments) > TAIL_WARMUP_SEGMENTS) or (
                 not head_mode and _steady(segments, request_by_cls)):
             moved = (replayed[:, 0].sum() + sum(episodes)) / walker.pos
-            plan = _tail_plan(segment, walker.pos, n_positions, moved, capacity_bytes)
+            plan = _tail_plan(segment, wave, walker.pos, n_positions, moved, capacity_bytes)
             if plan is not None:
                 break
     counts = dict(exact_counts)

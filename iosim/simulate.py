@@ -1,6 +1,7 @@
 """The Python API: simulate one algorithm on one workload, get counts and predicted times."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -159,11 +160,29 @@ def tile_traffic_by_tensor(kt, tensor_names, reps=None) -> dict:
     return traffic
 
 
+def l2_replay_key(kt, slots: int, hardware: Hardware) -> tuple:
+    """Everything the L2 replay of kernel trace ``kt`` reads: a SHA-256 digest of its event
+    columns (CTA offsets, kinds, addresses, tile geometry), the CTAs resident at once and the
+    L2's geometry. Two kernels with one key replay to the same counts, event by event (the
+    unfused pipelines' GEMMs and row kernels recur across algorithms and the causal flag)."""
+    digest = hashlib.sha256()
+    for column in (kt.cta_start, kt.kind, kt.addr, kt.rows, kt.row_bytes, kt.row_stride):
+        column = np.ascontiguousarray(column)
+        digest.update(f"{column.dtype.str}{column.shape}".encode())
+        digest.update(column)
+    return (int(slots), hardware.l2_sets, hardware.l2_associativity, hardware.l2_line_bytes,
+            hardware.l2_sector_bytes, digest.hexdigest())
+
+
 def replay(trace, hardware: Hardware, model: str,
-           occupancies=None) -> list[tuple[dict, np.ndarray]]:
+           occupancies=None, memo: dict | None = None) -> list[tuple[dict, np.ndarray]]:
     """Run every kernel of ``trace`` through the engine: per kernel, its counter dict and each
     event's HBM bytes (read, plus written back by the evictions it caused). The L2 model keeps
-    as many CTAs resident as ``occupancies`` (default: :func:`kernel_occupancies`) allow."""
+    as many CTAs resident as ``occupancies`` (default: :func:`kernel_occupancies`) allow.
+
+    ``memo`` (a dict the caller keeps, or None): L2 replays by :func:`l2_replay_key`; a kernel
+    already replayed there is not replayed again (the same counts: the key holds all the replay
+    reads)."""
     results = []
     if occupancies is None:
         occupancies = kernel_occupancies(trace, hardware)
@@ -174,12 +193,20 @@ def replay(trace, hardware: Hardware, model: str,
         slots = concurrent_ctas(occ, hardware, kt.n_ctas)
         if model == "l2":
             counts[engine.HBM_READ] = counts[engine.HBM_WRITE] = 0
-            event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
-            engine.replay_l2(kt.cta_start, kt.kind, kt.addr, kt.rows, kt.row_bytes,
-                             kt.row_stride, slots, hardware.l2_sets,
-                             hardware.l2_associativity, hardware.l2_line_bytes,
-                             hardware.l2_sector_bytes, counts, event_counts)
-            hbm_by_event = event_counts.sum(axis=1).astype(np.float64)
+            key = l2_replay_key(kt, slots, hardware) if memo is not None else None
+            if key is not None and key in memo:
+                l2_counts, hbm_by_event = memo[key]
+            else:  # the replay adds to counters that sum_events leaves at 0
+                l2_counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)
+                event_counts = np.zeros((kt.n_events, 2), dtype=np.int64)
+                engine.replay_l2(kt.cta_start, kt.kind, kt.addr, kt.rows, kt.row_bytes,
+                                 kt.row_stride, slots, hardware.l2_sets,
+                                 hardware.l2_associativity, hardware.l2_line_bytes,
+                                 hardware.l2_sector_bytes, l2_counts, event_counts)
+                hbm_by_event = event_counts.sum(axis=1).astype(np.float64)
+                if key is not None:
+                    memo[key] = (l2_counts, hbm_by_event)
+            counts += l2_counts
         else:  # two-level: every tile moved is HBM traffic
             hbm_by_event = np.where(kt.kind == engine.COMPUTE, 0.0,
                                     (kt.rows * kt.row_bytes).astype(np.float64))
@@ -215,19 +242,20 @@ def _pass_of(kernels) -> str:
 
 
 def simulate_trace(trace, hardware: Hardware, model: str = "l2",
-                   time_model: str = "timed") -> SimulationResult:
+                   time_model: str = "timed", memo: dict | None = None) -> SimulationResult:
     """Replay an already built trace (see :func:`iosim.trace.build_trace`) under ``model``.
 
     Lets a caller replay one trace under both models, or simulate a schedule that is not one of
     the attention algorithms (the op catalogue). Both time models always run (``times_s``
-    carries both); ``time_model`` picks the one ``predicted_time_s`` reports."""
+    carries both); ``time_model`` picks the one ``predicted_time_s`` reports. ``memo``: L2
+    replays to reuse across calls (see :func:`replay`)."""
     check_model(model)
     check_time_model(time_model)
     schedule = trace.schedule
     shape = schedule.shape
     kernels, timelines = [], {}
     occupancies = kernel_occupancies(trace, hardware)
-    for (row, hbm_by_event), kt, occ in zip(replay(trace, hardware, model, occupancies),
+    for (row, hbm_by_event), kt, occ in zip(replay(trace, hardware, model, occupancies, memo),
                                             trace.kernels, occupancies):
         timed = time_kernel(kt, hbm_by_event, hardware, shape, occ)
         timelines[kt.name] = timed
@@ -343,12 +371,13 @@ def simulate_schedule(schedule, *, hardware="h100-measured", model: str = "l2",
     if exact not in (None, True, False):
         raise IosimError(f"exact must be None, True or False, got {exact!r}")
     streamed, sampled = sampling.sampling_mode(schedule, exact)
-    cost = budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed)
+    cost = budget.check(schedule, max_memory_bytes, max_seconds, streamed=streamed,
+                        sampled=sampled)
     if budget.announce and cost.seconds > budget.ANNOUNCE_ABOVE_SECONDS:  # before a long run
         import sys
 
         print(f"iosim: simulating {schedule.algorithm} at {schedule.shape.describe()}: "
-              f"estimated {cost.describe()}{' at most (sampled)' if sampled else ''}",
+              f"estimated {cost.describe()}{' (sampled)' if sampled else ''}",
               file=sys.stderr, flush=True)
     if streamed:
         return sampling.simulate_streamed(schedule, hw, model, time_model, sample=sampled)

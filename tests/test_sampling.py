@@ -100,9 +100,12 @@ def test_a_short_kernel_is_replayed_whole_even_when_sampling_is_asked_for():
 def test_default_samples_only_above_the_threshold(monkeypatch):
     shape = iosim.AttentionShape(8, 16, 4096, 128)
     schedule = _schedule("flash2", shape)
-    assert sampling.sampling_mode(schedule, None) == (False, False)  # 1.6 M events: unchanged
-    assert sampling.sampling_mode(schedule, True) == (False, False)
+    # 1.6 M events: streamed (above 1 M), every event replayed (below 4 M)
+    assert sampling.sampling_mode(schedule, None) == (True, False)
+    assert sampling.sampling_mode(schedule, True) == (True, False)
     assert sampling.sampling_mode(schedule, False) == (True, True)
+    small = _schedule("flash2", iosim.AttentionShape(2, 4, 2048, 64))
+    assert sampling.sampling_mode(small, None) == (False, False)  # the all-heads trace
     monkeypatch.setattr(sampling, "STREAM_ABOVE_EVENTS", 1000)
     monkeypatch.setattr(sampling, "SAMPLE_ABOVE_EVENTS", 1000)
     assert sampling.sampling_mode(schedule, None) == (True, True)
