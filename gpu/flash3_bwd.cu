@@ -51,8 +51,11 @@
 #ifndef PIPE                   // 1: dQ of Q block i issued after S^T, dP^T of block i+1 and reduced under dV, dK of
 #define PIPE 0                 //    block i+1; dV issued before dS^T is computed. 2: the same with S^T and dP^T
 #endif                         //    apart (fewer live registers; see the loop). 0: one block after the other
+#ifndef DQ_BUFS                // DQ_TMA: dQ staging tiles per warpgroup (2: one may still be read by TMA)
+#define DQ_BUFS 1
+#endif
 #ifndef ROTATE                 // 1: each K/V block's Q loop starts at its own offset (see the kernel)
-#define ROTATE 1
+#define ROTATE 0
 #endif
 #ifndef DK_WAIT_END            // PIPE 2: wait for dK(it) at the end of block it (else under S(it+1))
 #define DK_WAIT_END 0
@@ -101,7 +104,7 @@ constexpr int OFF_DS = OFF_DO + STAGES * TILE_Q;
 constexpr int OFF_DQ = OFF_DS + 2 * TILE_DS;                 // DQ_TMA: per warpgroup 64 x DQN fp32, boxes of 32 columns
 constexpr int DQ_BOX = 64 * 128;                             // bytes of one 64-row x 32-float box (128-byte swizzle)
 constexpr int TILE_DQ = DQ_TMA ? 64 * DQN * 4 : 0;
-constexpr int OFF_LD = OFF_DQ + NCWG * TILE_DQ;
+constexpr int OFF_LD = OFF_DQ + NCWG * DQ_BUFS * TILE_DQ;
 // dynamic shared memory: OFF_LD + STAGES * 2 * BR * 4 + 1024 (alignment slack) = gpu/flash3_bwd.py smem_bytes
 
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
@@ -307,15 +310,15 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         else issue_dq(dq, dsb + wg * PANEL_DS, sK);
     };
     // dQaccum[q0 + rows of this warpgroup, columns of this warpgroup] += dq
-    auto red_dq = [&](const float* dq, int q0) {
+    auto red_dq = [&](const float* dq, int q0, int it) {
         const int qrow0 = q0 + (DQ_SPLIT ? 0 : 64 * wg) + 16 * wl + g;   // entries with (i>>1)&1 == 0
         const int col0 = DQ_SPLIT ? wg * (D / 2) : 0;
 #if DQ_TMA
         // this warpgroup's 64 x DQN tile -> shared memory (swizzled boxes of 32 columns), then one thread adds it
         // to dQaccum with TMA reductions (rows >= N are clipped by the tensor map)
-        const u32 sdq = base + OFF_DQ + wg * TILE_DQ;
+        const u32 sdq = base + OFF_DQ + (wg * DQ_BUFS + it % DQ_BUFS) * TILE_DQ;
         const int ctid = tid - 128 * (wg + 1);
-        if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");   // last tile read out
+        if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(DQ_BUFS - 1) : "memory");
         named_bar_sync(2 + wg, 128);
 #pragma unroll
         for (int j = 0; j < DQREG / 4; ++j) {
@@ -411,7 +414,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             wgmma_wait<2>();                   // dQ(it-1) done
             fence_f<DQREG>(dq);
 #if DIAG == 0
-            red_dq(dq, qstart(it - 1));
+            red_dq(dq, qstart(it - 1), it - 1);
 #endif
         }
         wgmma_wait<0>();                       // dV(it), dP^T(it) done
@@ -452,7 +455,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     wgmma_wait<0>();
     fence_f<DQREG>(dq);
 #if DIAG == 0
-    red_dq(dq, qstart(niter - 1));
+    red_dq(dq, qstart(niter - 1), niter - 1);
 #endif
 #endif
 #elif PIPE
@@ -518,7 +521,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         if (it > 0) {
             wgmma_wait<2>();                   // dQ of block it-1 done
             fence_f<DQREG>(dq);
-            red_dq(dq, qstart(it - 1));
+            red_dq(dq, qstart(it - 1), it - 1);
         }
         wgmma_wait<0>();                       // dV, dK done: Q, dO, L, D of slot s no longer read
         fence_f<KREG>(dv);
@@ -534,7 +537,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     wgmma_commit();
     wgmma_wait<0>();
     fence_f<DQREG>(dq);
-    red_dq(dq, qstart(niter - 1));
+    red_dq(dq, qstart(niter - 1), niter - 1);
 #else
     for (int it = 0; it < niter; ++it) {
         const int s = it % STAGES;
@@ -592,7 +595,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         if (lane == 0) mbar_arrive(EMPTY(s));
         wgmma_wait<0>();                       // dQ done
         fence_f<DQREG>(dq);
-        red_dq(dq, q0);
+        red_dq(dq, q0, it);
     }
 #endif
 

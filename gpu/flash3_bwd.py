@@ -24,9 +24,10 @@ DEFAULT_BLOCK_ROWS = {64: 128, 128: 64}
 PRODUCER_REGS, CONSUMER_REGS = 24, 240  # setmaxnreg: 128*24 + 256*240 <= 65536
 SMEM_LIMIT_BYTES = 227 * 1024
 ALIGN_SLACK_BYTES = 1024
+STATIC_SMEM_BYTES = 64                 # the mbarriers (5 at STAGES 2, 8 bytes each), rounded up
 DOT_CONVERT_BR = 64                    # flash2_bwd.cu's BR for flash2_bwd_dot's (unused here) turn counters
 # switches of flash3_bwd.cu other than the tiles, with their allowed values
-SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1),
+SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1), "DQ_BUFS": (1, 2),
             "PRODUCER_REGS": (24, 32, 40), "CONSUMER_REGS": (216, 224, 232, 240)}
 LAUNCH_REGS = 168                      # registers a thread at launch (__launch_bounds__(384, 1): 65536 / 384, by 8)
 
@@ -41,11 +42,11 @@ def dq_cols(head_dim: int, block_rows: int) -> int:
     return head_dim // 2 if dq_split(head_dim, block_rows) else head_dim
 
 
-def smem_bytes(head_dim: int, block_rows: int, stages: int = 2, dq_tma: bool = True) -> int:
+def smem_bytes(head_dim: int, block_rows: int, stages: int = 2, dq_tma: bool = True, dq_bufs: int = 1) -> int:
     """K, V (128 x d), ``stages`` x (Q, dO) (BR x d), 2 x dSᵀ (128 x BR) fp16, with ``dq_tma`` one fp32 dQ tile
     (64 x dq_cols) per consumer warpgroup, ``stages`` x (L, D) fp32 rows, slack."""
     return (2 * head_dim * (2 * BLOCK_COLS + 2 * stages * block_rows) + 2 * 2 * BLOCK_COLS * block_rows
-            + (CONSUMER_WARPGROUPS * 64 * dq_cols(head_dim, block_rows) * 4 if dq_tma else 0)
+            + (CONSUMER_WARPGROUPS * dq_bufs * 64 * dq_cols(head_dim, block_rows) * 4 if dq_tma else 0)
             + stages * 2 * block_rows * 4 + ALIGN_SLACK_BYTES)
 
 
@@ -69,8 +70,9 @@ def check_config(head_dim: int, block_rows: int, defines: dict | None = None) ->
     if 128 * p + 128 * CONSUMER_WARPGROUPS * c > LAUNCH_REGS * THREADS:
         raise ValueError(f"flash3 backward: setmaxnreg {p} + 2 x {c} per lane exceeds the {LAUNCH_REGS} x {THREADS} "
                          "registers the CTA gets at launch")
-    need = smem_bytes(head_dim, block_rows, defines.get("STAGES", 2), bool(defines.get("DQ_TMA", 1)))
-    if need > SMEM_LIMIT_BYTES:
+    need = smem_bytes(head_dim, block_rows, defines.get("STAGES", 2), bool(defines.get("DQ_TMA", 1)),
+                      defines.get("DQ_BUFS", 1))
+    if need + STATIC_SMEM_BYTES > SMEM_LIMIT_BYTES:
         raise ValueError(f"flash3 backward d={head_dim} BR={block_rows} {defines} needs {need} bytes of shared "
                          f"memory, more than {SMEM_LIMIT_BYTES}")
 
@@ -89,9 +91,10 @@ def kernel_defines(head_dim: int, block_rows: int, extra: dict | None = None) ->
 
 # (BR, BC, extra defines) tried by ``gpu.backward --algorithm flash3 --variants``, per head dim; the first is the
 # default (DEFAULT_BLOCK_ROWS)
-VARIANTS = {64: [(128, 128, {}), (128, 128, {"ROTATE": 0}), (128, 128, {"PIPE": 2, "DK_WAIT_END": 1}),
-                 (128, 128, {"DQ_TMA": 0}), (64, 128, {})],
-            128: [(64, 128, {}), (64, 128, {"ROTATE": 0}), (64, 128, {"PIPE": 2, "DK_WAIT_END": 1}),
+VARIANTS = {64: [(128, 128, {}), (128, 128, {"ROTATE": 1}), (128, 128, {"PIPE": 2, "DK_WAIT_END": 1}),
+                 (128, 128, {"DQ_TMA": 0}), (64, 128, {}), (64, 128, {"DQ_BUFS": 2})],
+            128: [(64, 128, {}), (64, 128, {"DQ_BUFS": 2}), (64, 128, {"ROTATE": 1}),
+                  (64, 128, {"PIPE": 2, "DK_WAIT_END": 1}), (64, 128, {"PIPE": 2, "DK_WAIT_END": 1, "DQ_BUFS": 2}),
                   (64, 128, {"DQ_TMA": 0})]}
 EXTRA_VARIANTS_ENV = "IOSIM_FLASH3_EXTRA_VARIANTS"   # JSON {"64": [[BR, BC, {defines}], ...]}: diagnostics
 
@@ -177,7 +180,7 @@ class Flash3Backward:
         self.k_conv = K._raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", dc)
         self.k_main = F3.compile_kernel(self.defines, SOURCE, KERNEL_NAME)
         self.dq_tma = bool(int(self.extra_defines.get("DQ_TMA", 1)))
-        self.smem = smem_bytes(self.d, self.br, self.stages, self.dq_tma)
+        self.smem = smem_bytes(self.d, self.br, self.stages, self.dq_tma, int(self.extra_defines.get("DQ_BUFS", 1)))
         self.k_main.max_dynamic_shared_size_bytes = self.smem
         self.threads = THREADS
         B, H, N, d = self.B, self.H, self.N, self.d
