@@ -54,6 +54,9 @@
 #ifndef DQ_BUFS                // DQ_TMA: dQ staging tiles per warpgroup (2: one may still be read by TMA)
 #define DQ_BUFS 1
 #endif
+#ifndef DQ_PRODUCER            // DQ_TMA: 1: the producer's warp 1 issues the TMA reductions (mbarrier handshake per
+#define DQ_PRODUCER 0          //    warpgroup tile); 0: one thread of each consumer warpgroup (named barriers)
+#endif
 #ifndef ROTATE                 // 1: each K/V block's Q loop starts at its own offset (see the kernel)
 #define ROTATE 0
 #endif
@@ -89,7 +92,7 @@ constexpr int KREG = D / 2;                // dK, dV accumulator floats per thre
 constexpr int KTQ = BR / 16;               // k-steps of dV / dK (over the Q block's rows)
 constexpr int DQN = DQ_SPLIT ? D / 2 : D;  // dQ columns per warpgroup
 constexpr int DQREG = DQN / 2;
-constexpr int NBARS = 1 + 2 * STAGES;
+constexpr int NBARS = 1 + 2 * STAGES + 2 * NCWG;
 static_assert(D == 64 || D == 128, "HEAD_DIM 64 or 128");
 static_assert(BR == 64 || BR == 128, "BR 64 or 128");
 static_assert(DQ_SPLIT ? BR == 64 : BR == 128, "DQ_SPLIT 1 with BR 64, 0 with BR 128");
@@ -184,6 +187,8 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     const u32 barKV = smem_addr(&bars[0]);
 #define FULL(s) (barKV + 8u * (1 + (s)))
 #define EMPTY(s) (barKV + 8u * (1 + STAGES + (s)))
+#define DQFULL(w) (barKV + 8u * (1 + 2 * STAGES + (w)))          // DQ_PRODUCER: a warpgroup's dQ tile is staged
+#define DQEMPTY(w) (barKV + 8u * (1 + 2 * STAGES + NCWG + (w)))  // DQ_PRODUCER: ... and read out by TMA
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int bh = blockIdx.y;
@@ -202,6 +207,10 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(FULL(s), 32);
             mbar_init(EMPTY(s), NCWG * 4);
+        }
+        for (int w = 0; w < NCWG; ++w) {
+            mbar_init(DQFULL(w), 128);
+            mbar_init(DQEMPTY(w), 1);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -245,6 +254,27 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
                 }
             }
         }
+#if DQ_TMA && DQ_PRODUCER
+        if (warp == 1 && lane == 0) {
+            // the dQ reductions: per Q block, each consumer warpgroup's staged tile, added by TMA
+            for (int it = 0; it < niter; ++it) {
+                const int q0 = qstart(it);
+#pragma unroll
+                for (int w = 0; w < NCWG; ++w) {
+                    mbar_wait(DQFULL(w), (u32)(it & 1));
+                    const u32 sdq = base + OFF_DQ + w * TILE_DQ;
+#pragma unroll
+                    for (int b = 0; b < DQN / 32; ++b)
+                        tma_reduce_add_3d(&tmdQ, (DQ_SPLIT ? w * (D / 2) : 0) + 32 * b, q0 + (DQ_SPLIT ? 0 : 64 * w),
+                                          bh, sdq + b * DQ_BOX);
+                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                    mbar_arrive(DQEMPTY(w));
+                }
+            }
+            asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+        }
+#endif
         return;
     }
 
@@ -318,8 +348,12 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         // to dQaccum with TMA reductions (rows >= N are clipped by the tensor map)
         const u32 sdq = base + OFF_DQ + (wg * DQ_BUFS + it % DQ_BUFS) * TILE_DQ;
         const int ctid = tid - 128 * (wg + 1);
+#if DQ_PRODUCER
+        mbar_wait(DQEMPTY(wg), (u32)((it & 1) ^ 1));   // the producer's TMA has read the last tile out
+#else
         if (ctid == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(DQ_BUFS - 1) : "memory");
         named_bar_sync(2 + wg, 128);
+#endif
 #pragma unroll
         for (int j = 0; j < DQREG / 4; ++j) {
             const float* a = dq + 4 * j;
@@ -333,6 +367,10 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             else st_shared_v4f(addr, a[0], a[1], r0, r1);
         }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#if DQ_PRODUCER
+        mbar_arrive(DQFULL(wg));
+        (void)ctid;
+#else
         named_bar_sync(2 + wg, 128);
         if (ctid == 0) {
 #pragma unroll
@@ -340,6 +378,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
                 tma_reduce_add_3d(&tmdQ, col0 + 32 * b, qrow0 - 16 * wl - g, bh, sdq + b * DQ_BOX);
             asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
+#endif
 #else
 #pragma unroll
         for (int j = 0; j < DQREG / 4; ++j) {
@@ -634,4 +673,6 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
     }
 #undef FULL
 #undef EMPTY
+#undef DQFULL
+#undef DQEMPTY
 }
