@@ -13,9 +13,8 @@ A plain script that prints numbers (no asserts).
     counts' error against the exact ones, whether the exact value lies in the 95 % interval,
     and the share of the event stream the sampler replayed (target: within 1 %; any single
     simulation within 1 GB);
-(c) flash2 at N = 1,048,576 (H = 1, d = 128, l2 model; target 30 s): the cost estimate, and
-    the run when the estimate fits ``--max-memory-gb`` (it does not today: the one-head
-    template of 805 M events is built whole; see docs/model.md, "Long contexts and memory").
+(c) flash2 at N = 262,144 exact and sampled, and at N = 1,048,576 sampled (H = 1, d = 128,
+    l2 model; target 30 s): the cost estimate, the wall time, peak memory and the counts.
 
 Each process's peak memory is its ``ru_maxrss``; for the explorer (worker processes) the sum
 over the process tree is sampled every 50 ms with psutil.
@@ -154,19 +153,28 @@ def million_tokens(max_memory_gb):
     from iosim.schedules import build_schedule
     from iosim.shape import AttentionShape
 
-    print("(c) flash2 at N = 1,048,576 (H=1, d=128, l2 model):")
+    print("(c) flash2 long contexts (H=1, d=128, l2 model; target at N = 1,048,576: 30 s), "
+          "sampled by default, each in its own process:")
     hw = load_hardware("h100-measured")
-    shape = AttentionShape(1, 1, 1 << 20, 128)
-    schedule = build_schedule("flash2", shape, sram_bytes=hw.sram_bytes_per_block)
-    cost = budget.estimate(schedule, streamed=True)
-    print(f"    streamed estimate: {cost.describe()} (one head's template: "
-          f"{cost.template_events:.3g} events)")
-    if cost.memory_bytes > max_memory_gb * 2**30:
-        print(f"    not run: over --max-memory-gb {max_memory_gb:g} (the template is built "
-              "whole; see docs/model.md)")
-        return
-    result = run_child(("flash2", 1, 1, 1 << 20, 128, False, None, None), None)
-    print(f"    {result}")
+    for n, exact in ((1 << 18, True), (1 << 18, None), (1 << 20, None)):
+        schedule = build_schedule("flash2", AttentionShape(1, 1, n, 128),
+                                  sram_bytes=hw.sram_bytes_per_block)
+        cost = budget.estimate(schedule, streamed=True, sampled=not exact)
+        name = f"N={n} {'exact' if exact else 'default'}"
+        if cost.memory_bytes > max_memory_gb * 2**30:
+            print(f"    {name}: not run, estimate {cost.describe()} over --max-memory-gb "
+                  f"{max_memory_gb:g}")
+            continue
+        r = run_child(("flash2", 1, 1, n, 128, False, None, None), exact)
+        if "error" in r:
+            print(f"    {name}: error: {r['error']}")
+            continue
+        t = r["totals"]
+        print(f"    {name:18s} estimate {cost.describe()} (compressed template: "
+              f"{cost.template_events:.3g} events); ran {r['wall_s']:.1f} s, peak RSS "
+              f"{r['rss_bytes'] / 2**30:.2f} GiB, sampled {r['sampled']}; HBM read "
+              f"{t['hbm_read_bytes']:.6g} B, write {t['hbm_write_bytes']:.6g} B, predicted "
+              f"{1e3 * t['predicted_time_s']:.2f} ms; 95% intervals {r['intervals'] or '-'}")
 
 
 def main(argv=None):

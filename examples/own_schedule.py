@@ -32,8 +32,7 @@ from iosim.occupancy import BYTES_PER_REGISTER, REGISTER_OVERHEAD
 from iosim.schedule import (BufferSpec, CausalMask, Fill, Kernel, Load, LogSumExp, Loop, MatMul,
                             OnlineSoftmax, RowDivide, RowScale, Schedule, Store, TensorSpec,
                             full_dims)
-from iosim.simulate import simulate_trace
-from iosim.trace import build_trace
+from iosim.simulate import simulate_schedule
 
 #: Bytes of a float32: the output accumulator, scores and running statistics stay in float32.
 F32_BYTES = 4
@@ -109,9 +108,7 @@ def prove(schedule: Schedule, seed: int = 0) -> float:
 def count(schedule: Schedule, hardware="h100-measured", model: str = "l2"):
     """Bytes per level, FLOPs, occupancy and predicted time of ``schedule`` on ``hardware``
     (a preset name, TOML path or Hardware): an :class:`iosim.SimulationResult`."""
-    hw = iosim.load_hardware(hardware)
-    schedule.check_fits(hw.sram_bytes_per_block)   # simulate_trace does not check this
-    return simulate_trace(build_trace(schedule), hw, model)
+    return simulate_schedule(schedule, hardware=hardware, model=model)
 
 
 # ---- 4. compare with the built-in flash2 ----------------------------------------------------

@@ -403,9 +403,9 @@ class _Walker:
 
 #: Steady state: the segments replayed are compared in two blocks of STEADY_SEGMENTS, the last
 #: ones and those before; the state is steady when the blocks' HBM bytes read per L2 request
-#: byte (class by class, :func:`_steady`) agree within STEADY_TOLERANCE (a block spans the short patterns some streams
-#: repeat, e.g. one wave in eight starting a new head at the same place), with at least
-#: MIN_SEGMENTS replayed.
+#: byte (class by class, :func:`_steady`) agree within STEADY_TOLERANCE (a block spans the
+#: short patterns some streams repeat, e.g. one wave in eight starting a new head at the same
+#: place), with at least MIN_SEGMENTS replayed.
 STEADY_SEGMENTS = 4
 STEADY_TOLERANCE = 0.003
 MIN_SEGMENTS = 2 * STEADY_SEGMENTS + 1
