@@ -26,8 +26,8 @@ from . import reference as R
 SCHEMA = "iosim-gpu-bench-backward/1"
 KERNEL_NAMES = {"standard": ["dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"],
                 "flash2": ["flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"],
-                # gpu/flash3_bwd.cu (Hopper: wgmma, TMA, warp specialisation) between flash2_bwd.cu's dot and convert
-                "flash3": ["flash2_bwd_dot", "flash3_bwd", "flash2_bwd_convert"]}
+                # gpu/flash3_bwd.cu (Hopper: wgmma, TMA, warp specialisation)
+                "flash3": ["flash3_bwd_dot", "flash3_bwd", "flash3_bwd_convert"]}
 FUSED = ("flash2", "flash3")     # the fused backwards: O and L from the flash2 forward, dQ added with atomics
 FLASH2_FWD_BLOCKS = (128, 64)   # (BR, BC) of the flash2 forward that produces O and L
 FLASH2_BWD_BLOCKS = (None, None)  # (BR, BC) of flash2_bwd: None = kernels.FLASH2_BWD_DEFAULT_BLOCKS[d]
@@ -418,7 +418,7 @@ def run_shape(shape, causal, args, log):
            "elapsed_s": time.perf_counter() - t0}
     if args.algorithm in FUSED:
         run["saved_from_forward"] = (f"O and L from the flash2 forward (BR, BC = {FLASH2_FWD_BLOCKS}); "
-                                     "D = rowsum(dO o O) by flash2_bwd_dot")
+                                     f"D = rowsum(dO o O) by {args.algorithm}_bwd_dot")
         run["tflops_5gemm"] = flops * 1.25 / total["median"] / 1e12  # + the recomputed S = Q Kᵀ
     sets.clear()
     import torch

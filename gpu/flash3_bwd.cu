@@ -2,8 +2,9 @@
 //
 // The algorithm of flash2_bwd.cu (FA2's backward): one CTA per K/V block of BC = 128 keys (grid (ceil(N/BC), B*H)),
 // a loop over the Q blocks of BR rows (causal: from the block holding key kv0), dK and dV accumulated in registers
-// over the whole loop, dQ partials added into the fp32 dQaccum with red.global.add. flash2_bwd_dot (D = rowsum(dO o
-// O), dQaccum = 0) and flash2_bwd_convert (dQ = fp16(scale dQaccum)) of flash2_bwd.cu run before and after.
+// over the whole loop, dQ partials added into the fp32 dQaccum with red.global.add. flash3_bwd_dot (D = rowsum(dO o
+// O), dQaccum = 0) and flash3_bwd_convert (dQ = fp16(scale dQaccum)) run before and after (16-byte accesses; the
+// same work as flash2_bwd.cu's flash2_bwd_dot / flash2_bwd_convert).
 //
 // One CTA = 1 producer warpgroup + 2 consumer warpgroups (384 threads). The producer drops to PRODUCER_REGS
 // (setmaxnreg.dec); its warp 0 loads K and V once (TMA, 3-D tensor maps over (d, N, B*H), 128-byte swizzled 64-column
@@ -56,6 +57,9 @@
 #endif
 #ifndef DQ_PRODUCER            // DQ_TMA: 1: the producer's warp 1 issues the TMA reductions (mbarrier handshake per
 #define DQ_PRODUCER 0          //    warpgroup tile); 0: one thread of each consumer warpgroup (named barriers)
+#endif
+#ifndef DV_EARLY               // PIPE 0: 1: dV issued right after P^T (under the dS^T arithmetic); 0: with dK
+#define DV_EARLY 0
 #endif
 #ifndef ROTATE                 // 1: each K/V block's Q loop starts at its own offset (see the kernel)
 #define ROTATE 0
@@ -171,6 +175,47 @@ __device__ __forceinline__ void issue_dq(float* acc, u32 ds, u32 kb) {
         if constexpr (DQN == 128) wgmma_ss_tt_n128(acc, da, db, t != 0);
         else if constexpr (DQN == 64) wgmma_ss_tt_n64(acc, da, db, t != 0);
         else wgmma_ss_tt_n32(acc, da, db, t != 0);
+    }
+}
+
+// Dv[row] = rowsum(dO o O) (fp32) and dQaccum[row, :] = 0: D/8 lanes per row, 16-byte loads and stores
+extern "C" __global__ void __launch_bounds__(256)
+flash3_bwd_dot(const h16* __restrict__ O, const h16* __restrict__ dO, float* __restrict__ Dv,
+               float* __restrict__ dQacc, long long rows)
+{
+    constexpr int LPR = D / 8;                         // lanes per row
+    const long long row = ((long long)blockIdx.x * 256 + threadIdx.x) / LPR;
+    const int l = threadIdx.x % LPR;
+    if (row >= rows) return;                            // LPR divides 32: a row's lanes leave together
+    const uint4 o = *reinterpret_cast<const uint4*>(O + row * D + 8 * l);
+    const uint4 g = *reinterpret_cast<const uint4*>(dO + row * D + 8 * l);
+    float acc = 0.f;
+    const u32 ow[4] = {o.x, o.y, o.z, o.w}, gw[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 a = unpack_h2(ow[k]), b = unpack_h2(gw[k]);
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+#pragma unroll
+    for (int s = LPR / 2; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (l == 0) Dv[row] = acc;
+    float4* dq = reinterpret_cast<float4*>(dQacc + row * D + 8 * l);
+    float4 z;
+    z.x = z.y = z.z = z.w = 0.f;
+    dq[0] = z;
+    dq[1] = z;
+}
+
+// dQ = fp16(scale * dQaccum): 8 elements a thread (two 16-byte loads, one 16-byte store)
+extern "C" __global__ void __launch_bounds__(256)
+flash3_bwd_convert(const float* __restrict__ dQacc, h16* __restrict__ dQ, long long n8, float scale)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += (long long)gridDim.x * blockDim.x) {
+        const float4 a = reinterpret_cast<const float4*>(dQacc)[2 * i];
+        const float4 b = reinterpret_cast<const float4*>(dQacc)[2 * i + 1];
+        reinterpret_cast<uint4*>(dQ)[i] = mk_u4(pack_h2(a.x * scale, a.y * scale), pack_h2(a.z * scale, a.w * scale),
+                                                pack_h2(b.x * scale, b.y * scale), pack_h2(b.z * scale, b.w * scale));
     }
 }
 
@@ -596,7 +641,16 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         fence_f<SREG>(st);
         compute_p(st, sl, q0);
         fence_f<SREG>(st);
+#if DV_EARLY
+        u32 pf[KTQ][4];
+        pack(pf, st);
+        wgmma_fence();
+        issue_kv(dv, pf, doS);                 // dV += P^T dO runs under the dS^T arithmetic
+        wgmma_commit();
+        wgmma_wait<1>();                       // dP^T done
+#else
         wgmma_wait<0>();                       // dP^T done
+#endif
         fence_f<SREG>(dpt);
 
         // ---- dS^T = P^T o (dP^T - D) (in place of dP^T); P^T, dS^T to fp16 A fragments; dS^T to shared memory ----
@@ -610,13 +664,18 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             x[2] = p[2] * (x[2] - dd.x);
             x[3] = p[3] * (x[3] - dd.y);
         }
-        u32 pf[KTQ][4], dsf[KTQ][4];
+        u32 dsf[KTQ][4];
+#if !DV_EARLY
+        u32 pf[KTQ][4];
         pack(pf, st);
+#endif
         pack(dsf, dpt);
         store_ds(dsf, dsb);
 
         wgmma_fence();
+#if !DV_EARLY
         issue_kv(dv, pf, doS);
+#endif
         issue_kv(dk, dsf, qS);
         wgmma_commit();
         named_bar_sync(1, 256);                // the whole dS^T tile is in shared memory

@@ -3,8 +3,8 @@
 Host side: the kernel's tilings (BC = 128 keys per CTA, two consumer warpgroups of 64 keys, BR = 64 or 128 query
 rows per Q block), its shared-memory bytes, the variant table of ``python -m gpu.backward --algorithm flash3
 --variants`` and the pipeline object ``Flash3Backward`` (``run(q, k, v, o, L, do, dq, dk, dv, events=None)``, the
-interface of ``kernels.Flash2Backward``): flash2_bwd_dot and flash2_bwd_convert of ``flash2_bwd.cu`` around
-``flash3_bwd``. O and L come from the flash2 forward, as for flash2's backward.
+interface of ``kernels.Flash2Backward``): flash3_bwd_dot (D = rowsum(dO o O), dQaccum = 0), flash3_bwd,
+flash3_bwd_convert (dQ = fp16(scale dQaccum)), all three in ``flash3_bwd.cu``. O and L come from the flash2 forward, as for flash2's backward.
 
 The pure functions (tiles, shared memory, defines, variant validation) need neither CuPy nor a GPU.
 """
@@ -14,7 +14,7 @@ import math
 
 SOURCE = "flash3_bwd.cu"
 KERNEL_NAME = "flash3_bwd"
-KERNEL_NAMES = ["flash2_bwd_dot", KERNEL_NAME, "flash2_bwd_convert"]
+KERNEL_NAMES = ["flash3_bwd_dot", KERNEL_NAME, "flash3_bwd_convert"]
 BLOCK_COLS = 128                       # keys per CTA: 64 per consumer warpgroup (one wgmma m64 row block each)
 CONSUMER_WARPGROUPS = 2
 THREADS = 128 * (CONSUMER_WARPGROUPS + 1)   # + the producer warpgroup
@@ -24,10 +24,9 @@ DEFAULT_BLOCK_ROWS = {64: 128, 128: 64}
 PRODUCER_REGS, CONSUMER_REGS = 24, 240  # setmaxnreg: 128*24 + 256*240 <= 65536
 SMEM_LIMIT_BYTES = 227 * 1024
 ALIGN_SLACK_BYTES = 1024
-STATIC_SMEM_BYTES = 64                 # the mbarriers (5 at STAGES 2, 8 bytes each), rounded up
-DOT_CONVERT_BR = 64                    # flash2_bwd.cu's BR for flash2_bwd_dot's (unused here) turn counters
+STATIC_SMEM_BYTES = 128                # the mbarriers (static shared memory), rounded up
 # switches of flash3_bwd.cu other than the tiles, with their allowed values
-SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1), "DQ_BUFS": (1, 2), "DQ_PRODUCER": (0, 1),
+SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1), "DQ_BUFS": (1, 2), "DQ_PRODUCER": (0, 1), "DV_EARLY": (0, 1),
             "PRODUCER_REGS": (24, 32, 40), "CONSUMER_REGS": (216, 224, 232, 240)}
 LAUNCH_REGS = 168                      # registers a thread at launch (__launch_bounds__(384, 1): 65536 / 384, by 8)
 
@@ -91,10 +90,8 @@ def kernel_defines(head_dim: int, block_rows: int, extra: dict | None = None) ->
 
 # (BR, BC, extra defines) tried by ``gpu.backward --algorithm flash3 --variants``, per head dim; the first is the
 # default (DEFAULT_BLOCK_ROWS)
-VARIANTS = {64: [(128, 128, {}), (128, 128, {"DQ_PRODUCER": 1}), (128, 128, {"PIPE": 2, "DK_WAIT_END": 1}),
-                 (128, 128, {"DQ_TMA": 0}), (64, 128, {})],
-            128: [(64, 128, {}), (64, 128, {"DQ_PRODUCER": 1}), (64, 128, {"STAGES": 3}),
-                  (64, 128, {"STAGES": 3, "DQ_PRODUCER": 1}), (64, 128, {"PIPE": 2, "DK_WAIT_END": 1}),
+VARIANTS = {64: [(128, 128, {}), (128, 128, {"DV_EARLY": 1}), (128, 128, {"DQ_TMA": 0}), (64, 128, {})],
+            128: [(64, 128, {}), (64, 128, {"DV_EARLY": 1}), (64, 128, {"DQ_PRODUCER": 1}), (64, 128, {"STAGES": 3}),
                   (64, 128, {"DQ_TMA": 0})]}
 EXTRA_VARIANTS_ENV = "IOSIM_FLASH3_EXTRA_VARIANTS"   # JSON {"64": [[BR, BC, {defines}], ...]}: diagnostics
 
@@ -175,9 +172,8 @@ class Flash3Backward:
         self.scale = 1.0 / math.sqrt(self.d)
         self.kernel_names = list(KERNEL_NAMES)
         self.defines = kernel_defines(self.d, self.br, self.extra_defines)
-        dc = {"HEAD_DIM": self.d, "BR": DOT_CONVERT_BR}
-        self.k_dot = K._raw_kernel("flash2_bwd.cu", "flash2_bwd_dot", dc)
-        self.k_conv = K._raw_kernel("flash2_bwd.cu", "flash2_bwd_convert", dc)
+        self.k_dot = F3.compile_kernel(self.defines, SOURCE, "flash3_bwd_dot")
+        self.k_conv = F3.compile_kernel(self.defines, SOURCE, "flash3_bwd_convert")
         self.k_main = F3.compile_kernel(self.defines, SOURCE, KERNEL_NAME)
         self.dq_tma = bool(int(self.extra_defines.get("DQ_TMA", 1)))
         self.smem = smem_bytes(self.d, self.br, self.stages, self.dq_tma, int(self.extra_defines.get("DQ_BUFS", 1)))
@@ -186,7 +182,6 @@ class Flash3Backward:
         B, H, N, d = self.B, self.H, self.N, self.d
         self.Dv = cp.empty((B, H, N), dtype=cp.float32)
         self.dQacc = cp.empty((B, H, N, d), dtype=cp.float32)
-        self.sem = cp.zeros((B * H * ((N + DOT_CONVERT_BR - 1) // DOT_CONVERT_BR),), dtype=cp.int32)
         self._fq = F3.tensor_map_fields(B * H, N, d, self.br)
         self._fkv = F3.tensor_map_fields(B * H, N, d, self.bc)
         self._fdq = dq_tensor_map_fields(B * H, N, d)
@@ -218,14 +213,15 @@ class Flash3Backward:
         rows = B * H * N
         tq, tk, tv, tdo, tdq = self.tensor_maps(q, k, v, do)
         _rec(events, 0)
-        self.k_dot(((rows + 3) // 4,), (128,), (o, do, self.Dv, self.dQacc, self.sem, np.int64(rows), np.int32(N)))
+        lpr = d // 8   # lanes per row
+        self.k_dot(((rows * lpr + 255) // 256,), (256,), (o, do, self.Dv, self.dQacc, np.int64(rows)))
         _rec(events, 1)
         grid = ((N + self.bc - 1) // self.bc, B * H)
         self.k_main(grid, (self.threads,), (tq, tk, tv, tdo, tdq, L, self.Dv, self.dQacc, dk, dv, np.int32(N),
                                             np.float32(self.scale), np.int32(self.causal)), shared_mem=self.smem)
         _rec(events, 2)
-        n = rows * d
-        self.k_conv((min(132 * 16, (n + 255) // 256),), (256,), (self.dQacc, dq, np.int64(n), np.float32(self.scale)))
+        n8 = rows * d // 8
+        self.k_conv((min(132 * 16, (n8 + 255) // 256),), (256,), (self.dQacc, dq, np.int64(n8), np.float32(self.scale)))
         _rec(events, 3)
 
     def resources(self) -> dict:
@@ -247,5 +243,5 @@ class Flash3Backward:
                 "compile": F3.COMPILE_LOG.get(f"{KERNEL_NAME} {dict(sorted(self.defines.items()))}")}
 
     def free(self):
-        self.Dv = self.dQacc = self.sem = None
+        self.Dv = self.dQacc = None
         self._maps = {}
