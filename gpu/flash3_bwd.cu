@@ -59,7 +59,10 @@
 #define DQ_PRODUCER 0          //    warpgroup tile); 0: one thread of each consumer warpgroup (named barriers)
 #endif
 #ifndef DV_EARLY               // PIPE 0: 1: dV issued right after P^T (under the dS^T arithmetic); 0: with dK
-#define DV_EARLY 0
+#define DV_EARLY (HEAD_DIM == 128)   // (at d = 64 the early dV costs registers: C7512, slower)
+#endif
+#ifndef DK_FIRST               // PIPE 0: 1: dK issued before dS^T is stored to shared memory (the stores run under it)
+#define DK_FIRST 0
 #endif
 #ifndef ROTATE                 // 1: each K/V block's Q loop starts at its own offset (see the kernel)
 #define ROTATE 0
@@ -670,14 +673,18 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         pack(pf, st);
 #endif
         pack(dsf, dpt);
+#if !DK_FIRST
         store_ds(dsf, dsb);
-
+#endif
         wgmma_fence();
 #if !DV_EARLY
         issue_kv(dv, pf, doS);
 #endif
         issue_kv(dk, dsf, qS);
         wgmma_commit();
+#if DK_FIRST
+        store_ds(dsf, dsb);                    // under the dK wgmma
+#endif
         named_bar_sync(1, 256);                // the whole dS^T tile is in shared memory
 
         float dq[DQREG];

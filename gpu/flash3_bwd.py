@@ -26,7 +26,7 @@ SMEM_LIMIT_BYTES = 227 * 1024
 ALIGN_SLACK_BYTES = 1024
 STATIC_SMEM_BYTES = 128                # the mbarriers (static shared memory), rounded up
 # switches of flash3_bwd.cu other than the tiles, with their allowed values
-SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1), "DQ_BUFS": (1, 2), "DQ_PRODUCER": (0, 1), "DV_EARLY": (0, 1),
+SWITCHES = {"STAGES": (2, 3, 4), "DQ_V4": (0, 1), "PIPE": (0, 1, 2), "P_F32": (0, 1), "DIAG": (0, 1, 2), "DK_WAIT_END": (0, 1), "DQ_TMA": (0, 1), "ROTATE": (0, 1), "DQ_BUFS": (1, 2), "DQ_PRODUCER": (0, 1), "DV_EARLY": (0, 1), "DK_FIRST": (0, 1),
             "PRODUCER_REGS": (24, 32, 40), "CONSUMER_REGS": (216, 224, 232, 240)}
 LAUNCH_REGS = 168                      # registers a thread at launch (__launch_bounds__(384, 1): 65536 / 384, by 8)
 
@@ -90,9 +90,10 @@ def kernel_defines(head_dim: int, block_rows: int, extra: dict | None = None) ->
 
 # (BR, BC, extra defines) tried by ``gpu.backward --algorithm flash3 --variants``, per head dim; the first is the
 # default (DEFAULT_BLOCK_ROWS)
-VARIANTS = {64: [(128, 128, {}), (128, 128, {"DV_EARLY": 1}), (128, 128, {"DQ_TMA": 0}), (64, 128, {})],
-            128: [(64, 128, {}), (64, 128, {"DV_EARLY": 1}), (64, 128, {"DQ_PRODUCER": 1}), (64, 128, {"STAGES": 3}),
-                  (64, 128, {"DQ_TMA": 0})]}
+VARIANTS = {64: [(128, 128, {}), (128, 128, {"DK_FIRST": 1}), (128, 128, {"DV_EARLY": 1}), (128, 128, {"DQ_TMA": 0}),
+                 (64, 128, {})],
+            128: [(64, 128, {}), (64, 128, {"DK_FIRST": 1}), (64, 128, {"DQ_PRODUCER": 1}),
+                  (64, 128, {"DK_FIRST": 1, "DQ_PRODUCER": 1}), (64, 128, {"DV_EARLY": 0}), (64, 128, {"DQ_TMA": 0})]}
 EXTRA_VARIANTS_ENV = "IOSIM_FLASH3_EXTRA_VARIANTS"   # JSON {"64": [[BR, BC, {defines}], ...]}: diagnostics
 
 
