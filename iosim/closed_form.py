@@ -270,9 +270,16 @@ def hf_backward(shape, block_rows, block_cols) -> dict:
     return _unfused_backward(shape, block_rows, block_cols, middle)
 
 
+def flash3_backward(shape, block_rows, block_cols) -> dict:
+    """FlashAttention's backward on Hopper moves what FlashAttention-2's does (the same
+    algorithm; its producer copies the same tiles, its row kernels the same rows)."""
+    return {name.replace("flash2", "flash3"): form
+            for name, form in flash2_backward(shape, block_rows, block_cols).items()}
+
+
 BACKWARD_CLOSED_FORMS = {"standard": standard_backward, "hf": hf_backward,
                          "megatron": megatron_backward, "flash1": flash1_backward,
-                         "flash2": flash2_backward}
+                         "flash2": flash2_backward, "flash3": flash3_backward}
 
 
 def backward_hbm_traffic(algorithm: str, shape, block_rows: int, block_cols: int) -> dict:

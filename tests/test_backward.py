@@ -22,7 +22,7 @@ from iosim.reference import reference_attention, reference_attention_backward
 from iosim.simulate import simulate_trace
 from iosim.trace import LOAD, STORE, build_trace
 
-BACKWARD_ALGORITHMS = ("flash1", "flash2", "hf", "megatron", "standard")
+BACKWARD_ALGORITHMS = ("flash1", "flash2", "flash3", "hf", "megatron", "standard")
 EXACT = 1e-10
 GRADS = ("dQ", "dK", "dV")
 
@@ -212,7 +212,8 @@ def test_unfused_backward_flops(n, d, br, bc, causal):
 @pytest.mark.parametrize("n, d, br, bc", [(64, 16, 16, 32), (50, 8, 16, 7), (33, 5, 8, 33),
                                           (17, 4, 1, 3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash2_backward_flops(n, d, br, bc, causal):
+@pytest.mark.parametrize("algorithm", ["flash2", "flash3"])
+def test_flash2_backward_flops(n, d, br, bc, causal, algorithm):
     bh = 2
     shape = AttentionShape(1, bh, n, d, dtype="fp16", causal=causal)
     tiles = _visited_tiles(n, br, bc, causal)
@@ -223,7 +224,8 @@ def test_flash2_backward_flops(n, d, br, bc, causal):
     # D = rowsum(dO ∘ O): 2 per element; dK ·= scale; dQ = scale·accumulator
     scalar += 2 * n * d + n * d + n * d
     special = sum(r * c for r, c in tiles)  # one exp per recomputed P element
-    got = _trace_flops(build_schedule("flash2", shape, br, bc, pass_="backward"))
+    # flash3: the same algorithm on Hopper, the same FLOPs
+    got = _trace_flops(build_schedule(algorithm, shape, br, bc, pass_="backward"))
     assert got == (bh * tensor, bh * scalar, bh * special)
     if not causal:
         assert tensor == 10 * n * n * d  # one more N² d matmul than the unfused backward

@@ -115,9 +115,30 @@ def test_stages_apply_to_flash3_only():
         build_schedule("flash2", AttentionShape(1, 1, 256, 64), stages=3)
 
 
-def test_flash3_is_forward_only():
-    with pytest.raises(IosimError, match=r"flash3 has no backward schedule"):
-        build_schedule("flash3", AttentionShape(1, 1, 256, 64), pass_="backward")
+@pytest.mark.parametrize("d, tiles", [(64, (128, 128)), (128, (64, 128))])
+def test_flash3_backward_is_flash2s_algorithm_on_a_warp_specialised_cta(d, tiles):
+    shape = AttentionShape(2, 2, 1024, d)
+    ours = build_schedule("flash3", shape, pass_="backward", stages=3)
+    theirs = build_schedule("flash2", shape, *tiles, pass_="backward")
+    assert (ours.block_rows, ours.block_cols) == tiles  # FlashAttention-3's backward tiles
+    main = ours.kernels[1]
+    assert [k.name for k in ours.kernels] == ["flash3_bwd_dot", "flash3_bwd",
+                                              "flash3_bwd_convert"]
+    # a producer warpgroup and one consumer warpgroup per 64 keys, wgmma, TMA, a 3-slot ring
+    assert (main.warps, main.producer_warps, main.consumer_warpgroups) == (12, 4, 2)
+    assert (main.tensor_path, main.copy_engine) == ("wgmma", "tma")
+    assert {b.name: b.stages for b in main.buffers if b.stages > 1} == {
+        "Qi": 3, "dOi": 3, "Li": 3, "Di": 3, "dS": 2}
+    # the same ops in the same order as flash2's backward, so the same bytes and FLOPs
+    assert main.body == theirs.kernels[1].body
+    for model in ("two-level", "l2"):
+        a, b = (iosim.simulate(alg, shape, block_rows=tiles[0], block_cols=tiles[1],
+                               model=model, pass_="backward").totals
+                for alg in ("flash3", "flash2"))
+        assert (a.hbm_read_bytes, a.flops_tensor, a.flops_scalar) == \
+            (b.hbm_read_bytes, b.flops_tensor, b.flops_scalar)
+        # and the tensor cores run it faster
+        assert a.predicted_time_s < b.predicted_time_s
 
 
 def test_flash3_moves_the_bytes_flash2_moves():

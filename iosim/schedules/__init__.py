@@ -13,7 +13,7 @@ from .common import check_block, clipped_note, stamp_extents
 
 ALGORITHMS = {"standard": standard, "hf": hf, "megatron": megatron,
               "flash1": flash1, "flash2": flash2}
-ALGORITHMS["flash3"] = flash3  # forward only: no build_backward
+ALGORITHMS["flash3"] = flash3
 ALGORITHMS["flash_decoding"] = flash_decoding  # forward only (inference)
 
 #: Algorithms that split the K/V sequence over CTAs (``num_splits`` applies).
@@ -127,7 +127,8 @@ def build_schedule(algorithm: str, shape, block_rows=None, block_cols=None,
         if block_cols != given:
             clipped["block_cols"] = given
 
-    backward_extra = {key: value for key, value in extra.items() if key == "rows_per_warp"}
+    backward_extra = {key: value for key, value in extra.items()
+                      if key in ("rows_per_warp", "stages")}
 
     def build(br, bc):
         if pass_ == "forward":

@@ -366,3 +366,62 @@ def unfused_backward(algorithm: str, shape, block_rows: int, block_cols: int,
                                             score_tensor("dP", shape))
                + tuple(score_tensor(name, shape) for name in score_grads) + tuple(grads[1:]))
     return Schedule(algorithm, shape, tensors, kernels, block_rows, block_cols, notes=notes)
+
+
+def flash_backward(algorithm: str, shape, block_rows: int, block_cols: int, buffers: tuple,
+                   main: dict, row_kernels: dict, notes: str):
+    """FlashAttention-2's backward algorithm (O and the log-sum-exp L saved by the forward
+    pass) as three kernels named after ``algorithm``:
+
+    1. ``<algorithm>_bwd_dot``: one CTA per ``row_kernels["rows"]`` rows; D = rowsum(dO ∘ O)
+       to HBM (float32), and the float32 dQ accumulator zeroed;
+    2. ``<algorithm>_bwd``: one CTA per Bc rows of K/V (dK, dV accumulate on chip), looping
+       over the Q blocks of Br rows (causal: only those on or below the diagonal): S = scale·Q
+       Kᵀ and P = exp(S − L) recomputed; dV += Pᵀ dO; dP = dO Vᵀ; dS = P ∘ (dP − D); dQ_i +=
+       dS K added into the float32 accumulator in HBM (atomics: the L2's read-modify-write);
+       dK += dSᵀ Q; at the end dK ·= scale, and dK, dV written once. ``buffers`` and ``main``
+       (Kernel fields: warps, tensor path, producer, ...) say how the CTA runs it;
+    3. ``<algorithm>_bwd_convert``: dQ = scale·accumulator, in the input dtype."""
+    from ..schedule import (CausalMask, RecomputeProbs, RowDot, Scale, Schedule,
+                            SoftmaxBackward)
+
+    e = shape.elem_bytes
+    rows_only = {"i": row_kernels["rows"]}
+    aux = dict(blocks=rows_only, row_var="i", tensor_path=main["tensor_path"],
+               warps=row_kernels["warps"], phase="backward")
+    dot = Kernel(
+        f"{algorithm}_bwd_dot", grid=("i",),
+        body=(Load("Oi", "O", "i", "d"), Load("dOi", "dO", "i", "d"), RowDot("Di", "dOi", "Oi"),
+              Store("Di", "D", "i", "1"), Fill("dQi", 0.0), Store("dQi", "dQaccum", "i", "d")),
+        buffers=(BufferSpec("Oi", "i", "d", e, "reg"), BufferSpec("dOi", "i", "d", e, "reg"),
+                 BufferSpec("Di", "i", "1", F32, "reg"), BufferSpec("dQi", "i", "d", F32, "reg")),
+        **aux)
+    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
+    step = (Load("Qi", "Q", "i", "d"), Load("dOi", "dO", "i", "d"), Load("Li", "L", "i", "1"),
+            Load("Di", "D", "i", "1"),
+            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
+            RecomputeProbs("P", "S", "Li"),
+            MatMul("dV", "P", "dOi", transpose_a=True, accumulate=True),
+            MatMul("dP", "dOi", "Vj", transpose_b=True),
+            SoftmaxBackward("dS", "P", "dP", "Di"),
+            MatMul("dQi", "dS", "Kj"),
+            Store("dQi", "dQaccum", "i", "d", accumulate=True),
+            MatMul("dK", "dS", "Qi", transpose_a=True, accumulate=True))
+    kernel = Kernel(
+        f"{algorithm}_bwd", grid=("j",),
+        body=(Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"), Fill("dK", 0.0),
+              Fill("dV", 0.0), Loop("i", step, causal_skip=True), Scale("dK"),
+              Store("dK", "dK", "j", "d"), Store("dV", "dV", "j", "d")),
+        buffers=buffers, blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
+        phase="backward", **main)
+    convert = Kernel(
+        f"{algorithm}_bwd_convert", grid=("i",),
+        body=(Load("dQi", "dQaccum", "i", "d"), Scale("dQi"), Store("dQi", "dQ", "i", "d")),
+        buffers=(BufferSpec("dQi", "i", "d", F32, "reg"),), **aux)
+    grads = grad_tensors(shape)
+    tensors = tuple(qkv_tensors(shape)) + (
+        output_tensor(shape), TensorSpec("L", "N", "1", F32, "output", float32=True),
+        grads[0], TensorSpec("D", "N", "1", F32, "intermediate", float32=True),
+        TensorSpec("dQaccum", "N", "d", F32, "intermediate", float32=True)) + tuple(grads[1:])
+    return Schedule(algorithm, shape, tensors, (dot, kernel, convert), block_rows, block_cols,
+                    notes=notes)

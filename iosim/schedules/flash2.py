@@ -13,9 +13,7 @@ Backward (:func:`build_backward`): FlashAttention-2's three kernels (D = rowsum(
 per K/V block recomputing S and P from L, dQ added into float32 HBM with atomics; dQ converted)."""
 from __future__ import annotations
 
-from ..schedule import (BufferSpec, CausalMask, Copy, Fill, Kernel, Load, Loop, MatMul,
-                        RecomputeProbs, RowDot, Scale, Schedule, SoftmaxBackward, Store,
-                        TensorSpec)
+from ..schedule import BufferSpec, Copy, Kernel, Schedule, TensorSpec
 from . import common
 
 F32 = common.F32
@@ -79,67 +77,26 @@ def default_backward_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
 
 
 def build_backward(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:
-    """FlashAttention-2's backward (O and the log-sum-exp L saved by the forward pass):
-
-    1. ``flash2_bwd_dot``: one CTA per Br rows; D = rowsum(dO ∘ O) to HBM (float32), and the
-       float32 dQ accumulator zeroed;
-    2. ``flash2_bwd``: one CTA per Bc rows of K/V (dK, dV accumulate in registers), looping
-       over the Q blocks (causal: only those on or below the diagonal): S = scale·Q Kᵀ and
-       P = exp(S − L) recomputed; dV += Pᵀ dO; dP = dO Vᵀ; dS = P ∘ (dP − D); dQ_i += dS K
-       added into the float32 accumulator in HBM with atomics; dK += dSᵀ Q; at the end
-       dK ·= scale, and dK, dV written once;
-    3. ``flash2_bwd_convert``: dQ = scale·accumulator, in the input dtype.
+    """FlashAttention-2's backward (O and the log-sum-exp L saved by the forward pass), the three
+    kernels of :func:`common.flash_backward` (``flash2_bwd_dot``, ``flash2_bwd``,
+    ``flash2_bwd_convert``) on ``mma.sync``: each warp of the main kernel owns
+    ``rows_per_warp`` rows of the K/V block.
 
     Shared memory: K, V, Q (double-buffered), dO and the P and dS tiles, as FlashAttention-2
     keeps them: ((2·Br + Br + 2·Bc)·d + 2·Br·Bc) elements plus L and D (float32)."""
     common.check_plain_backward(shape, "flash2")
     e = shape.elem_bytes
-    warps = common.flash_warps(block_cols, rows_per_warp)
-    rows_only = {"i": block_rows}
-    dot = Kernel(
-        "flash2_bwd_dot", grid=("i",),
-        body=(Load("Oi", "O", "i", "d"), Load("dOi", "dO", "i", "d"), RowDot("Di", "dOi", "Oi"),
-              Store("Di", "D", "i", "1"), Fill("dQi", 0.0), Store("dQi", "dQaccum", "i", "d")),
-        buffers=(BufferSpec("Oi", "i", "d", e, "reg"), BufferSpec("dOi", "i", "d", e, "reg"),
-                 BufferSpec("Di", "i", "1", F32, "reg"), BufferSpec("dQi", "i", "d", F32, "reg")),
-        blocks=rows_only, row_var="i", tensor_path="mma_sync",
-        warps=common.flash_warps(block_rows, rows_per_warp), phase="backward")
-    mask = (CausalMask("S", "i", "j"),) if shape.causal else ()
-    step = (Load("Qi", "Q", "i", "d"), Load("dOi", "dO", "i", "d"), Load("Li", "L", "i", "1"),
-            Load("Di", "D", "i", "1"),
-            MatMul("S", "Qi", "Kj", transpose_b=True, scaled=True)) + mask + (
-            RecomputeProbs("P", "S", "Li"),
-            MatMul("dV", "P", "dOi", transpose_a=True, accumulate=True),
-            MatMul("dP", "dOi", "Vj", transpose_b=True),
-            SoftmaxBackward("dS", "P", "dP", "Di"),
-            MatMul("dQi", "dS", "Kj"),
-            Store("dQi", "dQaccum", "i", "d", accumulate=True),
-            MatMul("dK", "dS", "Qi", transpose_a=True, accumulate=True))
-    main = Kernel(
-        "flash2_bwd", grid=("j",),
-        body=(Load("Kj", "K", "j", "d"), Load("Vj", "V", "j", "d"), Fill("dK", 0.0),
-              Fill("dV", 0.0), Loop("i", step, causal_skip=True), Scale("dK"),
-              Store("dK", "dK", "j", "d"), Store("dV", "dV", "j", "d")),
-        buffers=(BufferSpec("Kj", "j", "d", e), BufferSpec("Vj", "j", "d", e),
-                 BufferSpec("Qi", "i", "d", e, stages=2), BufferSpec("dOi", "i", "d", e),
-                 BufferSpec("Li", "i", "1", F32), BufferSpec("Di", "i", "1", F32),
-                 BufferSpec("S", "i", "j", F32, "reg"), BufferSpec("P", "i", "j", e),
-                 BufferSpec("dP", "i", "j", F32, "reg"), BufferSpec("dS", "i", "j", e),
-                 BufferSpec("dQi", "i", "d", F32, "reg"), BufferSpec("dK", "j", "d", F32, "reg"),
-                 BufferSpec("dV", "j", "d", F32, "reg")),
-        blocks={"i": block_rows, "j": block_cols}, row_var="i", col_var="j",
-        tensor_path="mma_sync", warps=warps, phase="backward")
-    convert = Kernel(
-        "flash2_bwd_convert", grid=("i",),
-        body=(Load("dQi", "dQaccum", "i", "d"), Scale("dQi"), Store("dQi", "dQ", "i", "d")),
-        buffers=(BufferSpec("dQi", "i", "d", F32, "reg"),),
-        blocks=rows_only, row_var="i", tensor_path="mma_sync",
-        warps=common.flash_warps(block_rows, rows_per_warp), phase="backward")
-    grads = common.grad_tensors(shape)
-    tensors = tuple(common.qkv_tensors(shape)) + (
-        common.output_tensor(shape), TensorSpec("L", "N", "1", F32, "output", float32=True),
-        grads[0], TensorSpec("D", "N", "1", F32, "intermediate", float32=True),
-        TensorSpec("dQaccum", "N", "d", F32, "intermediate", float32=True)) + tuple(grads[1:])
-    return Schedule("flash2", shape, tensors, (dot, main, convert), block_rows, block_cols,
-                    notes="FlashAttention-2 backward: K/V-block CTAs, S and P recomputed from "
-                          "L, dQ added into a float32 buffer with atomics")
+    buffers = (BufferSpec("Kj", "j", "d", e), BufferSpec("Vj", "j", "d", e),
+               BufferSpec("Qi", "i", "d", e, stages=2), BufferSpec("dOi", "i", "d", e),
+               BufferSpec("Li", "i", "1", F32), BufferSpec("Di", "i", "1", F32),
+               BufferSpec("S", "i", "j", F32, "reg"), BufferSpec("P", "i", "j", e),
+               BufferSpec("dP", "i", "j", F32, "reg"), BufferSpec("dS", "i", "j", e),
+               BufferSpec("dQi", "i", "d", F32, "reg"), BufferSpec("dK", "j", "d", F32, "reg"),
+               BufferSpec("dV", "j", "d", F32, "reg"))
+    row_warps = common.flash_warps(block_rows, rows_per_warp)
+    return common.flash_backward(
+        "flash2", shape, block_rows, block_cols, buffers,
+        dict(tensor_path="mma_sync", warps=common.flash_warps(block_cols, rows_per_warp)),
+        row_kernels=dict(rows=block_rows, warps=row_warps),
+        notes="FlashAttention-2 backward: K/V-block CTAs, S and P recomputed from L, dQ added "
+              "into a float32 buffer with atomics")

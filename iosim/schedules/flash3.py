@@ -16,7 +16,15 @@ Shared memory: (Br + 2·stages·Bc)·d elements. Any Br works in the IR (the num
 tests use tiny tiles); real kernels use multiples of 64 (:data:`ROWS_PER_WARPGROUP`), and the
 explorer tries only those. Default tiles: FlashAttention-3's forward table for 16-bit inputs
 (:data:`FA3_FORWARD_TILES`), Bc lowered in steps of 16 (then Br in steps of 64) until the tiles
-fit. Causal: the row blocks with the most work are launched first. Forward only."""
+fit. Causal: the row blocks with the most work are launched first.
+
+Backward (:func:`build_backward`): FlashAttention-2's backward algorithm (the kernels of
+:func:`common.flash_backward`) on Hopper, as FlashAttention-3 runs it: one CTA per K/V block of
+Bc keys with a producer warpgroup (TMA copies of the Q, dO, L and D tiles into a ring of
+``stages`` slots, K and V once) and Bc / 64 consumer warpgroups (64 keys each: Sᵀ = K Qᵀ and
+dPᵀ = V dOᵀ by wgmma from shared memory, Pᵀ and dSᵀ in registers as the A operands of the dV
+and dK wgmmas, dSᵀ through shared memory for dQ = dS K, added into the float32 accumulator in
+HBM)."""
 from __future__ import annotations
 
 from ..errors import IosimError
@@ -128,3 +136,53 @@ def build(shape, block_rows, block_cols, sram_bytes, stages=DEFAULT_STAGES) -> S
                     notes=f"FlashAttention-3 forward: producer warpgroup (TMA), {groups} "
                           f"consumer warpgroup(s) (wgmma), {stages}-stage K/V ring, softmax "
                           "overlapped with the next QKᵀ")
+
+
+#: Keys of a backward CTA's consumer warpgroup (the m64 of its Sᵀ = K Qᵀ wgmma).
+KEYS_PER_WARPGROUP = 64
+#: Rows a backward row kernel's CTA (D = rowsum(dO ∘ O), the dQ conversion) handles per head
+#: dimension element: 256 threads with 8 elements (16 bytes) each.
+ROW_KERNEL_THREADS = 256
+ROW_KERNEL_ELEMENTS_PER_THREAD = 8
+
+
+def default_backward_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
+    """FlashAttention-3's backward tiles for 16-bit inputs (Br query rows, Bc keys): (128, 128)
+    for d <= 64, (64, 128) for d <= 128, else (64, 64); the larger halved until the live tiles
+    ``fits``."""
+    from .flash2 import _table_blocks
+
+    return _table_blocks(shape, fits, ((128, 128), (64, 128), (64, 64)), halve_rows_first=False)
+
+
+def build_backward(shape, block_rows, block_cols, sram_bytes,
+                   stages=DEFAULT_STAGES) -> Schedule:
+    """The backward of the module docstring. Shared memory: K and V (Bc x d), ``stages`` x (Q
+    and dO tiles (Br x d), L and D rows), dSᵀ (Bc x Br, double-buffered)."""
+    common.check_plain_backward(shape, "flash3")
+    stages = check_stages(stages)
+    e = shape.elem_bytes
+    groups = max(1, -(-block_cols // KEYS_PER_WARPGROUP))
+    producer_registers, consumer_registers = SETMAXNREG.get(groups, (24, None))
+    buffers = (BufferSpec("Kj", "j", "d", e), BufferSpec("Vj", "j", "d", e),
+               BufferSpec("Qi", "i", "d", e, stages=stages),
+               BufferSpec("dOi", "i", "d", e, stages=stages),
+               BufferSpec("Li", "i", "1", F32, stages=stages),
+               BufferSpec("Di", "i", "1", F32, stages=stages),
+               BufferSpec("S", "i", "j", F32, "reg"),
+               # Pᵀ and dSᵀ converted to the input dtype in registers: the A operands of the
+               # dV and dK wgmmas; dSᵀ also to shared memory for dQ = dS K
+               BufferSpec("P", "i", "j", e, "reg"), BufferSpec("dP", "i", "j", F32, "reg"),
+               BufferSpec("dS", "i", "j", e, stages=2),
+               BufferSpec("dQi", "i", "d", F32, "reg"), BufferSpec("dK", "j", "d", F32, "reg"),
+               BufferSpec("dV", "j", "d", F32, "reg"))
+    rows = max(1, ROW_KERNEL_THREADS * ROW_KERNEL_ELEMENTS_PER_THREAD // shape.head_dim)
+    return common.flash_backward(
+        "flash3", shape, block_rows, block_cols, buffers,
+        dict(tensor_path="wgmma", warps=WARPS_PER_WARPGROUP * (groups + 1),
+             registers_per_thread=consumer_registers, producer_warps=WARPS_PER_WARPGROUP,
+             producer_registers_per_thread=producer_registers, copy_engine="tma"),
+        row_kernels=dict(rows=rows, warps=ROW_KERNEL_THREADS // 32),
+        notes=f"FlashAttention backward on Hopper: producer warpgroup (TMA, {stages}-stage Q/dO "
+              f"ring), {groups} consumer warpgroup(s) of 64 keys (wgmma), dQ added into a "
+              "float32 buffer")
