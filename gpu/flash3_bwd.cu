@@ -2,32 +2,36 @@
 //
 // The algorithm of flash2_bwd.cu (FA2's backward): one CTA per K/V block of BC = 128 keys (grid (ceil(N/BC), B*H)),
 // a loop over the Q blocks of BR rows (causal: from the block holding key kv0), dK and dV accumulated in registers
-// over the whole loop, dQ partials added into the fp32 dQaccum with red.global.add. flash3_bwd_dot (D = rowsum(dO o
-// O), dQaccum = 0) and flash3_bwd_convert (dQ = fp16(scale dQaccum)) run before and after (16-byte accesses; the
-// same work as flash2_bwd.cu's flash2_bwd_dot / flash2_bwd_convert).
+// over the whole loop, dQ partials added into the fp32 dQaccum. flash3_bwd_dot (D = rowsum(dO o O), dQaccum = 0) and
+// flash3_bwd_convert (dQ = fp16(scale dQaccum)) run before and after (16-byte accesses; the same work as
+// flash2_bwd.cu's flash2_bwd_dot / flash2_bwd_convert).
 //
 // One CTA = 1 producer warpgroup + 2 consumer warpgroups (384 threads). The producer drops to PRODUCER_REGS
 // (setmaxnreg.dec); its warp 0 loads K and V once (TMA, 3-D tensor maps over (d, N, B*H), 128-byte swizzled 64-column
 // panels; rows >= N arrive as zeros), then per Q block the Q and dO tiles (TMA) and L*log2e, D (ordinary loads by the
 // 32 lanes; rows >= N: +inf and 0, so P = 0 there) into a STAGES-deep ring (one "full" mbarrier per slot: 32
-// arrivals + the TMA bytes; one "empty" mbarrier: one arrival per consumer warp). Consumer warpgroup w
-// (setmaxnreg.inc to CONSUMER_REGS) owns keys [64w, 64w+64) of the block (one wgmma m64 row block) and per Q block:
+// arrivals + the TMA bytes; one "empty" mbarrier: one arrival per consumer thread). Consumer warpgroup w
+// (setmaxnreg.inc to CONSUMER_REGS) owns keys [64w, 64w+64) of the block (one wgmma m64 row block) and per Q block
+// (PIPE 0, the default):
 //     S^T  = K_w Q^T         wgmma m64nBRk16 SS (A = K, B = Q, both K-major)         } issued together,
 //     dP^T = V_w dO^T        wgmma m64nBRk16 SS (A = V, B = dO)                       } two commit groups
 //     P^T  = exp2(S^T scale log2e - L log2e) (masked: causal kv > q), while dP^T is in flight
+//     dV  += P^T dO           wgmma m64nDk16 RS (A = P^T fp16 from the accumulators, B = dO MN-major: tnspB);
+//                             DV_EARLY (default at d = 128): issued here, under the dS^T arithmetic
 //     dS^T = P^T o (dP^T - D)
-//     dS^T (fp16) -> shared memory (128-byte swizzled, the layout TMA gives a tile; double-buffered)
-//     dV  += P^T dO           wgmma m64nDk16 RS (A = P^T fp16 from the accumulators, B = dO MN-major: tnspB)
 //     dK  += dS^T Q           wgmma m64nDk16 RS (A = dS^T, B = Q MN-major)
+//     dS^T (fp16) -> shared memory (128-byte swizzled, the layout TMA gives a tile; double-buffered)
 //     named barrier over both consumer warpgroups (the whole dS^T tile is in shared memory), then
 //     dQ_w = (dS K)_w         wgmma SS with A = dS (MN-major view of dS^T: tnspA) and B = K (MN-major: tnspB);
 //                             DQ_SPLIT 0 (BR = 128): warpgroup w takes Q rows [64w, 64w+64), all d columns;
 //                             DQ_SPLIT 1 (BR = 64): all 64 rows, d columns [w d/2, (w+1) d/2)
-//     wait dV/dK -> the ring slot is released; wait dQ -> red.global.add.v4.f32 into dQaccum (DQ_V4, a lane-pair
-//     exchange makes 4 consecutive floats; else .v2 straight from the accumulator pairs)
+//     wait dV/dK -> the ring slot is released; wait dQ -> DQ_TMA (default): the 64 x DQN fp32 tile is written to
+//     shared memory (128-byte swizzled boxes of 32 floats) and one thread adds it to dQaccum with TMA reductions
+//     (cp.reduce.async.bulk.tensor .add.f32); DQ_TMA 0: red.global.add.v4.f32 straight from the accumulators
 // Epilogue: dK (times scale) and dV to fp16, staged through the K and V tiles (swizzled), 16-byte global stores.
-// Compile-time parameters: HEAD_DIM (64/128), BR (64/128), STAGES (>= 2), DQ_SPLIT, DQ_V4, PRODUCER_REGS,
-// CONSUMER_REGS. Needs sm_90a. Host side and measurements: gpu/flash3_bwd.py, gpu/NOTES.md (flash3 backward).
+// Compile-time parameters (measured ones: gpu/flash3_bwd.py VARIANTS, gpu/NOTES.md): HEAD_DIM (64/128), BR
+// (64/128), STAGES (>= 2), PIPE (0, 1, 2), DV_EARLY, DK_FIRST, DQ_TMA, DQ_BUFS, DQ_PRODUCER, DQ_V4, ROTATE, DIAG,
+// PRODUCER_REGS, CONSUMER_REGS. Needs sm_90a. Host side: gpu/flash3_bwd.py.
 #include "common.cuh"
 #include "hopper.cuh"
 
@@ -254,7 +258,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         mbar_init(barKV, 1);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(FULL(s), 32);
-            mbar_init(EMPTY(s), NCWG * 4);
+            mbar_init(EMPTY(s), NCWG * 128);   // every consumer thread arrives (its own L, D reads)
         }
         for (int w = 0; w < NCWG; ++w) {
             mbar_init(DQFULL(w), 128);
@@ -481,8 +485,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
             wgmma_wait<2>();                   // dK(it-1) done: its ring slot is free
             fence_f<KREG>(dk);
             fence_u<KTQ * 4>(&dsf[0][0]);
-            __syncwarp();
-            if (lane == 0) mbar_arrive(EMPTY((it - 1) % STAGES));
+            mbar_arrive(EMPTY((it - 1) % STAGES));
             wgmma_wait<1>();                   // S^T done
         } else {
             wgmma_wait<0>();
@@ -615,8 +618,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         fence_f<KREG>(dk);
         fence_u<KTQ * 4>(&pf[0][0]);
         fence_u<KTQ * 4>(&dsf[0][0]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(EMPTY(s));
+        mbar_arrive(EMPTY(s));
     }
     named_bar_sync(1, 256);                    // dS^T of the last block complete
     wgmma_fence();
@@ -696,8 +698,7 @@ flash3_bwd(const __grid_constant__ TmaMap tmQ, const __grid_constant__ TmaMap tm
         fence_f<KREG>(dk);
         fence_u<KTQ * 4>(&pf[0][0]);
         fence_u<KTQ * 4>(&dsf[0][0]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(EMPTY(s));
+        mbar_arrive(EMPTY(s));
         wgmma_wait<0>();                       // dQ done
         fence_f<DQREG>(dq);
         red_dq(dq, q0, it);
