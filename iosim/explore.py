@@ -245,7 +245,7 @@ def explore(algorithm: str, shape: AttentionShape, *, hardware="h100-measured",
     if algorithm in STAGED:  # flash3: the ring depth ranked with the tiles
         return _explore_stages(algorithm, shape, hw, model, time_model, workers, progress,
                                candidates, scheduler, stages, max_memory_bytes, max_seconds,
-                               exact)
+                               exact, pass_)
     kind = "pow2" if candidates is None else candidates
     row_extent = getattr(algorithm_module(algorithm), "row_extent", lambda s: s.seq_len)(shape)
     row_sizes = candidate_sizes(row_extent, kind)
@@ -295,25 +295,31 @@ STAGED_ROW_MULTIPLE = 64
 
 
 def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
-                      stages=None) -> list[tuple[int, int, int]]:
-    """The (Br, Bc, stages) a staged algorithm (flash3) is ranked over: Br every whole number
-    of consumer warpgroups it runs (64, 128, 192: up to ``MAX_CONSUMER_WARPGROUPS``; N itself
-    when N < 64) plus its default Br, Bc from ``sizes`` plus its default Bc, every ring depth it
-    allows (or just ``stages``). Whether each fits is left to :func:`_explore_stages`."""
+                      stages=None, pass_: str = "forward") -> list[tuple[int, int, int]]:
+    """The (Br, Bc, stages) a staged algorithm (flash3) is ranked over: the block its consumer
+    warpgroups split (the forward's Br, the backward's Bc; both with ``pass_`` "both") every
+    whole number of warpgroups it runs (64, 128, 192: up to ``MAX_CONSUMER_WARPGROUPS``; N
+    itself when N < 64), the other from ``sizes``, each plus the pass's default tile; every ring
+    depth it allows (or just ``stages``). Whether each fits is left to
+    :func:`_explore_stages`."""
     module = algorithm_module(algorithm)
-    default_rows, default_cols = module.fa3_tile(shape.head_dim, shape.causal)
+    default_rows, default_cols = (module.fa3_tile(shape.head_dim, shape.causal)
+                                  if pass_ == "forward" else
+                                  module.default_backward_blocks(shape, 2**62, lambda r, c: True))
     n = shape.seq_len
     whole = {STAGED_ROW_MULTIPLE * g for g in range(1, module.MAX_CONSUMER_WARPGROUPS + 1)}
-    rows = {s for s in whole if s <= n} or {n}
+    whole = {s for s in whole if s <= n} or {n}
+    rows = set(whole) if pass_ != "backward" else set(sizes)
+    cols = set(whole) if pass_ != "forward" else set(sizes)
     rows.add(min(default_rows, n))
-    cols = set(sizes) | {min(default_cols, n)}
+    cols.add(min(default_cols, n))
     depths = module.STAGES if stages is None else (module.check_stages(stages),)
     return [(br, bc, s) for br in sorted(rows) for bc in sorted(cols) for s in depths]
 
 
 def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, candidates,
                     scheduler, stages, max_memory_bytes, max_seconds,
-                    exact=None) -> list[BlockChoice]:
+                    exact=None, pass_="forward") -> list[BlockChoice]:
     """:func:`explore` for a staged algorithm (flash3): every (Br, Bc, stages) of
     :func:`staged_candidates` whose tiles fit the SRAM and whose CTA fits an SM, simulated and
     ranked together (ties: HBM bytes, Br, Bc, then the shallower ring)."""
@@ -321,10 +327,11 @@ def _explore_stages(algorithm, shape, hw, model, time_model, workers, progress, 
 
     sizes = candidate_sizes(shape.seq_len, "pow2" if candidates is None else candidates)
     fitting = {}
-    for br, bc, depth in staged_candidates(algorithm, shape, sizes, stages):
+    for br, bc, depth in staged_candidates(algorithm, shape, sizes, stages, pass_):
         try:
             schedule = build_schedule(algorithm, shape, br, bc,
-                                      sram_bytes=hw.sram_bytes_per_block, stages=depth)
+                                      sram_bytes=hw.sram_bytes_per_block, stages=depth,
+                                      pass_=pass_)
             for kernel in schedule.kernels:
                 occupancy(kernel, shape.head_dim, shape.seq_len, hw)
         except TilingError:
