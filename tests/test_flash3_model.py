@@ -441,3 +441,21 @@ def test_wgmma_rate_by_warpgroups_is_checked(tmp_path):
     path.write_text(bad)
     with pytest.raises(IosimError, match=r"wgmma_rate_by_warpgroups\[0\]"):
         iosim.load_hardware(str(path))
+
+
+def test_explore_ranks_flash3_backward_tiles_in_whole_warpgroups_of_keys():
+    from iosim.explore import explore
+
+    shape = AttentionShape(1, 4, 1024, 64)
+    rows = explore("flash3", shape, pass_="backward", workers=1, progress=False,
+                   candidates=[32, 64, 128])
+    assert rows and all(r.block_cols % 64 == 0 for r in rows)  # 64 keys per warpgroup
+    assert {r.block_rows for r in rows} >= {32, 64}  # the Q block from the sizes
+    best = rows[0]
+    schedule = build_schedule("flash3", shape, best.block_rows, best.block_cols,
+                              stages=best.stages, pass_="backward")
+    assert schedule.kernels[1].name == "flash3_bwd"
+    from iosim.simulate import simulate_schedule
+
+    assert best.predicted_time_s == pytest.approx(
+        simulate_schedule(schedule).totals.predicted_time_s, rel=1e-9)
