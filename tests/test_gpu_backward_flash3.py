@@ -126,3 +126,17 @@ def test_committed_flash3_backward_data():
         assert r["grads"]["dk"]["passed"] and r["grads"]["dv"]["passed"]
         assert r["baselines"]["sdpa"]["time_s"]["n"] >= 10
         assert sum(k["time_s"]["median"] for k in r["kernels"]) == pytest.approx(r["time_s"]["median"], rel=0.05)
+
+
+def test_flash3_backward_kernel_names_and_tiles_match_the_simulator():
+    from iosim import AttentionShape, build_schedule
+
+    for d in F3B.HEAD_DIMS:
+        schedule = build_schedule("flash3", AttentionShape(1, 1, 4096, d), pass_="backward")
+        assert [k.name for k in schedule.kernels] == F3B.KERNEL_NAMES
+        # the simulator's default tiles are the kernel's: Br per head dimension, Bc keys
+        assert (schedule.block_rows, schedule.block_cols) == (F3B.DEFAULT_BLOCK_ROWS[d],
+                                                              F3B.BLOCK_COLS)
+        main = schedule.kernels[1]
+        assert main.warps * 32 == F3B.THREADS
+        assert main.consumer_warpgroups == F3B.CONSUMER_WARPGROUPS
