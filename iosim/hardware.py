@@ -96,6 +96,12 @@ class Hardware:
     # the wgmma rate with 1, 2, 3, ... consumer warpgroups resident per SM, relative to
     # wgmma_flops_per_s (optional [compute] wgmma_rate_by_warpgroups; absent: the same for all)
     wgmma_rate_by_warpgroups: tuple = ()
+    # fp32 bytes per second the L2 adds into memory by reductions from the SMs (red.global.add:
+    # an atomic add is a read-modify-write at the L2), and by TMA bulk reductions (optional
+    # [l2] reduction_bandwidth_bytes_per_s, tma_reduction_bandwidth_bytes_per_s; absent: a
+    # reduction costs a read and a write at the L2's bandwidth, and a TMA one as an SM's)
+    l2_reduction_bytes_per_s: float | None = None
+    tma_reduction_bytes_per_s: float | None = None
     sources: dict = field(default_factory=dict)  # section -> where its figures came from
     ncu_metrics: dict = field(default_factory=dict)  # section -> metric that measures it
 
@@ -110,6 +116,12 @@ class Hardware:
         if not table:
             return 1.0
         return table[min(max(int(warpgroups), 1), len(table)) - 1]
+
+    def reduction_rate(self, copy_engine: str = "cp.async") -> float | None:
+        """fp32 bytes per second the L2 adds by reductions issued by the SMs' threads
+        (``copy_engine`` "cp.async") or by TMA ("tma"); None where the spec gives none."""
+        return (self.tma_reduction_bytes_per_s if copy_engine == "tma"
+                else self.l2_reduction_bytes_per_s)
 
     def tensor_rate(self, dtype: str, path: str = "library") -> float:
         """Dense tensor-core FLOP/s for matmuls with inputs of ``dtype``: a library GEMM's
@@ -211,7 +223,12 @@ _OPTIONAL = {"wgmma_latency_cycles": (_Key("latency", "wgmma_cycles", float, *_L
              "wgmma_sfu_overlap": (_Key("compute", "wgmma_sfu_overlap", float, 0.0, 1.0,
                                         "fraction"), 1.0),
              "wgmma_fp32_overlap": (_Key("compute", "wgmma_fp32_overlap", float, 0.0, 1.0,
-                                         "fraction"), 1.0)}
+                                         "fraction"), 1.0),
+             "l2_reduction_bytes_per_s": (_Key("l2", "reduction_bandwidth_bytes_per_s", float,
+                                               *_BANDWIDTH), None),
+             "tma_reduction_bytes_per_s": (_Key("l2", "tma_reduction_bandwidth_bytes_per_s",
+                                                float, *_BANDWIDTH),
+                                           "l2_reduction_bytes_per_s")}
 _TOP_LEVEL = ("name", "description") + _SECTIONS
 #: The keys each section allows, in the order the documentation lists them.
 ALLOWED_KEYS = {section: tuple(k.key for k in _SCHEMA.values() if k.section == section)

@@ -140,6 +140,9 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     # other ops' buffers, and tiles copied in or out
     smem_bytes = np.where(has_mma, h["smem_operand_bytes"],
                           h["sram_read"] + h["sram_write"]).astype(np.float64)
+    # the L2 bandwidth a tile takes: its bytes, but an accumulating store's read and write (a
+    # reduction at the L2) at the spec's measured reduction rate where it gives one
+    l2_tile_bytes = tile_bytes * _reduction_weight(h, kernel, hw)
     heads = kt.heads
 
     def per_cta(values):
@@ -155,7 +158,7 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
         "fp32_cycles": per_cta(np.where(is_compute, fp32_w, 0.0)),
         "sfu_cycles": per_cta(np.where(is_compute, sfu_w, 0.0)),
         "smem_bytes": per_cta(smem_bytes),
-        "l2_bytes": per_cta(np.where(is_compute, 0.0, tile_bytes)),
+        "l2_bytes": per_cta(np.where(is_compute, 0.0, l2_tile_bytes)),
         "exposed_l2_bytes": per_cta(np.where(exposed, tile_bytes, 0.0)),
     }
     # ---- what the L2 replay decides, event by event ----
@@ -186,6 +189,16 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     demand["latency_cycles"] += np.bincount(group_cta, weights=worst * group_runs,
                                             minlength=n_ctas)
     return demand
+
+
+def _reduction_weight(head: dict, kernel, hw) -> np.ndarray | float:
+    """Per event, the factor its bytes take of the L2's bandwidth: 1, but for the two events
+    (a read and a write) of a reduction, l2 bandwidth / (2 x the reduction rate of the
+    kernel's copy engine) where the spec measured one (:meth:`Hardware.reduction_rate`)."""
+    rate = hw.reduction_rate(getattr(kernel, "copy_engine", "cp.async"))
+    if rate is None or "reduction" not in head:
+        return 1.0
+    return np.where(head["reduction"] > 0, hw.l2_bandwidth_bytes_per_s / (2.0 * rate), 1.0)
 
 
 def _all_demands(kt, hbm_by_event, hardware, dtype, occ) -> dict:

@@ -28,18 +28,19 @@ TENSOR_ALIGN_BYTES = 1 << 20  # tensors start on 1 MiB boundaries, as an allocat
 _COLUMNS = ("kind", "tensor", "addr", "rows", "row_bytes", "row_stride", "flops_tensor",
             "flops_scalar", "special_ops", "sram_read", "sram_write")
 # what each event asks of the SM's pipes (iosim.work), and for tile loads: ``prefetched``
-# (the buffer has several stages, so the copy is issued one loop iteration ahead) and
-# ``sync`` (a CTA-wide barrier before the tile may be used: the first load of a group). The
+# (the buffer has several stages, so the copy is issued one loop iteration ahead),
+# ``sync`` (a CTA-wide barrier before the tile may be used: the first load of a group) and
+# ``reduction`` (the two events of an accumulating store: an atomic add at the L2). The
 # same for every batch·head, so kept for one (``KernelTrace.head``), with the columns the
 # timing model needs beside them
-_WORK_COLUMNS = work.FIELDS + ("prefetched", "sync")
+_WORK_COLUMNS = work.FIELDS + ("prefetched", "sync", "reduction")
 _HEAD_COLUMNS = ("kind", "rows", "row_bytes", "sram_read", "sram_write") + _WORK_COLUMNS
 _DTYPES = {"kind": np.int8, "tensor": np.int16, "addr": np.int64, "rows": np.int64,
            "row_bytes": np.int64, "row_stride": np.int64, "flops_tensor": np.int64,
            "flops_scalar": np.int64, "special_ops": np.int64, "sram_read": np.int64,
            "sram_write": np.int64, "mma": np.int64, "mma_chain": np.int32,
            "smem_operand_bytes": np.int64, "fp32": np.int64, "sfu": np.int64,
-           "depth": np.int32, "prefetched": np.int8, "sync": np.int8}
+           "depth": np.int32, "prefetched": np.int8, "sync": np.int8, "reduction": np.int8}
 
 
 @dataclass
@@ -203,13 +204,14 @@ def _head_template_reference(kernel, schedule, base, tensor_ids, extents=None):
                     # "prefetched", no barrier), then the store below
                     for c, v in zip(_COLUMNS + _WORK_COLUMNS,
                                     (LOAD, tensor_ids[op.tensor], addr, nrows, row_bytes,
-                                     stride, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0)):
+                                     stride, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1)):
                         cols[c].append(v)
                 values = (LOAD if is_load else STORE, tensor_ids[op.tensor],
                           addr, nrows, row_bytes, stride, 0, 0, 0,
                           0 if is_load else on_chip, on_chip if is_load else 0,
                           0, 0, 0, 0, 0, 0, int(is_load and buf.stages > 1),
-                          int(is_load and buf.space == "smem" and not previous_load))
+                          int(is_load and buf.space == "smem" and not previous_load),
+                          int(not is_load and op.accumulate))
                 previous_load = is_load
             else:
                 previous_load = False
@@ -217,7 +219,7 @@ def _head_template_reference(kernel, schedule, base, tensor_ids, extents=None):
                 special = op.special_ops(dims, buffers) if hasattr(op, "special_ops") else 0
                 values = (COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
                           smem(op.reads, dims), smem(op.writes, dims),
-                          *work.op_work(op, dims, buffers, kernel), 0, 0)
+                          *work.op_work(op, dims, buffers, kernel), 0, 0, 0)
             for c, v in zip(_COLUMNS + _WORK_COLUMNS, values):
                 cols[c].append(v)
         cta_start.append(len(cols["kind"]))

@@ -189,13 +189,14 @@ class _Builder:
             is_load = isinstance(op, sch.Load)
             tid = self.tensor_ids[op.tensor]
             rows = []
-            if not is_load and op.accumulate:
+            reduction = int(not is_load and op.accumulate)
+            if reduction:
                 rows.append(((LOAD, tid, 0, nrows, row_bytes, stride, 0, 0, 0, 0, 0,
-                              0, 0, 0, 0, 0, 0, 1, 0), 0))
+                              0, 0, 0, 0, 0, 0, 1, 0, 1), 0))
             rows.append(((LOAD if is_load else STORE, tid, 0, nrows, row_bytes, stride, 0, 0, 0,
                           0 if is_load else on_chip, on_chip if is_load else 0,
                           0, 0, 0, 0, 0, 0, int(is_load and buf.stages > 1),
-                          int(is_load and buf.space == "smem")), int(is_load)))
+                          int(is_load and buf.space == "smem"), reduction), int(is_load)))
             return rows
         flops_tensor, flops_scalar = op.flops(dims, buffers)
         special = op.special_ops(dims, buffers) if hasattr(op, "special_ops") else 0
@@ -206,7 +207,7 @@ class _Builder:
 
         return [((COMPUTE, -1, 0, 0, 0, 0, flops_tensor, flops_scalar, special,
                   smem(op.reads), smem(op.writes),
-                  *work.op_work(op, dims, buffers, self.kernel), 0, 0), 0)]
+                  *work.op_work(op, dims, buffers, self.kernel), 0, 0, 0), 0)]
 
     def tables(self, op, vars_):
         """Per event of the op: one array per column over the 2^k extent codes (or a scalar

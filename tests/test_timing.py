@@ -230,3 +230,41 @@ def test_bandwidth_is_shared_by_demand_not_in_equal_parts():
     np.testing.assert_allclose(charged, [2000.0, 2000.0, 2000.0, 2000.0])
     charged = shared_bandwidth_bytes(np.array([8000.0, 0, 0, 0]), 4, 1.0, 2.0)
     np.testing.assert_allclose(charged[0], 4000.0)
+
+
+@pytest.mark.parametrize("algorithm, engine", [("flash2", "l2_reduction_bytes_per_s"),
+                                               ("flash3", "tma_reduction_bytes_per_s")])
+def test_an_accumulating_store_takes_the_l2_at_the_measured_reduction_rate(algorithm, engine):
+    import dataclasses
+
+    hw = iosim.load_hardware("h100-measured")
+    plain = dataclasses.replace(hw, l2_reduction_bytes_per_s=None,
+                                tma_reduction_bytes_per_s=None)
+    # reductions 8x slower than the L2 reads: a read + write pair costs 4x its plain bytes
+    slow = dataclasses.replace(plain, **{engine: hw.l2_bandwidth_bytes_per_s / 8})
+    shape = iosim.AttentionShape(2, 2, 512, 64)
+    trace = build_trace(iosim.build_schedule(algorithm, shape, pass_="backward"))
+    for kt in trace.kernels:
+        hbm = np.zeros(len(kt.kind))
+        base = cta_demands(kt, hbm, plain, shape.dtype)
+        more = cta_demands(kt, hbm, slow, shape.dtype)
+        h = kt.head
+        reduction = (h["reduction"] > 0) * (h["rows"] * h["row_bytes"])
+        starts = h["cta_start"]
+        per_cta = np.add.reduceat(reduction, starts[:-1]) if len(reduction) else reduction
+        expected = base["l2_bytes"] + 3 * np.tile(per_cta, kt.heads)
+        np.testing.assert_allclose(more["l2_bytes"], expected, err_msg=kt.name)
+        assert (per_cta.sum() > 0) == (kt.name == f"{algorithm}_bwd")  # dQ's atomic adds only
+        for key in base:
+            if key != "l2_bytes":
+                np.testing.assert_array_equal(more[key], base[key])
+    # the other engine's rate leaves this kernel alone
+    other = ({"tma_reduction_bytes_per_s": hw.l2_bandwidth_bytes_per_s / 8,
+              "l2_reduction_bytes_per_s": None} if algorithm == "flash2" else
+             {"l2_reduction_bytes_per_s": hw.l2_bandwidth_bytes_per_s / 8,
+              "tma_reduction_bytes_per_s": hw.l2_bandwidth_bytes_per_s / 2})
+    kt = trace.kernels[1]
+    np.testing.assert_allclose(
+        cta_demands(kt, np.zeros(len(kt.kind)), dataclasses.replace(plain, **other),
+                    shape.dtype)["l2_bytes"],
+        cta_demands(kt, np.zeros(len(kt.kind)), plain, shape.dtype)["l2_bytes"])
