@@ -18,6 +18,7 @@ Run alone: ``python -m experiments.validation [results_dir]``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -147,11 +148,13 @@ def _declare_registers(schedule, run: dict, registers: dict):
     return dataclasses.replace(schedule, kernels=kernels)
 
 
-def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) -> dict:
+def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None,
+            memo: dict | None = None) -> dict:
     """iosim's per-kernel predictions for one measured run, under both memory models and both
     time models. The schedule is the real kernel's: its block sizes, its rows per warp (hence
-    warps per CTA) and, where ``registers`` has them, its measured registers per thread."""
-    from iosim.simulate import simulate_trace
+    warps per CTA) and, where ``registers`` has them, its measured registers per thread.
+    ``memo``: L2 replays to reuse across the runs of one group (:func:`iosim.simulate.replay`)."""
+    from iosim.simulate import replay, simulate_trace
     from iosim.trace import build_trace
 
     hw = iosim.load_hardware(hardware)
@@ -169,8 +172,10 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
                                                         and bool(run.get("q_in_registers"))))
         schedule = _declare_registers(schedule, run, registers or {})
     trace = build_trace(schedule)  # one trace, replayed under both models
-    sims = {model: simulate_trace(trace, hw, model) for model in ("l2", "two-level")}
-    l2, two = sims["l2"], {k.name: k for k in sims["two-level"].kernels}
+    l2 = simulate_trace(trace, hw, "l2", memo=memo)
+    # of the two-level model only the HBM bytes are reported: its counts, without its timing
+    two = {row["name"]: row["hbm_read_bytes"] + row["hbm_write_bytes"]
+           for row, _ in replay(trace, hw, "two-level")}
     large = LARGE_DATA_FACTOR * l2.hardware.l2_bytes
     kernels = {}
     for k in l2.kernels:
@@ -187,7 +192,7 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None) 
                            "flops": k.flops,
                            "data_bytes": data, "large_data": data >= large,
                            "predicted_hbm_bytes_l2": k.hbm_bytes,
-                           "predicted_hbm_bytes_two_level": two[k.name].hbm_bytes}
+                           "predicted_hbm_bytes_two_level": two[k.name]}
     return {"block_rows": l2.block_rows, "block_cols": l2.block_cols, "kernels": kernels}
 
 
@@ -202,42 +207,120 @@ def _prediction_key(run: dict) -> tuple:
     return tuple(run.get(name) for name in PREDICTION_FIELDS)
 
 
-def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
-            registers: dict | None = None, progress: bool = False) -> list[dict]:
-    """One row per measured kernel of every passing run: predictions beside measurements.
+#: The unfused pipelines: their GEMMs and row kernels recur, event for event, across the three
+#: algorithms and both causal flags of one (B, H, N, d).
+UNFUSED = ("standard", "hf", "megatron")
 
-    The runs are simulated in parallel over ``workers`` processes (default: every core)."""
-    from functools import partial
+
+def _group_key(run: dict) -> tuple:
+    """Runs that may share kernels' L2 replays (simulated together, one memo): an unfused
+    pipeline's runs of one (B, H, N, d); a fused kernel's runs of one shape, tiling and split
+    count (they differ in warps, registers or ring depth, which the L2 replay may not see)."""
+    shape = ("batch", "heads", "seq_len", "head_dim", "kv_heads", "kv_seq_len")
+    if run["algorithm"] in UNFUSED:
+        return ("unfused",) + tuple(run.get(name) for name in shape)
+    return tuple(run.get(name) for name in ("algorithm", "causal") + shape
+                 + ("block_rows", "block_cols", "num_splits", "q_in_registers"))
+
+
+def _cost(run: dict) -> float:
+    """Rough relative cost of predicting ``run`` (its score-matrix area)."""
+    return run["batch"] * run["heads"] * run["seq_len"] * (run.get("kv_seq_len")
+                                                          or run["seq_len"])
+
+
+def predict_group(runs: list[dict], hardware: str = HARDWARE,
+                  registers: dict | None = None) -> list[dict]:
+    """:func:`predict` of each of ``runs``, in order, with one memo of L2 replays: a kernel
+    that recurs among them (see :func:`_group_key`) is replayed once."""
+    memo = {}
+    return [predict(run, hardware, registers, memo) for run in runs]
+
+
+def _passing(doc: dict) -> list[dict]:
+    """The runs of a bench document that passed and were timed."""
+    return [r for r in doc["runs"] if r.get("passed") and r.get("time_s")]
+
+
+def forward_jobs(runs: list[dict], registers: dict | None = None, source: str = "bench",
+                 hardware: str = HARDWARE) -> list[tuple]:
+    """The prediction jobs of ``runs`` for :func:`predict_all`: runs of one configuration (a
+    sweep repeated, the same kernel in two sweeps) predicted once, runs whose kernels may recur
+    (:func:`_group_key`) in one job."""
+    unique = list({_prediction_key(r): r for r in runs}.values())
+    groups = {}
+    for run in unique:
+        groups.setdefault(_group_key(run), []).append(run)
+    return [(source, "forward", group, registers, hardware) for group in groups.values()]
+
+
+def backward_jobs(runs: list[dict], source: str = "backward",
+                  hardware: str = HARDWARE) -> list[tuple]:
+    """The prediction jobs of the backward ``runs`` (one each) for :func:`predict_all`."""
+    unique = list({_prediction_key(r): r for r in runs}.values())
+    return [(source, "backward", [run], None, hardware) for run in unique]
+
+
+def _run_job(job: tuple) -> list:
+    _, kind, runs, registers, hardware = job
+    if kind == "forward":
+        return predict_group(runs, hardware, registers)
+    return [predict_backward(run, hardware) for run in runs]
+
+
+def _job_cost(job: tuple) -> float:
+    # a backward pass moves about three times the forward's bytes
+    return sum(_cost(r) for r in job[2]) * (3 if job[1] == "backward" else 1)
+
+
+def predict_all(jobs: list[tuple], workers: int | None = None,
+                progress: bool = False) -> dict:
+    """Run the prediction jobs (:func:`forward_jobs`, :func:`backward_jobs`) over ``workers``
+    processes (default: every core), the largest first so that no worker is left with a long
+    one at the end; one progress bar over all their runs. Returns, per job source, the
+    predictions by :func:`_prediction_key` of their runs."""
+    from tqdm import tqdm
 
     from iosim.workers import process_pool
 
-    from tqdm import tqdm
-
-    runs = [r for r in doc["runs"] if r.get("passed") and r.get("time_s")]
     workers = workers or os.cpu_count() or 1
-    job = partial(predict, hardware=hardware, registers=registers)
-    # runs of one configuration (a sweep repeated, the same kernel in two sweeps) are
-    # predicted once
+    jobs = sorted(jobs, key=lambda job: -_job_cost(job))
+    out = {job[0]: {} for job in jobs}
+    bar = tqdm(total=sum(len(job[2]) for job in jobs), desc="validation", unit="run",
+               file=sys.stderr, disable=not progress, leave=False)
+
+    def keep(job, predictions):
+        for run, prediction in zip(job[2], predictions):
+            out[job[0]][_prediction_key(run)] = prediction
+        bar.update(len(job[2]))
+
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with process_pool(min(workers, len(jobs))) as pool:
+                futures = {pool.submit(_run_job, job): job for job in jobs}
+                for future in concurrent.futures.as_completed(futures):
+                    keep(futures[future], future.result())
+        else:
+            for job in jobs:
+                keep(job, _run_job(job))
+    finally:
+        bar.close()
+    return out
+
+
+def compare(doc: dict, hardware: str = HARDWARE, workers: int | None = None,
+            registers: dict | None = None, progress: bool = False,
+            predictions: dict | None = None) -> list[dict]:
+    """One row per measured kernel of every passing run: predictions beside measurements.
+
+    The runs are simulated in parallel over ``workers`` processes (default: every core), unless
+    ``predictions`` (:func:`predict_all`'s for these runs) already holds them."""
+    runs = _passing(doc)
+    if predictions is None:
+        predictions = predict_all(forward_jobs(runs, registers, "doc", hardware), workers,
+                                  progress).get("doc", {})
     keys = [_prediction_key(r) for r in runs]
-    unique = list({key: run for key, run in zip(keys, runs)}.values())
-    bar = tqdm(total=len(unique), desc="validation", unit="run", file=sys.stderr,
-               disable=not progress, leave=False)
-    if workers > 1 and len(unique) > 1:
-        # the largest first, so that no worker is left with a long one at the end
-        order = sorted(range(len(unique)),
-                       key=lambda i: -unique[i]["batch"] * unique[i]["seq_len"] ** 2)
-        done = {}
-        with process_pool(workers) as pool:
-            for i, prediction in zip(order, pool.map(job, [unique[i] for i in order])):
-                done[i] = prediction
-                bar.update(1)
-        by_key = {_prediction_key(unique[i]): done[i] for i in range(len(unique))}
-    else:
-        by_key = {}
-        for r in unique:
-            by_key[_prediction_key(r)] = job(r)
-            bar.update(1)
-    bar.close()
+    by_key = predictions
     predictions = [by_key[key] for key in keys]
     rows = []
     for run, prediction in zip(runs, predictions):
@@ -493,19 +576,15 @@ def _backward_summary(rows: list[dict]) -> list[dict]:
     return table
 
 
-def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> list[dict]:
-    """The backward kernels measured in ``bench_backward.json`` (the unfused standard backward),
-    each beside iosim's prediction for the same kernel (``pass_="backward"``): time under both
-    time models, DRAM bytes under the l2 model."""
-    from iosim.simulate import simulate_schedule
-
+def backward_runs(data_dir: Path = DATA_DIR) -> list[dict]:
+    """The runs of ``bench_backward.json`` that :func:`compare_backward` compares (none without
+    the file): every gradient within the error rule, the fused kernel's current version, dQ
+    added in whatever order the CTAs arrive."""
     path = data_dir / "bench_backward.json"
     if not path.is_file():
         return []
-    doc = json.loads(path.read_text())
-    hw = iosim.load_hardware(hardware)
-    rows = []
-    for run in doc.get("runs", []):
+    runs = []
+    for run in json.loads(path.read_text()).get("runs", []):
         # every gradient within the error rule (a dQ added with atomics in whatever order the
         # CTAs arrive may differ in its last bits between runs: timed all the same)
         grads = run.get("grads") or {}
@@ -516,14 +595,42 @@ def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> lis
             continue  # a fused kernel's earlier version, recorded without its resources
         if "(deterministic)" in run.get("dq_accumulation", ""):
             continue  # dQ added in a fixed order (CTAs wait their turn): not what the IR models
-        schedule = iosim.build_schedule(run["algorithm"], _shape(run), run.get("block_rows"),
-                                        run.get("block_cols"), hw.sram_bytes_per_block,
-                                        pass_="backward")
-        if run.get("threads"):  # the fused kernel as built: its warps and registers
-            schedule = dataclasses.replace(schedule, kernels=tuple(
-                _as_built(k, run) if k.name == f"{run['algorithm']}_bwd" else k
-                for k in schedule.kernels))
-        predicted = {k.name: k for k in simulate_schedule(schedule, hardware=hw).kernels}
+        runs.append(run)
+    return runs
+
+
+def predict_backward(run: dict, hardware: str = HARDWARE) -> dict:
+    """iosim's prediction for each kernel of one measured backward run (``pass_="backward"``;
+    a fused kernel as built: its warps and registers): kernel name -> time under both time
+    models and HBM bytes under the l2 model."""
+    from iosim.simulate import simulate_schedule
+
+    hw = iosim.load_hardware(hardware)
+    schedule = iosim.build_schedule(run["algorithm"], _shape(run), run.get("block_rows"),
+                                    run.get("block_cols"), hw.sram_bytes_per_block,
+                                    pass_="backward")
+    if run.get("threads"):  # the fused kernel as built: its warps and registers
+        schedule = dataclasses.replace(schedule, kernels=tuple(
+            _as_built(k, run) if k.name == f"{run['algorithm']}_bwd" else k
+            for k in schedule.kernels))
+    return {k.name: {"timed": k.times_s["timed"], "roofline": k.times_s["roofline"],
+                     "hbm_bytes": k.hbm_bytes}
+            for k in simulate_schedule(schedule, hardware=hw).kernels}
+
+
+def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE,
+                     predictions: dict | None = None, workers: int | None = None) -> list[dict]:
+    """The backward kernels measured in ``bench_backward.json`` (the unfused standard backward),
+    each beside iosim's prediction for the same kernel (``pass_="backward"``): time under both
+    time models, DRAM bytes under the l2 model. The runs are simulated over ``workers``
+    processes unless ``predictions`` (:func:`predict_all`'s for them) already holds them."""
+    runs = backward_runs(data_dir)
+    if predictions is None:
+        predictions = predict_all(backward_jobs(runs, "backward", hardware),
+                                  workers).get("backward", {})
+    rows = []
+    for run in runs:
+        predicted = predictions[_prediction_key(run)]
         for measured in run["kernels"]:
             kernel = predicted.get(measured["name"])
             timing = measured.get("time_s") or {}
@@ -533,15 +640,15 @@ def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE) -> lis
                    "seq_len": run["seq_len"], "head_dim": run["head_dim"],
                    "causal": run["causal"], "kernel": measured["name"],
                    "measured_time_s": timing["median"],
-                   "predicted_time_s": kernel.times_s["timed"],
-                   "predicted_time_roofline_s": kernel.times_s["roofline"],
-                   "time_ape": _ape(kernel.times_s["timed"], timing["median"]),
-                   "time_ape_roofline": _ape(kernel.times_s["roofline"], timing["median"]),
+                   "predicted_time_s": kernel["timed"],
+                   "predicted_time_roofline_s": kernel["roofline"],
+                   "time_ape": _ape(kernel["timed"], timing["median"]),
+                   "time_ape_roofline": _ape(kernel["roofline"], timing["median"]),
                    "measured_dram_bytes": None, "bytes_ape_l2": None}
             if measured.get("dram_read_bytes") is not None:
                 row["measured_dram_bytes"] = (measured["dram_read_bytes"]
                                               + measured["dram_write_bytes"])
-                row["bytes_ape_l2"] = _ape(kernel.hbm_bytes, row["measured_dram_bytes"])
+                row["bytes_ape_l2"] = _ape(kernel["hbm_bytes"], row["measured_dram_bytes"])
             rows.append(row)
     return rows
 
@@ -613,7 +720,14 @@ def flash3_choice(rows: list[dict]) -> list[dict]:
     return table
 
 
-def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
+def flash3_runs(doc: dict) -> list[dict]:
+    """The flash3 runs of ``bench_flash3.json`` (the file also holds flash2 beside flash3 on the
+    same shapes: the section is flash3's)."""
+    return [r for r in doc["runs"] if r["algorithm"] == "flash3"]
+
+
+def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None,
+                 predictions: dict | None = None) -> list[str]:
     """The report's flash3 section: each measured kernel of ``bench_flash3.json`` beside its
     prediction (timed and roofline) and the APE statistics of the other algorithms; a line
     saying the file is absent otherwise. Writes ``validation_flash3.csv`` when there is data."""
@@ -622,9 +736,8 @@ def flash3_lines(data_dir: Path, results_dir: Path, workers: int | None = None) 
     if doc is None:
         return lines + [f"(no {FLASH3_FILE} in the data folder: the flash3 kernel has not been "
                         "measured yet)", ""]
-    # the file also holds flash2 beside flash3 on the same shapes: the section is flash3's
-    rows = compare(dict(doc, runs=[r for r in doc["runs"] if r["algorithm"] == "flash3"]),
-                   workers=workers, progress=True)
+    rows = compare(dict(doc, runs=flash3_runs(doc)), workers=workers, progress=True,
+                   predictions=predictions)
     if not rows:
         return lines + [f"({FLASH3_FILE} holds no passing, timed flash3 run)", ""]
     write_csv(results_dir / "validation_flash3.csv", rows)
@@ -703,7 +816,8 @@ def _as_built(kernel, run: dict):
     return dataclasses.replace(kernel, **changes)
 
 
-def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = None) -> list[str]:
+def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = None,
+                    predictions: dict | None = None) -> list[str]:
     """The report's section on the inference-shape kernels of ``bench_inference.json``: each
     measured kernel beside its prediction (timed and roofline; DRAM bytes where profiled), the
     APE statistics per algorithm and sweep; a line saying the file is absent otherwise.
@@ -714,7 +828,7 @@ def inference_lines(data_dir: Path, results_dir: Path, workers: int | None = Non
         return lines + [f"(no {INFERENCE_FILE} in the data folder: the inference kernels have "
                         "not been measured yet)", ""]
     doc = json.loads(path.read_text())
-    rows = compare(doc, workers=workers, progress=True)
+    rows = compare(doc, workers=workers, progress=True, predictions=predictions)
     if not rows:
         return lines + [f"({INFERENCE_FILE} holds no passing, timed run)", ""]
     write_csv(results_dir / "validation_inference.csv", rows)
@@ -801,12 +915,24 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
     results_dir = Path(results_dir)
     results_dir.mkdir(exist_ok=True)  # the results folder itself; its parent must exist
     doc = load_bench(data_dir)
-    rows = compare(doc, registers=load_registers(data_dir), progress=True)
+    registers = load_registers(data_dir)
+    # every simulation of the section (bench, flash3, inference shapes, backward) in one pool,
+    # the largest first: no worker waits for another between the parts
+    jobs = forward_jobs(_passing(doc), registers, "bench") + backward_jobs(
+        backward_runs(data_dir))
+    flash3 = load_flash3(data_dir)
+    if flash3 is not None:
+        jobs += forward_jobs(_passing(dict(flash3, runs=flash3_runs(flash3))), None, "flash3")
+    if (data_dir / INFERENCE_FILE).is_file():
+        inference = json.loads((data_dir / INFERENCE_FILE).read_text())
+        jobs += forward_jobs(_passing(inference), None, "inference")
+    predictions = predict_all(jobs, progress=True)
+    rows = compare(doc, registers=registers, predictions=predictions.get("bench", {}))
     summary = summarise(rows)
     blocks = block_choice(rows)
     resident = occupancy(rows)
     occ_check = occupancy_check(data_dir)
-    backward = compare_backward(data_dir)
+    backward = compare_backward(data_dir, predictions=predictions.get("backward", {}))
     mma_by_warps = _mma_by_warps(data_dir)
     write_csv(results_dir / "validation_kernels.csv", rows)
     write_csv(results_dir / "validation_occupancy.csv", resident)
@@ -914,8 +1040,9 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "to hide those latencies.",
         "",
     ] + _figure_lines(rows, HARDWARE)
-    section += flash3_lines(data_dir, results_dir)
-    section += inference_lines(data_dir, results_dir)
+    section += flash3_lines(data_dir, results_dir, predictions=predictions.get("flash3", {}))
+    section += inference_lines(data_dir, results_dir,
+                               predictions=predictions.get("inference", {}))
     text = "\n".join(section) + "\n"
     write_text(results_dir / "validation.md", text)
     return text

@@ -263,10 +263,13 @@ def build_trace(schedule, reference: bool = False) -> Trace:
             head["cta_start"] = starts
             groups.append((head, heads))
             first_head += heads
-        columns = {c: np.concatenate([p[0][c] for p in parts]) for c in _COLUMNS}
-        offsets = np.cumsum([0] + [len(p[0]["kind"]) for p in parts])
-        cta_start = np.concatenate([p[1][:-1] + off for p, off in zip(parts, offsets)]
-                                   + [offsets[-1:]]).astype(np.int64)
+        if len(parts) == 1:  # one template for every head: its columns as they are
+            columns, cta_start = parts[0]
+        else:
+            columns = {c: np.concatenate([p[0][c] for p in parts]) for c in _COLUMNS}
+            offsets = np.cumsum([0] + [len(p[0]["kind"]) for p in parts])
+            cta_start = np.concatenate([p[1][:-1] + off for p, off in zip(parts, offsets)]
+                                       + [offsets[-1:]]).astype(np.int64)
         kernels.append(KernelTrace(name=kernel.name, cta_start=cta_start,
                                    tensor_path=kernel.tensor_path, kernel=kernel,
                                    head=groups[0][0], heads=groups[0][1],
