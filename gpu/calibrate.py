@@ -11,6 +11,12 @@ ld.global.cg, one 128-byte line per hop), shared-memory latency (ld.shared chase
 issue interval (1, 2, 4, 8 independent chains in one warp), fp32 FMA and ex2.approx latency (dependent chains),
 __syncthreads() cost against warps per CTA, and DRAM bandwidth against bytes in flight per SM (Little's law).
 
+Reductions (``reduction_benchmarks``, ``gpu/reduce_bench.cu``; ``python -m gpu.calibrate --reductions`` runs only
+these and merges them into --out): throughput of fp32 adds into global memory, as the attention backward's dQ
+accumulation does them -- red.global.add.f32 / .v2.f32 / .v4.f32 from every thread (coalesced) and TMA
+cp.reduce.async.bulk.tensor .add (one thread per warpgroup, 64 x 32-float boxes), into an L2-resident buffer and a
+4 GiB one; bytes = fp32 data added; every sum checked afterwards. ``results["l2_reduction"]``.
+
 ``python -m gpu.calibrate --merge-from NEW.json --out OLD.json`` adds the result keys of NEW that OLD lacks to
 OLD (existing results are kept; NEW's values of them are appended to ``reruns_of_existing_results``).
 """
@@ -872,6 +878,210 @@ def wgmma_benchmarks(dev: dict, log=print) -> dict:
                   "less one wgmma's FLOPs at flop_per_sm_cycle"}}
 
 
+# ---- fp32 reductions into global memory (the attention backward's dQ accumulation) ----------------------------
+REDUCTION_SOURCE = "reduce_bench.cu"          # gpu/reduce_bench.cu
+RED_FORMS = {"red_f32": 1, "red_v2_f32": 2, "red_v4_f32": 4}   # kernel (= result key) -> floats per instruction
+RED_CTAS_PER_SM, RED_THREADS = 4, 512
+TMA_KEY = "tma_reduce_f32"
+TMA_BOX_ROWS, TMA_BOX_COLS, TMA_COLS = 64, 32, 128  # boxes of 64 rows x 32 floats over a (rows x 128) fp32 tensor
+TMA_BOX_BYTES = TMA_BOX_ROWS * TMA_BOX_COLS * 4
+TMA_TILE_BYTES = 2 * TMA_BOX_BYTES                 # a warpgroup's staging tile (reduce_bench.cu TMA_TILE_BOXES)
+TMA_DEPTH = 8                                      # bulk groups with pending shared-memory reads per issuing thread
+TMA_CTAS_PER_SM, TMA_WARPGROUPS = 2, 2             # the main configuration: 4 issuing threads per SM
+TMA_ISSUERS_PER_SM = {1: (1, 1), 2: (1, 2), 4: (2, 2)}   # issuing threads per SM -> (CTAs per SM, warpgroups)
+REDUCTION_DRAM_BYTES = 4 << 30
+REDUCTION_KEY = "l2_reduction"
+
+
+def red_buffer_floats(target_bytes: int, total_threads: int, max_vec: int = 4) -> int:
+    """Floats of the L2-resident buffer for the red.global forms: the multiple of ``total_threads * max_vec`` nearest
+    ``target_bytes`` (at least one), so that every thread issues the same number of instructions in every form."""
+    unit = total_threads * max_vec
+    return max(1, round(target_bytes / 4 / unit)) * unit
+
+
+def tma_buffer_boxes(target_bytes: int, issuers: list[int]) -> int:
+    """64 x 32-float boxes of the L2-resident TMA destination: the multiple of lcm(issuers..., 4 boxes a row
+    block) nearest ``target_bytes`` (at least one), so that every issuing thread adds the same number of boxes."""
+    import math
+
+    unit = math.lcm(4, *issuers)
+    return max(1, round(target_bytes / TMA_BOX_BYTES / unit)) * unit
+
+
+def reduction_bytes(floats: int, passes: int, launches: int = 1) -> int:
+    """The bytes counted for a reduction benchmark: the fp32 data added (4 bytes a float, each float of the buffer
+    added ``passes`` times per launch)."""
+    return 4 * floats * passes * launches
+
+
+def tma_reduce_tensor_map_fields(rows: int) -> dict:
+    """``cuTensorMapEncodeTiled`` arguments of a 2-D (rows x 128) fp32 tensor written by TMA reductions in boxes of
+    64 rows x 32 floats, 128-byte swizzle: flash3_bwd's dQaccum map (``dq_tensor_map_fields``, d = 128) with the
+    batch-head dimension dropped."""
+    from . import flash3_bwd as FB
+
+    f = dict(FB.dq_tensor_map_fields(1, rows, TMA_COLS, TMA_BOX_ROWS))
+    f.update({"rank": 2, "global_dim": f["global_dim"][:2], "global_strides_bytes": f["global_strides_bytes"][:1],
+              "box_dim": f["box_dim"][:2], "element_strides": f["element_strides"][:2]})
+    assert f["box_bytes"] == TMA_BOX_BYTES and f["box_dim"] == (TMA_BOX_COLS, TMA_BOX_ROWS)
+    return f
+
+
+def tma_smem_bytes(warpgroups: int) -> int:
+    return warpgroups * TMA_TILE_BYTES + 1024
+
+
+def reduction_benchmarks(dev: dict, log=print, l2_passes: int = 200, reps: int = 10, dram_reps: int = 5) -> dict:
+    """Throughput of fp32 reductions into global memory (``gpu/reduce_bench.cu``): red.global.add.f32 / .v2 / .v4
+    from every thread (coalesced) and TMA cp.reduce.async.bulk.tensor.2d .add (one thread per warpgroup), into an
+    L2-resident buffer (~1/4 of L2, ``l2_passes`` sweeps a launch) and a 4 GiB one (one sweep). Bytes = the fp32
+    data added. Every timed buffer and a small odd-sized one are checked afterwards (each float == adds x value);
+    a wrong sum raises RuntimeError. Returns ``{REDUCTION_KEY: {...}}``."""
+    import numpy as np
+    import cupy as cp
+    from . import flash3 as F3
+
+    sm, l2 = dev["sm_count"], dev["l2_bytes"]
+    defs = {"DEPTH": TMA_DEPTH}
+    kern = {name: F3.compile_kernel(defs, REDUCTION_SOURCE, name) for name in (*RED_FORMS, TMA_KEY)}
+    compiled = {name: F3.COMPILE_LOG.get(f"{name} {dict(sorted(defs.items()))}") for name in kern}
+    kern[TMA_KEY].max_dynamic_shared_size_bytes = tma_smem_bytes(max(w for _, w in TMA_ISSUERS_PER_SM.values()))
+    problems: list[str] = []
+
+    def check(buf, expect: float, what: str, nvalid: int | None = None):
+        a = buf.reshape(-1)
+        head = a if nvalid is None else a[:nvalid]
+        bad = int(cp.count_nonzero(head != cp.float32(expect)).get())
+        if bad:
+            i = int(cp.argmax(head != cp.float32(expect)).get())
+            problems.append(f"{what}: {bad} of {head.size} floats != {expect} (e.g. [{i}] = {float(head[i].get())})")
+        if nvalid is not None and a.size > nvalid and int(cp.count_nonzero(a[nvalid:]).get()):
+            problems.append(f"{what}: floats beyond the range were changed")
+
+    def timed(fn, buf, expect_per_launch: float, what: str, reps_: int, warm: int):
+        buf.fill(0)
+        n = [0]
+
+        def one():
+            fn()
+            n[0] += 1
+        t = _time(one, reps=reps_, warm=warm)
+        cp.cuda.runtime.deviceSynchronize()
+        check(buf, expect_per_launch * n[0], what)
+        return t
+
+    # red.global.add.{f32, v2, v4}
+    red_grid = sm * RED_CTAS_PER_SM
+    nth = red_grid * RED_THREADS
+    l2_floats = red_buffer_floats(l2 // 4, nth)
+    dram_floats = REDUCTION_DRAM_BYTES // 4
+    big = cp.empty(dram_floats, dtype=cp.float32)
+    small_n = 1_000_003                       # not a multiple of the grid: the sweep's tail is checked too
+    small = cp.empty(small_n + 4096, dtype=cp.float32)
+    out: dict = {}
+    for name, v in RED_FORMS.items():
+        k = kern[name]
+        small.fill(0)
+        k((red_grid,), (RED_THREADS,), (small, np.int64(small_n // v), np.int32(3), np.float32(0.5)))
+        cp.cuda.runtime.deviceSynchronize()
+        check(small, 1.5, f"{name} small buffer", nvalid=small_n // v * v)
+        l2buf = big[:l2_floats]
+        t_l2 = timed(lambda: k((red_grid,), (RED_THREADS,), (l2buf, np.int64(l2_floats // v), np.int32(l2_passes),
+                                                              np.float32(1.0))),
+                     l2buf, float(l2_passes), f"{name} L2-resident buffer", reps, 2)
+        t_dr = timed(lambda: k((red_grid,), (RED_THREADS,), (big, np.int64(dram_floats // v), np.int32(1),
+                                                              np.float32(1.0))),
+                     big, 1.0, f"{name} 4 GiB buffer", dram_reps, 1)
+        b_l2, b_dr = reduction_bytes(l2_floats, l2_passes), reduction_bytes(dram_floats, 1)
+        out[name] = {
+            "bytes_per_s": {"l2_resident": b_l2 / t_l2["median"], "dram": b_dr / t_dr["median"]},
+            "l2_resident": {"buffer_bytes": 4 * l2_floats, "passes": l2_passes, "bytes_added": b_l2, "time_s": t_l2},
+            "dram": {"buffer_bytes": 4 * dram_floats, "passes": 1, "bytes_added": b_dr, "time_s": t_dr},
+            "grid": red_grid, "threads": RED_THREADS, "bytes_per_instruction": 4 * v,
+            "warp_bytes_contiguous": 32 * 4 * v, "compile": compiled[name],
+            "method": f"red.global.add{'' if v == 1 else f'.v{v}'}.f32 of 1.0f from every thread, consecutive threads "
+                      f"to consecutive {4 * v}-byte vectors (a warp: {128 * v} contiguous bytes), grid-stride sweeps "
+                      "over the buffer (l2_resident: ~1/4 of L2, `passes` sweeps a launch; dram: 4 GiB, one sweep); "
+                      "bytes_per_s = fp32 bytes added / CUDA-event time (median); every float checked == adds x 1.0"}
+        log(f"  {name:12s} L2 {out[name]['bytes_per_s']['l2_resident'] / 1e12:.3f} TB/s, "
+            f"4 GiB {out[name]['bytes_per_s']['dram'] / 1e12:.3f} TB/s")
+
+    # TMA cp.reduce.async.bulk.tensor.2d .add (one issuing thread per warpgroup)
+    kt = kern[TMA_KEY]
+    totals = [sm * c * w for c, w in TMA_ISSUERS_PER_SM.values()]
+    nbox = tma_buffer_boxes(l2 // 4, totals)
+    l2_rows = nbox // 4 * TMA_BOX_ROWS
+    dram_rows = REDUCTION_DRAM_BYTES // (4 * TMA_COLS)
+    dram_nbox = dram_rows // TMA_BOX_ROWS * 4
+    map_l2 = F3.encode_tensor_map(big.data.ptr, tma_reduce_tensor_map_fields(l2_rows))
+    map_dr = F3.encode_tensor_map(big.data.ptr, tma_reduce_tensor_map_fields(dram_rows))
+    small_rows = 5 * TMA_BOX_ROWS             # 20 boxes: fewer than the issuing threads
+    map_small = F3.encode_tensor_map(small.data.ptr, tma_reduce_tensor_map_fields(small_rows))
+
+    def tma_launch(tmap, nb, passes, ctas_per_sm=TMA_CTAS_PER_SM, wgs=TMA_WARPGROUPS):
+        kt((sm * ctas_per_sm,), (128 * wgs,), (tmap, np.int64(nb), np.int32(passes)), shared_mem=tma_smem_bytes(wgs))
+
+    small.fill(0)
+    tma_launch(map_small, small_rows // TMA_BOX_ROWS * 4, 3)
+    cp.cuda.runtime.deviceSynchronize()
+    check(small, 3.0, f"{TMA_KEY} small tensor", nvalid=small_rows * TMA_COLS)
+    l2buf = big[:l2_rows * TMA_COLS]
+    by_issuers, times_by_issuers = {}, {}
+    b_l2 = reduction_bytes(l2_rows * TMA_COLS, l2_passes)
+    for ips, (c, w) in TMA_ISSUERS_PER_SM.items():
+        t = timed(lambda: tma_launch(map_l2, nbox, l2_passes, c, w), l2buf, float(l2_passes),
+                  f"{TMA_KEY} L2-resident tensor, {ips} issuers/SM", reps, 2)
+        by_issuers[str(ips)] = b_l2 / t["median"]
+        times_by_issuers[str(ips)] = t
+    main_ips = str(TMA_CTAS_PER_SM * TMA_WARPGROUPS)
+    t_dr = timed(lambda: tma_launch(map_dr, dram_nbox, 1), big, 1.0, f"{TMA_KEY} 4 GiB tensor", dram_reps, 1)
+    b_dr = reduction_bytes(dram_rows * TMA_COLS, 1)
+    out[TMA_KEY] = {
+        "bytes_per_s": {"l2_resident": by_issuers[main_ips], "dram": b_dr / t_dr["median"]},
+        "l2_resident_bytes_per_s_by_issuers_per_sm": by_issuers,
+        "l2_resident": {"buffer_bytes": 4 * l2_rows * TMA_COLS, "rows": l2_rows, "boxes": nbox, "passes": l2_passes,
+                        "bytes_added": b_l2, "time_s": times_by_issuers[main_ips],
+                        "time_s_by_issuers_per_sm": times_by_issuers},
+        "dram": {"buffer_bytes": 4 * dram_rows * TMA_COLS, "rows": dram_rows, "boxes": dram_nbox, "passes": 1,
+                 "bytes_added": b_dr, "time_s": t_dr},
+        "grid": sm * TMA_CTAS_PER_SM, "threads": 128 * TMA_WARPGROUPS, "issuers_per_sm": int(main_ips),
+        "issuers_per_sm_configs": {str(i): {"ctas_per_sm": c, "warpgroups": w} for i, (c, w) in TMA_ISSUERS_PER_SM.items()},
+        "box": {"rows": TMA_BOX_ROWS, "floats": TMA_BOX_COLS, "bytes": TMA_BOX_BYTES, "swizzle": "128B"},
+        "groups_in_flight": TMA_DEPTH, "smem_bytes_per_cta": tma_smem_bytes(TMA_WARPGROUPS), "compile": compiled[TMA_KEY],
+        "method": "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group, fp32 boxes of 64 rows x 32 "
+                  "floats (128-byte swizzle; the tensor map of flash3_bwd's dQaccum at d = 128, 2-D) from a 64 x 64-float "
+                  "shared-memory tile of 1.0f per warpgroup, issued by one thread per warpgroup (commit_group after "
+                  f"each box, wait_group.read {TMA_DEPTH}), grid-stride sweeps over a (rows x 128) fp32 tensor "
+                  "(l2_resident: ~1/4 of L2, `passes` sweeps a launch; dram: 4 GiB, one sweep); bytes_per_s = fp32 "
+                  "bytes added / CUDA-event time (median); every float checked == adds x 1.0"}
+    log(f"  {TMA_KEY:12s} L2 {out[TMA_KEY]['bytes_per_s']['l2_resident'] / 1e12:.3f} TB/s "
+        f"(by issuers/SM: {', '.join(f'{i}: {r / 1e12:.2f}' for i, r in by_issuers.items())}), "
+        f"4 GiB {out[TMA_KEY]['bytes_per_s']['dram'] / 1e12:.3f} TB/s")
+    del big, small
+    if problems:
+        raise RuntimeError("reduction benchmark check failed:\n  " + "\n  ".join(problems))
+    return {REDUCTION_KEY: dict(out, checked=True, method_note=(
+        "an fp32 reduction is a read-modify-write done at the L2; bytes counted = the fp32 data added (4 bytes a "
+        "float), not the DRAM or L2 traffic it causes"))}
+
+
+def reduction_summary_lines(r: dict) -> list[str]:
+    """Lines of the reduction rates beside l2_read and d2d_copy (those present)."""
+    out = []
+    red = r.get(REDUCTION_KEY)
+    if not red:
+        return out
+    for k in (*RED_FORMS, TMA_KEY):
+        if k in red:
+            b = red[k]["bytes_per_s"]
+            out.append(f"{k:17s} L2-resident {b['l2_resident'] / 1e12:.3f} TB/s, 4 GiB {b['dram'] / 1e12:.3f} TB/s")
+    for k in ("l2_read", "d2d_copy"):
+        if k in r:
+            out.append(f"({k:15s} {r[k]['bytes_per_s'] / 1e12:.3f} TB/s)")
+    return out
+
+
 def merge_calibration(old: dict, new: dict) -> dict:
     """``old`` with the result keys of ``new`` that it lacks added. Existing results keep their values (the
     h100-measured preset is generated from them); ``new``'s values of those are appended to the list
@@ -895,9 +1105,10 @@ def merge_calibration(old: dict, new: dict) -> dict:
     return doc
 
 
-def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True, wgmma: bool = False) -> dict:
+def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True, wgmma: bool = False,
+              reductions: bool = False) -> dict:
     """Run the microbenchmarks: ``rates`` the bandwidth / throughput / launch ones, ``latencies`` the latency
-    and Little's-law ones (``latency_benchmarks``)."""
+    and Little's-law ones (``latency_benchmarks``), ``reductions`` the fp32 reduction ones (``reduction_benchmarks``)."""
     from . import bench as BN
 
     dev = BN.device_info()
@@ -916,6 +1127,11 @@ def calibrate(quick: bool = False, rates: bool = True, latencies: bool = True, w
     if wgmma:
         res.update(wgmma_benchmarks(dev))
         settings["wgmma"] = True
+    if reductions:
+        t1 = time.monotonic()
+        res.update(reduction_benchmarks(dev))
+        settings["reductions"] = True
+        settings["reductions_elapsed_s"] = time.monotonic() - t1
     settings["quick"] = quick
     return {"schema": "iosim-gpu-calibration/1", "date": BN.now_iso(), "device": dev, "settings": settings,
             "results": res}
@@ -1083,7 +1299,7 @@ def rate_summary_lines(r: dict) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gpu.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/data/h100/calibration.json")
@@ -1092,7 +1308,44 @@ def main(argv=None) -> int:
                          "Hopper warpgroup MMA only)")
     ap.add_argument("--merge-from", default=None, metavar="NEW.json",
                     help="measure nothing: add the result keys of NEW.json that --out lacks to --out")
+    ap.add_argument("--reductions", action="store_true",
+                    help=f"run only the fp32 reduction microbenchmarks (results[{REDUCTION_KEY!r}]) and merge them "
+                         "into --out (merge_calibration: existing results kept); --out is created if missing")
+    ap.add_argument("--raw-out", default=None, metavar="NEW.json",
+                    help="with --reductions: also write the new measurements alone (before the merge) here")
+    return ap
+
+
+def merge_into_file(out: str, new: dict) -> dict:
+    """``new`` merged into the calibration document at ``out`` (``merge_calibration``), or ``new`` itself if ``out``
+    does not exist; written atomically to ``out``. Returns the document written."""
+    import os
+
+    if os.path.exists(out):
+        with open(out) as f:
+            doc = merge_calibration(json.load(f), new)
+    else:
+        doc = new
+    S.write_json_atomic(out, doc)
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.reductions and (args.only or args.merge_from):
+        ap.error("--reductions runs alone: not with --only or --merge-from")
+    if args.raw_out and not args.reductions:
+        ap.error("--raw-out goes with --reductions")
+    if args.reductions:
+        new = calibrate(rates=False, latencies=False, reductions=True)
+        if args.raw_out:
+            S.write_json_atomic(args.raw_out, new)
+        doc = merge_into_file(args.out, new)
+        print(f"device {new['device']['name']}; merged {sorted(new['results'])} into {args.out}")
+        for line in reduction_summary_lines(dict(doc["results"], **new["results"])):
+            print(line)
+        return 0
     if args.merge_from:
         with open(args.merge_from) as f:
             new = json.load(f)
