@@ -105,6 +105,11 @@ def test_h100_measured_figures_come_from_the_committed_calibration():
     assert close(hw.tensor_rate("fp16", "mma_sync"), results["mma_sync_fp16_f32"]["flops_per_s"])
     assert close(hw.special_ops_per_s, results["exp2_approx"]["exp_per_s"])
     assert close(hw.scalar_flops_per_s, results["fp32_fma"]["flops_per_s"])
+    reductions = results["l2_reduction"]
+    assert close(hw.reduction_rate("cp.async"),
+                 reductions["red_v2_f32"]["bytes_per_s"]["l2_resident"])
+    assert close(hw.reduction_rate("tma"),
+                 reductions["tma_reduce_f32"]["bytes_per_s"]["l2_resident"])
     assert hw.ridge_point("fp16") == pytest.approx(gemm / results["d2d_copy"]["bytes_per_s"],
                                                    rel=1e-3)
     for section in ("hbm", "l2", "sram", "compute", "launch"):
