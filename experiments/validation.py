@@ -576,15 +576,19 @@ def _backward_summary(rows: list[dict]) -> list[dict]:
     return table
 
 
+#: The backward measurements: the unfused standard backward and flash2's (mma.sync), and the
+#: Hopper kernel's (flash3: wgmma, TMA), each file written by ``python -m gpu.backward``.
+BACKWARD_FILES = ("bench_backward.json", "bench_backward_flash3.json")
+
+
 def backward_runs(data_dir: Path = DATA_DIR) -> list[dict]:
-    """The runs of ``bench_backward.json`` that :func:`compare_backward` compares (none without
-    the file): every gradient within the error rule, the fused kernel's current version, dQ
+    """The runs of :data:`BACKWARD_FILES` that :func:`compare_backward` compares (none without
+    the files): every gradient within the error rule, the fused kernel's current version, dQ
     added in whatever order the CTAs arrive."""
-    path = data_dir / "bench_backward.json"
-    if not path.is_file():
-        return []
+    documents = [json.loads((data_dir / name).read_text()) for name in BACKWARD_FILES
+                 if (data_dir / name).is_file()]
     runs = []
-    for run in json.loads(path.read_text()).get("runs", []):
+    for run in (run for doc in documents for run in doc.get("runs", [])):
         # every gradient within the error rule (a dQ added with atomics in whatever order the
         # CTAs arrive may differ in its last bits between runs: timed all the same)
         grads = run.get("grads") or {}
@@ -620,9 +624,9 @@ def predict_backward(run: dict, hardware: str = HARDWARE) -> dict:
 
 def compare_backward(data_dir: Path = DATA_DIR, hardware: str = HARDWARE,
                      predictions: dict | None = None, workers: int | None = None) -> list[dict]:
-    """The backward kernels measured in ``bench_backward.json`` (the unfused standard backward),
-    each beside iosim's prediction for the same kernel (``pass_="backward"``): time under both
-    time models, DRAM bytes under the l2 model. The runs are simulated over ``workers``
+    """The backward kernels measured in :data:`BACKWARD_FILES` (the unfused standard backward,
+    flash2's and flash3's), each beside iosim's prediction for the same kernel
+    (``pass_="backward"``): time under both time models, DRAM bytes under the l2 model. The runs are simulated over ``workers``
     processes unless ``predictions`` (:func:`predict_all`'s for them) already holds them."""
     runs = backward_runs(data_dir)
     if predictions is None:
@@ -804,9 +808,14 @@ def inference_schedule(run: dict, hw):
 
 def _as_built(kernel, run: dict):
     """``kernel`` with the resources the measured kernel's record gives: its warps
-    (``threads``), registers per thread and K/V ring depth (``stages``)."""
+    (``threads``), registers per thread (a warp-specialised kernel's: its consumers' and its
+    producer's after setmaxnreg) and ring depth (``stages``)."""
     changes = {}
-    if run.get("registers"):
+    if run.get("consumer_regs"):
+        changes["registers_per_thread"] = int(run["consumer_regs"])
+        if run.get("producer_regs"):
+            changes["producer_registers_per_thread"] = int(run["producer_regs"])
+    elif run.get("registers"):
         changes["registers_per_thread"] = int(run["registers"])
     if run.get("threads"):
         changes["warps"] = int(run["threads"]) // 32
@@ -1004,8 +1013,11 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
         "Each kernel of the standard backward measured on the H100 (`bench_backward.json`: "
         "cuBLAS GEMMs and our softmax-backward row kernel) and of our FlashAttention-2 "
         "backward (`gpu/flash2_bwd.cu`, the current version: 8 warps, 64 x 128 tiles, dQ "
-        "added with float32 atomics) beside iosim's prediction for the same kernel "
-        "(`--pass backward`; the fused kernel as built: its warps and registers). Runs whose "
+        "added with float32 atomics) and of the same algorithm on Hopper "
+        "(`bench_backward_flash3.json`: `gpu/flash3_bwd.cu`, a producer warpgroup with TMA and "
+        "two wgmma consumer warpgroups of 64 keys each, dQ added by TMA reductions) beside "
+        "iosim's prediction for the same kernel (`--pass backward`, flash2 or flash3; the fused "
+        "kernel as built: its warps, registers and ring depth). Runs whose "
         "gradients all meet the error rule are compared (an atomically added dQ may differ "
         "in its last bits between runs); the variant that adds dQ in a fixed order (its CTAs "
         "wait their turn, which the schedule does not model) and the earlier version of the "
@@ -1015,7 +1027,7 @@ def main(results_dir: Path, data_dir: Path = DATA_DIR) -> str:
                    ["kernel", "kernels", "time_ape_median_pct", "time_ape_worst_pct",
                     "time_ape_median_pct_roofline", "bytes_ape_median_pct_l2",
                     "bytes_ape_worst_pct_l2"])
-         if backward else "(no bench_backward.json in the data folder)"),
+         if backward else "(no backward measurements in the data folder)"),
         "",
         "### The occupancy calculator against Nsight Compute",
         "Resident warps per SM of every real flash kernel variant (B=4, H=16, N=4096): the "

@@ -158,12 +158,12 @@ def test_the_occupancy_calculator_agrees_with_nsight_compute_on_every_real_kerne
 
 def test_every_measured_backward_kernel_meets_its_prediction():
     rows = validation.compare_backward()
-    runs = [r for r in json.loads((validation.DATA_DIR / "bench_backward.json").read_text())
-            ["runs"] if r["passed"]]
+    runs = validation.backward_runs()
     assert len(rows) == sum(len(r["kernels"]) for r in runs)  # every kernel matched by name
     standard = {"dv_gemm", "dp_gemm", "softmax_backward", "dq_gemm", "dk_gemm"}
-    flash2 = {"flash2_bwd_dot", "flash2_bwd", "flash2_bwd_convert"}
-    assert standard <= {r["kernel"] for r in rows} <= standard | flash2
+    fused = {f"{alg}_bwd{part}" for alg in ("flash2", "flash3")
+             for part in ("_dot", "", "_convert")}
+    assert standard | fused == {r["kernel"] for r in rows}
     summary = {s["kernel"]: s for s in validation._backward_summary(rows)}
     # the backward's bytes are counted as exactly as the forward's (median within 5%)
     assert summary["all"]["bytes_ape_median_pct_l2"] < 5
