@@ -154,8 +154,8 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None,
     time models. The schedule is the real kernel's: its block sizes, its rows per warp (hence
     warps per CTA) and, where ``registers`` has them, its measured registers per thread.
     ``memo``: L2 replays to reuse across the runs of one group (:func:`iosim.simulate.replay`)."""
-    from iosim.simulate import replay, simulate_trace
-    from iosim.trace import build_trace
+    from iosim.simulate import simulate_trace
+    from iosim.trace import COMPUTE as COMPUTE_EVENT, build_trace
 
     hw = iosim.load_hardware(hardware)
     if run["algorithm"] == "flash3":  # the Hopper kernel: its ring depth, warps and registers
@@ -173,9 +173,10 @@ def predict(run: dict, hardware: str = HARDWARE, registers: dict | None = None,
         schedule = _declare_registers(schedule, run, registers or {})
     trace = build_trace(schedule)  # one trace, replayed under both models
     l2 = simulate_trace(trace, hw, "l2", memo=memo)
-    # of the two-level model only the HBM bytes are reported: its counts, without its timing
-    two = {row["name"]: row["hbm_read_bytes"] + row["hbm_write_bytes"]
-           for row, _ in replay(trace, hw, "two-level")}
+    # of the two-level model only the HBM bytes are reported: every tile loaded or stored
+    # (its replay's counts, without its timing)
+    two = {kt.name: int((kt.rows * kt.row_bytes)[kt.kind != COMPUTE_EVENT].sum())
+           for kt in trace.kernels}
     large = LARGE_DATA_FACTOR * l2.hardware.l2_bytes
     kernels = {}
     for k in l2.kernels:
