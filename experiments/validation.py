@@ -234,7 +234,7 @@ def predict_group(runs: list[dict], hardware: str = HARDWARE,
                   registers: dict | None = None) -> list[dict]:
     """:func:`predict` of each of ``runs``, in order, with one memo of L2 replays: a kernel
     that recurs among them (see :func:`_group_key`) is replayed once."""
-    memo = {}
+    memo = {} if len(runs) > 1 else None  # (a lone run has nothing to share: no digests)
     return [predict(run, hardware, registers, memo) for run in runs]
 
 
