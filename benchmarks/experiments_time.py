@@ -13,13 +13,14 @@ processes), as ``/usr/bin/time -v`` reports it; the target (issue 12) is at most
 neighbours' load: the CPU time (user + system, every process) is steadier; compare runs on an
 idle machine, or by CPU time.
 
-Measured 2026-11-26 (2-core shared VM; the other sessions' load varied):
+Measured 2026-11-26 with /usr/bin/time -v (2-core shared VM; the other sessions' load varied;
+"after" also simulates the flash3 backward runs that b0f6803 added to validation):
 
   =========================  ==========  ============  ===========
   run                        wall (s)    CPU (s)       peak RSS
   =========================  ==========  ============  ===========
   before (2808b76)           291         480           1.19 GB
-  after (this commit)        see the report of the change
+  after (8517cce)            193         374           0.99 GB
   =========================  ==========  ============  ===========
 """
 from __future__ import annotations
