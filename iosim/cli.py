@@ -68,7 +68,8 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
                    help="which pass: forward (default), backward (reads what the forward "
                         "saved) or both (the forward's kernels, then the backward's)")
     p.add_argument("--stages", type=int, default=None,
-                   help="flash3: shared-memory slots of the K/V ring (2 or 3; default 2; "
+                   help="flash3: shared-memory slots of its ring (the forward's K/V, the "
+                        "backward's Q/dO; 2 or 3; default 2; "
                         "explore: both ranked unless given)")
     p.add_argument("--rows-per-warp", type=int, default=None,
                    help="flash1/flash2: query rows each warp owns (default 16), which sets "

@@ -75,7 +75,8 @@ def check_stages(stages) -> int:
     """``stages`` if it is one of :data:`STAGES`, else an IosimError."""
     if isinstance(stages, bool) or not isinstance(stages, int) or stages not in STAGES:
         raise IosimError(f"stages must be one of {', '.join(map(str, STAGES))} (shared-memory "
-                         f"slots of the K/V ring), got {stages!r}")
+                         f"slots of the ring: the forward's K/V, the backward's Q/dO), got "
+                         f"{stages!r}")
     return stages
 
 
