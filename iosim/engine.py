@@ -69,6 +69,28 @@ def _set_of(line, n_sets, inv_sets):
     return r
 
 
+@njit_cached(inline="always")
+def _row_lines(start, end, full_bits, event, n, chunk_line, chunk_bits, chunk_set, chunk_event,
+               n_sets, inv_sets, line_shift, sector_shift, line_offset_mask):
+    """Append the line accesses of one row segment [start, end) of an event to the chunk at
+    ``n``: every line whole first (a loop that vectorises), then the sectors the row leaves
+    out of its first and last lines taken off. Returns the new ``n`` and the sectors the row
+    touches (its L2 request)."""
+    first_line = start >> line_shift
+    count = ((end - 1) >> line_shift) - first_line + 1
+    for j in range(count):
+        chunk_line[n + j] = first_line + j
+        chunk_bits[n + j] = full_bits
+        chunk_set[n + j] = _set_of(first_line + j, n_sets, inv_sets)
+        chunk_event[n + j] = event
+    keep = ~((1 << ((start & line_offset_mask) >> sector_shift)) - 1)
+    chunk_bits[n] &= keep & (keep << _DIRTY_SHIFT | _SECTOR_MASK)
+    n += count
+    keep = (2 << (((end - 1) & line_offset_mask) >> sector_shift)) - 1
+    chunk_bits[n - 1] &= keep | (keep << _DIRTY_SHIFT)
+    return n, ((end - 1) >> sector_shift) - (start >> sector_shift) + 1
+
+
 # A way's contents pack its line number (tag), dirty sectors and valid sectors into one int64:
 # tag << 16 | dirty << 8 | valid. An empty way holds -1, whose tag (-1) matches no line.
 # ``state`` is 2-D (set, way): a set's ways are one contiguous row. With at most 16 ways that row
@@ -369,21 +391,9 @@ def replay_l2(cta_start, kind, addr, rows, row_bytes, row_stride, slots, n_sets,
             full_bits = (full_mask | (full_mask << _DIRTY_SHIFT)) if is_write else full_mask
             for r in range(rows[e]):
                 start = addr[e] + r * row_stride[e]
-                end = start + row_bytes[e]
-                first_line = start >> line_shift
-                count = ((end - 1) >> line_shift) - first_line + 1
-                for j in range(count):  # every line whole first (a loop that vectorises) ...
-                    chunk_line[n + j] = first_line + j
-                    chunk_bits[n + j] = full_bits
-                    chunk_set[n + j] = _set_of(first_line + j, n_sets, inv_sets)
-                    chunk_event[n + j] = e
-                # ... then the sectors the row leaves out of its first and last lines
-                keep = ~((1 << ((start & line_offset_mask) >> sector_shift)) - 1)
-                chunk_bits[n] &= keep & (keep << _DIRTY_SHIFT | _SECTOR_MASK)
-                n += count
-                keep = (2 << (((end - 1) & line_offset_mask) >> sector_shift)) - 1
-                chunk_bits[n - 1] &= keep | (keep << _DIRTY_SHIFT)
-                touched = ((end - 1) >> sector_shift) - (start >> sector_shift) + 1
+                n, touched = _row_lines(start, start + row_bytes[e], full_bits, e, n,
+                                        chunk_line, chunk_bits, chunk_set, chunk_event, n_sets,
+                                        inv_sets, line_shift, sector_shift, line_offset_mask)
                 if is_write:
                     l2_write += touched * sector_bytes
                 else:

@@ -53,8 +53,8 @@ import numpy as np
 from . import engine
 from ._numba import njit_cached
 from .engine import (_CHUNK_ACCESSES, _DIRTY_SHIFT, _MAX_PACKED_WAYS, _POPCOUNT, _SECTOR_MASK,
-                     _chunk_scratch, _initial_order, _log2, _run_move_to_front, _run_packed,
-                     _set_of)
+                     _chunk_scratch, _initial_order, _log2, _row_lines, _run_move_to_front,
+                     _run_packed)
 
 LOAD, STORE, COMPUTE = 0, 1, 2
 
@@ -160,20 +160,11 @@ def _walk(t_start, kind, tensor, addr, rows, row_bytes, row_stride, reps, addr_s
                     request = 0
                     for r in range(rows[te]):
                         start = a0 + r * row_stride[te]
-                        end = start + row_bytes[te]
-                        first_line = start >> line_shift
-                        count = ((end - 1) >> line_shift) - first_line + 1
-                        for j in range(count):
-                            chunk_line[n + j] = first_line + j
-                            chunk_bits[n + j] = full_bits
-                            chunk_set[n + j] = _set_of(first_line + j, n_sets, inv_sets)
-                            chunk_event[n + j] = n_ev
-                        keep = ~((1 << ((start & line_offset_mask) >> sector_shift)) - 1)
-                        chunk_bits[n] &= keep & (keep << _DIRTY_SHIFT | _SECTOR_MASK)
-                        n += count
-                        keep = (2 << (((end - 1) & line_offset_mask) >> sector_shift)) - 1
-                        chunk_bits[n - 1] &= keep | (keep << _DIRTY_SHIFT)
-                        request += ((end - 1) >> sector_shift) - (start >> sector_shift) + 1
+                        n, touched = _row_lines(start, start + row_bytes[te], full_bits, n_ev,
+                                                n, chunk_line, chunk_bits, chunk_set,
+                                                chunk_event, n_sets, inv_sets, line_shift,
+                                                sector_shift, line_offset_mask)
+                        request += touched
                     event_counts[n_ev, 0] = 0
                     event_counts[n_ev, 1] = 0
                     ev_te[n_ev] = te
