@@ -86,20 +86,17 @@ class StandardBackward:
         self.dP = self.dS = None
 
 
-class Flash2BackwardRun:
-    """``kernels.Flash2Backward`` behind StandardBackward's ``run(q, k, v, do, saved, dq, dk, dv, events)``,
-    ``saved`` = (O, L) from the flash2 forward."""
+class _FusedBackwardRun:
+    """A fused backward kernel set (``impl``: run(q, k, v, o, L, do, dq, dk, dv, events), free(), br, bc,
+    kernel_names) behind StandardBackward's ``run(q, k, v, do, saved, dq, dk, dv, events)``, ``saved`` = (O, L)
+    from the flash2 forward."""
 
-    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
-        cfg = flash2_config(shape[3]) if (block_rows, block_cols, defines) == (None, None, None) else None
-        if cfg:   # IOSIM_FLASH2_BWD_CONFIG: the variant picked by --variants (run_backward.sh flash2)
-            block_rows, block_cols, defines = cfg
-        br, bc = block_rows or FLASH2_BWD_BLOCKS[0], block_cols or FLASH2_BWD_BLOCKS[1]
-        self.impl = K.Flash2Backward(shape, causal, br, bc, ordered=ordered, defines=defines)
+    def _adopt(self, impl, shape, ordered):
+        self.impl = impl
         self.ordered = bool(ordered)
         self.B, self.H, self.N, self.d = shape
-        self.block_rows, self.block_cols = self.impl.br, self.impl.bc
-        self.kernel_names = list(self.impl.kernel_names)
+        self.block_rows, self.block_cols = impl.br, impl.bc
+        self.kernel_names = list(impl.kernel_names)
 
     def run(self, q, k, v, do, saved, dq, dk, dv, events=None):
         o, L = saved
@@ -109,9 +106,19 @@ class Flash2BackwardRun:
         self.impl.free()
 
 
-class Flash3BackwardRun:
-    """``flash3_bwd.Flash3Backward`` behind the same ``run(q, k, v, do, saved, dq, dk, dv, events)``, ``saved`` =
-    (O, L) from the flash2 forward. dQ: unordered fp32 atomics (``ordered`` is not built for flash3)."""
+class Flash2BackwardRun(_FusedBackwardRun):
+    """``kernels.Flash2Backward`` (mma.sync; ``ordered``: dQ added in a fixed order)."""
+
+    def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
+        cfg = flash2_config(shape[3]) if (block_rows, block_cols, defines) == (None, None, None) else None
+        if cfg:   # IOSIM_FLASH2_BWD_CONFIG: the variant picked by --variants (run_backward.sh flash2)
+            block_rows, block_cols, defines = cfg
+        br, bc = block_rows or FLASH2_BWD_BLOCKS[0], block_cols or FLASH2_BWD_BLOCKS[1]
+        self._adopt(K.Flash2Backward(shape, causal, br, bc, ordered=ordered, defines=defines), shape, ordered)
+
+
+class Flash3BackwardRun(_FusedBackwardRun):
+    """``flash3_bwd.Flash3Backward`` (Hopper). dQ: unordered fp32 atomics (``ordered`` is not built for flash3)."""
 
     def __init__(self, shape, causal=False, block_rows=None, block_cols=None, ordered=False, defines=None):
         from . import flash3_bwd as F3B
@@ -123,18 +130,7 @@ class Flash3BackwardRun:
             block_rows, block_cols, defines = cfg
         if block_cols not in (None, F3B.BLOCK_COLS):
             raise ValueError(f"flash3 backward is built for block_cols {F3B.BLOCK_COLS}, got {block_cols}")
-        self.impl = F3B.Flash3Backward(shape, causal, block_rows, defines=defines)
-        self.ordered = False
-        self.B, self.H, self.N, self.d = shape
-        self.block_rows, self.block_cols = self.impl.br, self.impl.bc
-        self.kernel_names = list(self.impl.kernel_names)
-
-    def run(self, q, k, v, do, saved, dq, dk, dv, events=None):
-        o, L = saved
-        self.impl.run(q, k, v, o, L, do, dq, dk, dv, events=events)
-
-    def free(self):
-        self.impl.free()
+        self._adopt(F3B.Flash3Backward(shape, causal, block_rows, defines=defines), shape, False)
 
 
 CONFIG_ENV = {"flash2": "IOSIM_FLASH2_BWD_CONFIG", "flash3": "IOSIM_FLASH3_BWD_CONFIG"}

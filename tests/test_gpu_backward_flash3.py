@@ -140,3 +140,24 @@ def test_flash3_backward_kernel_names_and_tiles_match_the_simulator():
         main = schedule.kernels[1]
         assert main.warps * 32 == F3B.THREADS
         assert main.consumer_warpgroups == F3B.CONSUMER_WARPGROUPS
+
+
+def test_fused_backward_runs_hand_the_saved_tensors_to_their_kernels():
+    calls = []
+
+    class Impl:
+        br, bc, kernel_names = 64, 128, ("a_dot", "a", "a_convert")
+
+        def run(self, *args, events=None):
+            calls.append((args, events))
+
+        def free(self):
+            calls.append("free")
+
+    run = BW._FusedBackwardRun()
+    run._adopt(Impl(), (2, 3, 256, 64), ordered=1)
+    assert (run.B, run.H, run.N, run.d, run.block_rows, run.block_cols) == (2, 3, 256, 64, 64, 128)
+    assert run.kernel_names == ["a_dot", "a", "a_convert"] and run.ordered is True
+    run.run("q", "k", "v", "do", ("o", "L"), "dq", "dk", "dv", events=[1])
+    run.free()
+    assert calls == [(("q", "k", "v", "o", "L", "do", "dq", "dk", "dv"), [1]), "free"]
