@@ -30,6 +30,7 @@ from .hardware import load_hardware
 from .results import write_csv as _write_csv_rows
 from .schedules import algorithm_module, build_schedule
 from .schedules import STAGED
+from .schedules.flash2 import table_tile
 from .shape import AttentionShape
 from .simulate import check_model, check_time_model
 from .distribute import map_jobs
@@ -305,7 +306,7 @@ def staged_candidates(algorithm: str, shape: AttentionShape, sizes: list[int],
     module = algorithm_module(algorithm)
     default_rows, default_cols = (module.fa3_tile(shape.head_dim, shape.causal)
                                   if pass_ == "forward" else
-                                  module.default_backward_blocks(shape, 2**62, lambda r, c: True))
+                                  table_tile(module.BACKWARD_TILES, shape.head_dim))
     n = shape.seq_len
     whole = {STAGED_ROW_MULTIPLE * g for g in range(1, module.MAX_CONSUMER_WARPGROUPS + 1)}
     whole = {s for s in whole if s <= n} or {n}

@@ -19,12 +19,22 @@ from . import common
 F32 = common.F32
 
 
-def _table_blocks(shape, fits, by_head_dim, halve_rows_first: bool) -> tuple[int, int]:
-    """The (Br, Bc) of ``by_head_dim`` (d <= 64, d <= 128, larger) clipped to N, the larger
-    (ties: rows if ``halve_rows_first``, else columns) halved until the live tiles ``fits``."""
-    d, n = shape.head_dim, shape.seq_len
-    block_rows, block_cols = by_head_dim[0] if d <= 64 else by_head_dim[1] if d <= 128 \
+#: FlashAttention-2's backward tiles (Br query rows, Bc key rows) for d <= 64, d <= 128 and
+#: larger; FlashAttention-3's Hopper backward uses the same for 16-bit inputs.
+BACKWARD_TILES = ((128, 128), (64, 128), (64, 64))
+
+
+def table_tile(by_head_dim, head_dim: int) -> tuple[int, int]:
+    """The (Br, Bc) of a table by head dimension (d <= 64, d <= 128, larger)."""
+    return by_head_dim[0] if head_dim <= 64 else by_head_dim[1] if head_dim <= 128 \
         else by_head_dim[2]
+
+
+def _table_blocks(shape, fits, by_head_dim, halve_rows_first: bool) -> tuple[int, int]:
+    """The (Br, Bc) of ``by_head_dim`` (:func:`table_tile`) clipped to N, the larger (ties: rows
+    if ``halve_rows_first``, else columns) halved until the live tiles ``fits``."""
+    n = shape.seq_len
+    block_rows, block_cols = table_tile(by_head_dim, shape.head_dim)
     block_rows, block_cols = min(block_rows, n), min(block_cols, n)
     while not fits(block_rows, block_cols) and block_rows * block_cols > 1:
         rows_first = block_rows > block_cols or (block_rows == block_cols and halve_rows_first)
@@ -71,9 +81,9 @@ def build(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None,
 
 
 def default_backward_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
-    """FlashAttention-2's backward tiles (Br query rows, Bc key rows): (128, 128) for d <= 64,
-    (64, 128) for d <= 128, else (64, 64); the larger halved until the live tiles ``fits``."""
-    return _table_blocks(shape, fits, ((128, 128), (64, 128), (64, 64)), halve_rows_first=False)
+    """The backward tiles (:data:`BACKWARD_TILES`: (128, 128) for d <= 64, (64, 128) for
+    d <= 128, else (64, 64)); the larger halved until the live tiles ``fits``."""
+    return _table_blocks(shape, fits, BACKWARD_TILES, halve_rows_first=False)
 
 
 def build_backward(shape, block_rows, block_cols, sram_bytes, rows_per_warp=None) -> Schedule:

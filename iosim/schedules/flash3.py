@@ -30,6 +30,8 @@ from __future__ import annotations
 from ..errors import IosimError
 from ..schedule import BufferSpec, Kernel, Schedule, TensorSpec
 from . import common
+# FlashAttention-3's backward tiles for 16-bit inputs are FlashAttention-2's
+from .flash2 import BACKWARD_TILES, default_backward_blocks  # noqa: F401
 
 F32 = common.F32
 
@@ -145,15 +147,6 @@ KEYS_PER_WARPGROUP = 64
 #: dimension element: 256 threads with 8 elements (16 bytes) each.
 ROW_KERNEL_THREADS = 256
 ROW_KERNEL_ELEMENTS_PER_THREAD = 8
-
-
-def default_backward_blocks(shape, sram_bytes: int, fits) -> tuple[int, int]:
-    """FlashAttention-3's backward tiles for 16-bit inputs (Br query rows, Bc keys): (128, 128)
-    for d <= 64, (64, 128) for d <= 128, else (64, 64); the larger halved until the live tiles
-    ``fits``."""
-    from .flash2 import _table_blocks
-
-    return _table_blocks(shape, fits, ((128, 128), (64, 128), (64, 64)), halve_rows_first=False)
 
 
 def build_backward(shape, block_rows, block_cols, sram_bytes,
