@@ -39,18 +39,20 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 @njit_cached
 def sum_events(kind, rows, row_bytes, flops_tensor, flops_scalar, sram_read, sram_write,
-               counts):
-    """The two-level model and the FLOP/SRAM counts common to both models."""
+               counts, reps=None):
+    """The two-level model and the FLOP/SRAM counts common to both models; ``reps``: how many
+    times each event runs (a compressed template, :mod:`iosim.trace_fast`), else once."""
     for e in range(kind.shape[0]):
-        nbytes = rows[e] * row_bytes[e]
+        w = 1 if reps is None else reps[e]
+        nbytes = rows[e] * row_bytes[e] * w
         if kind[e] == LOAD:
             counts[HBM_READ] += nbytes
         elif kind[e] == STORE:
             counts[HBM_WRITE] += nbytes
-        counts[FLOPS_TENSOR] += flops_tensor[e]
-        counts[FLOPS_SCALAR] += flops_scalar[e]
-        counts[SRAM_READ] += sram_read[e]
-        counts[SRAM_WRITE] += sram_write[e]
+        counts[FLOPS_TENSOR] += flops_tensor[e] * w
+        counts[FLOPS_SCALAR] += flops_scalar[e] * w
+        counts[SRAM_READ] += sram_read[e] * w
+        counts[SRAM_WRITE] += sram_write[e] * w
 
 
 @njit_cached(inline="always")

@@ -653,9 +653,9 @@ def replay_kernel(ht: HeadTemplates, hardware, slots: int, sample: bool) -> Kern
         stats = SampleStats(segments=len(segments), covered_share=min(1.0, covered),
                             intervals=intervals)
     # each template event's HBM bytes read and written back (per repetition): the mean over
-    # the heads and repetitions where it was replayed, else its request bytes times its class's ratio; when sampled, each part
-    # scaled to the estimated total (the replayed heads include the cold start's, which evict
-    # nothing and so write nothing back)
+    # the heads and repetitions where it was replayed, else its request bytes times its
+    # class's ratio; when sampled, each part scaled to the estimated total (the replayed heads
+    # include the cold start's, which evict nothing and so write nothing back)
     seen = walker.tmpl_n > 0
     n_seen = np.maximum(walker.tmpl_n, 1)
     parts = []
@@ -738,16 +738,10 @@ def simulate_streamed(schedule, hardware, model: str, time_model: str, sample: b
         n_ctas = (len(t["cta_start"]) - 1) * heads
         slots = concurrent_ctas(occ, hardware, n_ctas)
         reps = t["reps"]
-        tile_bytes = t["rows"] * t["row_bytes"]
-        row = {name: 0 for name in engine.COUNTERS}
-        # the two-level model's bytes and the FLOP/SRAM counts, over every repetition
-        row.update(hbm_read_bytes=int(np.dot(tile_bytes[t["kind"] == LOAD],
-                                             reps[t["kind"] == LOAD])) * heads,
-                   hbm_write_bytes=int(np.dot(tile_bytes[t["kind"] == STORE],
-                                              reps[t["kind"] == STORE])) * heads,
-                   **{name: int(np.dot(t[column], reps)) * heads for name, column in
-                      (("flops_tensor", "flops_tensor"), ("flops_scalar", "flops_scalar"),
-                       ("sram_read_bytes", "sram_read"), ("sram_write_bytes", "sram_write"))})
+        counts = np.zeros(len(engine.COUNTERS), dtype=np.int64)  # over every repetition
+        engine.sum_events(t["kind"], t["rows"], t["row_bytes"], t["flops_tensor"],
+                          t["flops_scalar"], t["sram_read"], t["sram_write"], counts, reps)
+        row = {name: int(counts[i]) * heads for i, name in enumerate(engine.COUNTERS)}
         stats = None
         if model == "l2":
             replayed = replay_kernel(ht, hardware, slots, sample)

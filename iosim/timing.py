@@ -66,6 +66,14 @@ class TimedKernel:
     cta_limiter: np.ndarray = field(repr=False)  # index into LIMITERS
 
 
+def _repetitions(head: dict) -> np.ndarray:
+    """How many times each event of one head runs: a compressed template's repetitions
+    (:mod:`iosim.trace_fast`), else once each."""
+    if "reps" in head:
+        return head["reps"].astype(np.float64)
+    return np.ones(len(head["kind"]))
+
+
 def _per_cta(values: np.ndarray, cta_start: np.ndarray) -> np.ndarray:
     """Sum of ``values`` over each CTA's events (CTAs with no events get 0)."""
     cums = np.concatenate(([0.0], np.cumsum(values, dtype=np.float64)))
@@ -100,8 +108,7 @@ def cta_demands(kt, hbm_by_event: np.ndarray, hardware, dtype: str, occ=None) ->
     is_compute = h["kind"] == COMPUTE
     is_load = h["kind"] == LOAD
     tile_bytes = (h["rows"] * h["row_bytes"]).astype(np.float64)
-    # how many times each event runs: a compressed template's (iosim.trace_fast) repetitions
-    reps = h["reps"].astype(np.float64) if "reps" in h else np.ones(len(is_load))
+    reps = _repetitions(h)
 
     # ---- one warp alone, cycles (one batch·head's events) ----
     mma_w = h["mma"] / warps
@@ -238,7 +245,7 @@ def _async_adjustments(kt, hbm_by_event, hw, occ, mma_alone, scalar_alone, laten
     kernel = kt.kernel
     h = kt.head
     is_load, is_compute = h["kind"] == LOAD, h["kind"] == COMPUTE
-    reps = h["reps"].astype(np.float64) if "reps" in h else np.ones(len(is_load))
+    reps = _repetitions(h)
     starts = h["cta_start"]
     tile = _tiles(is_load, starts)
     n_tiles = int(tile.max()) + 1 if len(tile) else 0
